@@ -1,0 +1,1 @@
+"""pandas analysis of dml-study runs read back from MLflow (never imports torch)."""

@@ -1,0 +1,1 @@
+"""dml-study: hyperparameter studies of deep-metric-learning losses."""
