@@ -1,0 +1,104 @@
+"""MLflow tracking from the driver: one parent run per study, one child run per trial.
+
+Only this module (and ``analysis``) talks to MLflow. Runs are found again by
+tags, so logging the same trial twice never creates a second run. The tag
+names below are the contract with ``analysis``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
+TAG_STUDY = "dml_study.study"
+TAG_OBJECTIVE = "dml_study.objective"
+TAG_TRIAL = "dml_study.trial"  # unique trial key within a study
+TAG_LOSS = "dml_study.loss"
+TAG_STAGE = "dml_study.stage"  # "baseline" | "search"
+TAG_STATE = "dml_study.state"  # "COMPLETE" | "PRUNED" | "FAIL"
+TAG_ERROR = "dml_study.error"
+
+_STATUS = {"COMPLETE": RunStatus.FINISHED, "PRUNED": RunStatus.KILLED, "FAIL": RunStatus.FAILED}
+
+
+def resolve_tracking_uri(config_uri: str | None) -> str | None:
+    """``MLFLOW_TRACKING_URI`` if set, else the study config's, else None (MLflow's default)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or config_uri or None
+
+
+class StudyTracker:
+    """Logs a study into MLflow experiment ``name``; the parent run is created by ``start``."""
+
+    def __init__(self, name: str, tracking_uri: str | None):
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.name = name
+        experiment = self.client.get_experiment_by_name(name)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.parent_id: str | None = None
+        self._runs: dict[str, str] = {}
+
+    def start(self, config: dict, objective: str) -> str:
+        tags = {TAG_ROLE: "study", TAG_STUDY: self.name, TAG_OBJECTIVE: objective, MLFLOW_RUN_NAME: self.name}
+        run = self.client.create_run(self.experiment_id, tags=tags)
+        self.parent_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+        self.client.log_batch(self.parent_id, params=params)
+        self.client.log_text(self.parent_id, json.dumps(config, indent=2, default=str), "config.json")
+        return self.parent_id
+
+    def finish(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+
+    def start_trial(self, key: str, loss: str, stage: str, params: dict, run_name: str) -> str:
+        """The child run of trial ``key``: found by its tag if it exists, else created."""
+        if key in self._runs:
+            return self._runs[key]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_TRIAL}` = '{key}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            tags = {
+                MLFLOW_PARENT_RUN_ID: self.parent_id,
+                MLFLOW_RUN_NAME: run_name,
+                TAG_ROLE: "trial",
+                TAG_STUDY: self.name,
+                TAG_TRIAL: key,
+                TAG_LOSS: loss,
+                TAG_STAGE: stage,
+            }
+            run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self._runs[key] = run_id
+        return run_id
+
+    def log_metrics(self, key: str, values: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self._runs[key], metrics=batch)
+
+    def end_trial(self, key: str, state: str, error: str | None = None) -> None:
+        run_id = self._runs[key]
+        self.client.set_tag(run_id, TAG_STATE, state)
+        if error:
+            self.client.set_tag(run_id, TAG_ERROR, error[-4000:])
+        self.client.set_terminated(run_id, RunStatus.to_string(_STATUS[state]))
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
