@@ -1,0 +1,261 @@
+"""Losses: the registry, edge-case batches, plain-loop references in float64, PML as an oracle."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+
+from study.losses import LOSSES, create_loss, loss_hyperparameters
+
+NUM_CLASSES, DIM = 6, 8
+
+
+def _unit(n: int, dim: int = DIM, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
+
+
+EDGE_BATCHES = {
+    "random": (_unit(16), torch.arange(4).repeat_interleave(4)),
+    "singleton_classes": (_unit(8), torch.tensor([0, 0, 0, 1, 2, 3, 3, 5])),
+    "all_same_class": (_unit(8), torch.full((8,), 2)),
+    "collapsed": (_unit(1).expand(12, DIM).clone(), torch.arange(3).repeat(4)),
+    "all_singletons": (_unit(6), torch.arange(6)),
+}
+
+
+def _grads(loss: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, autocast: bool = False):
+    """Loss value and grads w.r.t. (embeddings, *loss parameters). With ``autocast`` the forward
+    runs under CPU bf16 autocast and the backward outside it, as in a training step."""
+    emb = emb.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = loss(emb, labels)
+    grads = torch.autograd.grad(value, [emb, *loss.parameters()])
+    return value, grads
+
+
+# ---- registry ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_constructor_convention(name):
+    params = list(inspect.signature(LOSSES[name]).parameters.values())
+    assert [p.name for p in params[:2]] == ["num_classes", "embedding_dim"]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[:2])
+    rest = params[2:]
+    assert rest and all(p.kind is p.KEYWORD_ONLY for p in rest), "hyperparameters: keyword-only"
+    assert all(p.default is not p.empty for p in rest), "every hyperparameter needs a default"
+    assert loss_hyperparameters(name) == {p.name: p.default for p in rest}
+
+
+def test_unknown_loss_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown loss 'nope'") as err:
+        create_loss("nope", NUM_CLASSES, DIM)
+    assert all(name in str(err.value) for name in LOSSES)
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        loss_hyperparameters("nope")
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_unknown_hyperparameter_is_named_with_the_allowed_ones(name):
+    with pytest.raises(ValueError, match="'gamma_typo'") as err:
+        create_loss(name, NUM_CLASSES, DIM, gamma_typo=1.0)
+    assert name in str(err.value)
+    assert all(key in str(err.value) for key in loss_hyperparameters(name))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_float_hyperparameter_reaches_the_loss(name):
+    emb, labels = EDGE_BATCHES["random"]
+    torch.manual_seed(0)
+    base = create_loss(name, NUM_CLASSES, DIM)(emb, labels)
+    for key, default in loss_hyperparameters(name).items():
+        if not isinstance(default, float):
+            continue
+        torch.manual_seed(0)  # same parameter init, only the hyperparameter differs
+        changed = create_loss(name, NUM_CLASSES, DIM, **{key: default * 0.2 or 0.1})(emb, labels)
+        assert not torch.isclose(changed, base), f"{key} has no effect"
+
+
+# ---- every loss: finite values and gradients on awkward batches -------------------------
+
+
+@pytest.mark.parametrize("batch", EDGE_BATCHES)
+@pytest.mark.parametrize("name", LOSSES)
+def test_finite_value_and_grads(name, batch):
+    torch.manual_seed(0)
+    emb, labels = EDGE_BATCHES[batch]
+    value, grads = _grads(create_loss(name, NUM_CLASSES, DIM), emb, labels)
+    assert value.ndim == 0 and torch.isfinite(value)
+    assert all(torch.isfinite(g).all() for g in grads)
+    if batch == "random":
+        assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_bf16_autocast_is_finite_close_to_float32_and_keeps_parameters_float32(name):
+    torch.manual_seed(0)
+    loss = create_loss(name, NUM_CLASSES, DIM)
+    emb, labels = _unit(24, seed=3), torch.arange(6).repeat(4)
+    reference, ref_grads = _grads(loss, emb, labels)
+    # float32 embeddings under autocast: the loss turns autocast off, so nothing is rounded
+    same, same_grads = _grads(loss, emb, labels, autocast=True)
+    rounded, rounded_grads = _grads(loss, emb.bfloat16(), labels, autocast=True)
+    assert same.dtype == torch.float32 and rounded.dtype == torch.float32
+    torch.testing.assert_close(same, reference, rtol=1e-6, atol=1e-6)
+    for g, r in zip(same_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(rounded) and all(torch.isfinite(g).all() for g in rounded_grads)
+    torch.testing.assert_close(rounded, reference, rtol=0.0, atol=3e-2)
+    assert all(p.dtype == torch.float32 for p in loss.parameters())
+    assert all(g.dtype == torch.float32 for g in rounded_grads[1:])
+
+
+# ---- Multi-Similarity -------------------------------------------------------------------
+
+MS_SETTINGS = [
+    {},
+    {"alpha": 1.0, "beta": 40.0, "base": 1.0, "epsilon": 0.05},
+    {"alpha": 3.0, "beta": 60.0, "base": 0.3, "epsilon": 0.3},
+]
+
+
+def ms_reference(x, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+    """Per-anchor loop straight from the definition; returns (loss, kept pairs)."""
+    n, total, kept = len(labels), x.new_zeros(()), set()
+    for i in range(n):
+        s = [x[i] @ x[j] for j in range(n)]
+        pos = [k for k in range(n) if k != i and labels[k] == labels[i]]
+        neg = [j for j in range(n) if labels[j] != labels[i]]
+        min_pos = min((s[k].item() for k in pos), default=math.inf)
+        max_neg = max((s[j].item() for j in neg), default=-math.inf)
+        kept_pos = [k for k in pos if s[k].item() - epsilon < max_neg]
+        kept_neg = [j for j in neg if s[j].item() + epsilon > min_pos]
+        kept |= {(i, k, "+") for k in kept_pos} | {(i, j, "-") for j in kept_neg}
+        if kept_pos:
+            pos_sum = sum(torch.exp(-alpha * (s[k] - base)) for k in kept_pos)
+            total = total + torch.log(1 + pos_sum) / alpha
+        if kept_neg:
+            neg_sum = sum(torch.exp(beta * (s[j] - base)) for j in kept_neg)
+            total = total + torch.log(1 + neg_sum) / beta
+    return total / n, kept
+
+
+@pytest.mark.parametrize("hp", MS_SETTINGS)
+def test_multi_similarity_matches_plain_loop_in_float64(hp):
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 1, 0])  # classes 3 and 4 are singletons
+    x = _unit(len(labels), dim=3, seed=1, dtype=torch.float64).requires_grad_()
+    loss = create_loss("multi_similarity", 5, 3, **hp)
+    expected, kept = ms_reference(x, labels, **hp)
+    keep_pos, keep_neg = loss.mine(x @ x.T, labels)
+    ours = {(i, k, "+") for i, k in keep_pos.nonzero().tolist()}
+    ours |= {(i, j, "-") for i, j in keep_neg.nonzero().tolist()}
+    assert ours == kept
+    all_pairs = len(labels) * (len(labels) - 1)  # every ordered (i, j), i ≠ j, is + or −
+    assert 0 < len(kept) < all_pairs, "the batch must exercise mining (keep some, drop some)"
+    value = loss(x, labels)
+    assert abs(value.item() - expected.item()) < 1e-10
+    (grad,) = torch.autograd.grad(value, x)
+    (ref_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(grad, ref_grad, rtol=0.0, atol=1e-10)
+
+
+def test_multi_similarity_without_kept_pairs_is_exactly_zero():
+    emb, labels = EDGE_BATCHES["all_same_class"]
+    value, (grad,) = _grads(create_loss("multi_similarity", 1, DIM), emb, labels)
+    assert value.item() == 0.0 and not grad.any()
+
+
+def _pml_ms(emb, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+    mined = pml_miners.MultiSimilarityMiner(epsilon=epsilon)(emb, labels)
+    return pml_losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)(emb, labels, mined)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hp", MS_SETTINGS)
+@pytest.mark.parametrize("seed", range(3))
+def test_multi_similarity_matches_pml(seed, hp, dtype):
+    # PML normalises inside its distance, so both see the same raw leaf: the grads then
+    # agree (normalising a unit vector again only re-applies the same tangent projection).
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(32, 16, generator=g, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, 10, (32,), generator=g)
+    ours = create_loss("multi_similarity", 10, 16, **hp)(F.normalize(raw, dim=1), labels)
+    theirs = _pml_ms(raw, labels, **hp)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    (ours_grad,) = torch.autograd.grad(ours, raw)
+    (theirs_grad,) = torch.autograd.grad(theirs, raw)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=tol, atol=tol)
+
+
+def test_multi_similarity_differs_from_pml_when_one_pair_of_each_kind_is_mined():
+    """Deliberate difference: PML returns 0 whenever at most one positive and one negative
+    pair are mined in the whole batch (GenericPairLoss's early exit); we compute the loss."""
+    gram = torch.tensor([[1.0, 0.5, 0.45], [0.5, 1.0, 0.3], [0.45, 0.3, 1.0]], dtype=torch.float64)
+    emb = torch.linalg.cholesky(gram)  # rows are unit vectors with exactly these similarities
+    labels = torch.tensor([0, 0, 1])  # only anchor 0 keeps pairs: (0,1) positive, (0,2) negative
+    ours = create_loss("multi_similarity", 2, 3)(emb, labels)
+    expected = (math.log(2) / 2 + math.log1p(math.exp(50 * (0.45 - 0.5))) / 50) / 3
+    assert abs(ours.item() - expected) < 1e-12
+    assert _pml_ms(emb, labels).item() == 0.0
+
+
+def test_multi_similarity_mining_inequalities_are_strict():
+    """With ε = 0 on collapsed embeddings every similarity ties with min/max: nothing is kept."""
+    emb, labels = EDGE_BATCHES["collapsed"]
+    ours = create_loss("multi_similarity", 3, DIM, epsilon=0.0)(emb, labels)
+    assert ours.item() == 0.0 == _pml_ms(emb, labels, epsilon=0.0).item()
+    assert create_loss("multi_similarity", 3, DIM, epsilon=1e-3)(emb, labels).item() > 0
+
+
+# ---- Normalized softmax -----------------------------------------------------------------
+
+
+def ns_reference(x, labels, weights, temperature):
+    total = x.new_zeros(())
+    for i in range(len(labels)):
+        logits = [x[i] @ (w / w.norm()) / temperature for w in weights]
+        total = total - logits[labels[i]] + torch.log(sum(torch.exp(z) for z in logits))
+    return total / len(labels)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.3])
+def test_normalized_softmax_matches_plain_loop_in_float64(temperature):
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 1])
+    x = _unit(len(labels), seed=2, dtype=torch.float64).requires_grad_()
+    loss = create_loss("normalized_softmax", 5, DIM, temperature=temperature).double()
+    value = loss(x, labels)
+    expected = ns_reference(x, labels, loss.W, temperature)
+    assert abs(value.item() - expected.item()) < 1e-10
+    grads = torch.autograd.grad(value, [x, loss.W])
+    ref_grads = torch.autograd.grad(expected, [x, loss.W])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0.0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.05, 0.2])
+def test_normalized_softmax_matches_pml(temperature, dtype):
+    torch.manual_seed(0)
+    ours = create_loss("normalized_softmax", 10, 16, temperature=temperature).to(dtype)
+    theirs = pml_losses.NormalizedSoftmaxLoss(10, 16, temperature=temperature)
+    with torch.no_grad():  # PML stores W as embedding_size × num_classes: ours transposed
+        theirs.W.copy_(ours.W.T)
+    raw = torch.randn(32, 16, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, 10, (32,))
+    ours_value = ours(F.normalize(raw, dim=1), labels)
+    theirs_value = theirs(raw, labels)  # PML normalises the embeddings itself
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(ours_value, theirs_value.to(dtype), rtol=tol, atol=tol)
+    ours_grads = torch.autograd.grad(ours_value, [raw, ours.W])
+    theirs_grads = torch.autograd.grad(theirs_value, [raw, theirs.W])
+    torch.testing.assert_close(ours_grads[0], theirs_grads[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(ours_grads[1], theirs_grads[1].T.to(dtype), rtol=tol, atol=tol)
