@@ -1,0 +1,85 @@
+"""The ``dml-study`` command line: ``run`` a study, rebuild its ``report`` from MLflow."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"dml-study: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def write_table(study_name: str, tracking_uri: str | None, out_dir: Path) -> str:
+    """Rebuild the comparison table from MLflow; write results.csv and results.md; return the Markdown."""
+    from analysis.runs import load_study
+    from analysis.tables import comparison_table, to_markdown
+
+    objective, runs = load_study(study_name, tracking_uri)
+    table = comparison_table(runs, objective)
+    markdown = (
+        f"Study `{study_name}`: best trial per loss on the validation classes (objective: {objective}).\n\n"
+        + to_markdown(table)
+        + "\n"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "results.csv", index=False)
+    (out_dir / "results.md").write_text(markdown)
+    return markdown
+
+
+@app.command()
+def run(
+    study_file: Annotated[Path, typer.Argument(help="Study YAML, e.g. search_spaces/quickstart.yaml")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a value: --set train.epochs=2")] = [],  # noqa: B006
+    new: Annotated[bool, typer.Option("--new", help="Replace an existing study folder")] = False,
+) -> None:
+    """Run a study: search every loss with Ray Tune + Optuna, log to MLflow, print the table."""
+    from study.config import ConfigError, load_study
+
+    try:
+        cfg = load_study(study_file, set_)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if cfg.study_dir.exists():
+        if not new:
+            _fail(f"{cfg.study_dir} already exists: pass --new to replace it, or change 'name'")
+        shutil.rmtree(cfg.study_dir)
+
+    from study.tracking import resolve_tracking_uri
+    from study.tune import run_study
+
+    run_study(cfg, say=lambda line: typer.echo(line))
+    typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.study_dir))
+    typer.echo(f"results: {cfg.study_dir}/results.md, results.csv; browse the runs with `mlflow ui`")
+
+
+@app.command()
+def report(
+    study: Annotated[str, typer.Argument(help="Study name (the MLflow experiment)")],
+    tracking_uri: Annotated[str | None, typer.Option(help="Default: $MLFLOW_TRACKING_URI, else MLflow's")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<study>)")] = None,
+) -> None:
+    """Rebuild a study's comparison table from MLflow alone."""
+    from analysis.runs import StudyNotFoundError
+    from study.tracking import resolve_tracking_uri
+
+    try:
+        uri = tracking_uri or resolve_tracking_uri(None)
+        typer.echo(write_table(study, uri, out or Path("runs") / study))
+    except StudyNotFoundError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

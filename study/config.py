@@ -1,0 +1,214 @@
+"""The study schema: YAML + ``--set`` overrides → validated, typed objects.
+
+Everything a study does is decided here, before anything starts: an unknown
+key, a wrong type, a bound out of range, an unknown loss or dataset or a
+missing file raises :class:`ConfigError` with one line naming the key and what
+is allowed. Configs hold names, never classes, so they serialise unchanged to
+YAML and MLflow.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from study.data import DATASETS, dataset_options
+from study.losses import LOSSES
+from study.search_space import SearchSpace, load_search_space
+
+OBJECTIVES = ("map_at_r", "recall_at_1")
+BUILTIN_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class ConfigError(ValueError):
+    """A user error in a study file or override: one line, no traceback."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    name: str = "synthetic"
+    root: Path | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return name
+
+
+class ModelConfig(_Strict):
+    backbone: str = "resnet10t"
+    pretrained: bool | Literal["hub"] | Path = False
+    embedding_dim: int = Field(64, ge=2)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=2)
+    m_per_class: int = Field(4, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    loss_lr_mult: float = Field(1.0, gt=0.0)
+    eval_batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SearchConfig(_Strict):
+    losses: list[str] = Field(min_length=1)
+    trials_per_loss: int = Field(6, ge=1)
+    objective: Literal["map_at_r", "recall_at_1"] = "map_at_r"
+    max_concurrent: int = Field(2, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    space_dir: Path | None = None
+
+    @field_validator("losses")
+    @classmethod
+    def _known(cls, losses: list[str]) -> list[str]:
+        for name in losses:
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}")
+        if len(set(losses)) != len(losses):
+            raise ValueError("a loss is listed twice")
+        return losses
+
+
+class Resources(_Strict):
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None
+
+
+class StudyConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig
+    resources: Resources = Resources()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def study_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        parent = first["loc"][:-1]
+        return f"{source}: unknown key {key!r}" + _allowed_keys(parent)
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}: {msg} (got {first.get('input')!r})"
+
+
+def _allowed_keys(parent: tuple) -> str:
+    model: type[BaseModel] = StudyConfig
+    for part in parent:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    return f"; allowed: {', '.join(model.model_fields)}"
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=2")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Read, override and validate a study file. Raises ConfigError on user errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of study settings at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    raw.setdefault("search", {}).setdefault("space_dir", str(path.resolve().parent))
+    try:
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(str(path), err)) from None
+    _check_dataset(cfg.dataset)
+    _check_model(cfg.model)
+    search_spaces(cfg)  # every loss's space must load and fit the loss
+    if cfg.train.batch_size % cfg.train.m_per_class:
+        raise ConfigError(
+            f"{path}: train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"train.m_per_class ({cfg.train.m_per_class})"
+        )
+    return cfg
+
+
+def _check_dataset(ds: DatasetConfig) -> None:
+    allowed = dataset_options(ds.name)
+    for key in ds.options:
+        if key not in allowed:
+            raise ConfigError(f"dataset.options.{key}: unknown option; allowed: {', '.join(allowed)}")
+    if ds.root is not None and not ds.root.exists():
+        raise ConfigError(f"dataset.root: folder {ds.root} does not exist")
+
+
+def _check_model(model: ModelConfig) -> None:
+    import timm  # imported here: timm is slow to import and only needed once a study runs
+
+    if not timm.is_model(model.backbone):
+        raise ConfigError(
+            f"model.backbone: unknown timm model {model.backbone!r}; see timm.list_models() for the allowed names"
+        )
+    if isinstance(model.pretrained, Path) and not model.pretrained.is_file():
+        raise ConfigError(f"model.pretrained: weights file {model.pretrained} not found")
+
+
+def search_spaces(cfg: StudyConfig) -> dict[str, SearchSpace]:
+    """The search space of each loss: ``<space_dir>/<loss>.yaml``, else the built-in one."""
+    spaces = {}
+    for loss in cfg.search.losses:
+        candidates = [cfg.search.space_dir / f"{loss}.yaml"] if cfg.search.space_dir else []
+        candidates.append(BUILTIN_SPACES / f"{loss}.yaml")
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ConfigError(f"search.losses: no search space file {loss}.yaml in {candidates[0].parent}")
+        try:
+            spaces[loss] = load_search_space(path, searchable_train=SEARCHABLE_TRAIN)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if spaces[loss].loss != loss:
+            raise ConfigError(f"{path}: loss: expected {loss!r}, got {spaces[loss].loss!r}")
+    return spaces
+
+
+SEARCHABLE_TRAIN = ("lr", "weight_decay", "loss_lr_mult")

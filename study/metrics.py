@@ -1,0 +1,144 @@
+"""Retrieval and clustering metrics on L2-normalised embeddings, with faiss (DESIGN.md §6).
+
+Every sample is a query against all others; self is excluded by index (never by a
+similarity threshold); similarity is the inner product, i.e. cosine similarity,
+because the embeddings arrive already L2-normalised (by the model head) and are
+not normalised again here.
+
+- ``recall_at_k``: fraction of queries with a same-class sample among their k
+  nearest neighbours (the DML definition, not IR recall).
+- ``map_at_r`` and ``r_precision`` (Musgrave, Belongie, Lim, "A Metric Learning
+  Reality Check", ECCV 2020, Sec. 3.2): R = number of other samples of the
+  query's class; queries with R = 0 are left out and counted.
+- ``nmi``: faiss k-means (fixed seed, k = number of classes) against the labels,
+  sklearn's arithmetic normalisation.
+
+Metric names are MLflow-safe (``recall_at_1``, never ``recall@1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+# faiss's GPU k-selection handles at most this many neighbours; beyond it, search on CPU.
+_GPU_MAX_K = 2048
+
+
+def _use_gpu(use_gpu: bool | None) -> bool:
+    return faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
+
+
+def knn(embeddings: np.ndarray, k: int, use_gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest neighbours of every sample among the *other* samples, by inner product.
+
+    Returns (similarities, indices), both N×k, best first. Searches k+1 and removes the
+    query's own index wherever it landed (with duplicate embeddings it need not be first);
+    where it is absent from the k+1 results, the last column is dropped instead.
+    """
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n = len(x)
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k must be between 1 and N-1 = {n - 1}, got {k}")
+    index = faiss.IndexFlatIP(x.shape[1])
+    if _use_gpu(use_gpu) and k + 1 <= _GPU_MAX_K:
+        resources = faiss.StandardGpuResources()  # must outlive the GPU index
+        index = faiss.index_cpu_to_gpu(resources, 0, index)
+    index.add(x)
+    sims, idx = index.search(x, k + 1)
+    is_self = idx == np.arange(n)[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.ones_like(is_self)
+    keep[np.arange(n), drop] = False
+    return sims[keep].reshape(n, k), idx[keep].reshape(n, k)
+
+
+def recall_at_k(knn_labels: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """``{"recall_at_k": fraction of queries with a same-class sample among the first k neighbours}``.
+
+    ``knn_labels`` (N×K) are the neighbours' labels, best first; a k larger than K uses all K.
+    """
+    hits = knn_labels == np.asarray(labels)[:, None]
+    return {f"recall_at_{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def map_at_r(knn_labels: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:
+    """(MAP@R, R-Precision, number of queries left out because R = 0), Musgrave et al. 2020.
+
+    For a query with R other samples of its class, MAP@R = (1/R) Σ_{i≤R} P(i)·rel(i) and
+    R-Precision = (1/R) Σ_{i≤R} rel(i), over its neighbours sorted by similarity; both are
+    averaged over the queries with R > 0 (NaN if there are none). ``knn_labels`` must have
+    at least max R columns.
+    """
+    labels = np.asarray(labels)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    r = counts[inverse] - 1
+    valid = r > 0
+    n_left_out = int((~valid).sum())
+    if not valid.any():
+        return float("nan"), float("nan"), n_left_out
+    r = r[valid]
+    if knn_labels.shape[1] < r.max():
+        raise ValueError(f"map_at_r needs at least R = {r.max()} neighbours per query, got {knn_labels.shape[1]}")
+    ranks = np.arange(1, knn_labels.shape[1] + 1)
+    hits = (knn_labels[valid] == labels[valid, None]) & (ranks[None, :] <= r[:, None])
+    precision_at_i = np.cumsum(hits, axis=1) / ranks
+    ap = (precision_at_i * hits).sum(axis=1) / r
+    rp = hits.sum(axis=1) / r
+    return float(ap.mean()), float(rp.mean()), n_left_out
+
+
+def nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, use_gpu: bool | None = None) -> float:
+    """NMI (arithmetic) between faiss k-means clusters, k = number of classes, and the labels."""
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    k = len(np.unique(labels))
+    # Train on every point (no subsampling) and without faiss's "too few points" warning.
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=20,
+        seed=seed,
+        gpu=_use_gpu(use_gpu),
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=len(x),
+    )
+    kmeans.train(x)
+    _, assignment = kmeans.index.search(x, 1)
+    return float(normalized_mutual_info_score(labels, assignment[:, 0], average_method="arithmetic"))
+
+
+def evaluate(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    seed: int = 0,
+    use_gpu: bool | None = None,
+) -> dict[str, float]:
+    """Recall@k for each k, MAP@R, R-Precision, the R = 0 count and NMI, as MLflow-safe names.
+
+    ``embeddings`` (N×d) must already be L2-normalised; they are not normalised here.
+    ``use_gpu=None`` uses a GPU when faiss sees one.
+    """
+    embeddings = np.asarray(embeddings)
+    labels = np.asarray(labels)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N×d), got shape {embeddings.shape}")
+    if labels.ndim != 1 or len(embeddings) != len(labels):
+        raise ValueError(f"need one label per embedding: embeddings {embeddings.shape}, labels {labels.shape}")
+    if len(labels) < 2:
+        raise ValueError(f"need at least 2 samples to evaluate retrieval, got {len(labels)}")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks!r}")
+    max_r = int(np.unique(labels, return_counts=True)[1].max()) - 1
+    k = min(len(labels) - 1, max(max(ks), max_r))
+    _, idx = knn(embeddings, k, use_gpu)
+    knn_labels = labels[idx]
+    result = recall_at_k(knn_labels, labels, ks)
+    result["map_at_r"], result["r_precision"], left_out = map_at_r(knn_labels, labels)
+    result["queries_without_positives"] = float(left_out)
+    result["nmi"] = nmi(embeddings, labels, seed, use_gpu)
+    return result

@@ -1,0 +1,143 @@
+"""One trial as a plain function, no Ray and no MLflow: build → fit → evaluate.
+
+``run_trial`` trains one loss with one set of hyperparameters on the training
+classes and evaluates on the validation classes after every epoch, handing
+each epoch's metrics to ``report`` (Ray Tune's ``tune.report`` when run as a
+trial, anything else in tests). Seeded and deterministic on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from study import metrics
+from study.config import DatasetConfig, StudyConfig, TrainConfig
+from study.data import create_dataset
+from study.data.samplers import MPerClassSampler
+from study.data.splits import class_split
+from study.data.transforms import eval_transform, train_transform
+from study.losses import create_loss
+from study.models import EmbeddingNet
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the trial is stopped and recorded as failed."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A dataset in memory (uint8 images) with its class-disjoint split indices."""
+
+    images: torch.Tensor
+    labels: np.ndarray
+    splits: dict[str, np.ndarray]
+
+    def subset(self, split: str) -> tuple[torch.Tensor, np.ndarray]:
+        idx = self.splits[split]
+        return self.images[idx], self.labels[idx]
+
+
+def prepare_data(cfg: DatasetConfig, seed: int) -> PreparedData:
+    images, labels = create_dataset(cfg.name, root=cfg.root, **cfg.options)
+    return PreparedData(images, labels, class_split(labels, cfg.val_fraction, seed))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    model.eval()
+    out = [
+        model(eval_transform(images[i : i + batch_size].to(device))).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out).numpy()
+
+
+def evaluate_model(
+    model: nn.Module, data: PreparedData, split: str, train: TrainConfig, device: torch.device, seed: int
+) -> dict[str, float]:
+    images, labels = data.subset(split)
+    return metrics.evaluate(embed(model, images, train.eval_batch_size, device), labels, seed=seed)
+
+
+def build_model(study: StudyConfig, seed: int) -> EmbeddingNet:
+    torch.manual_seed(seed)
+    return EmbeddingNet(study.model.backbone, study.model.embedding_dim, study.model.pretrained)
+
+
+def evaluate_untrained(study: StudyConfig, data: PreparedData, split: str = "val") -> dict[str, float]:
+    """The baseline row: the same network, initialised with the study seed, never trained."""
+    device = resolve_device(study.train.device)
+    model = build_model(study, study.seed).to(device)
+    return evaluate_model(model, data, split, study.train, device, study.seed)
+
+
+def _optimizer(model: nn.Module, loss: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": list(model.parameters()), "lr": train.lr}]
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
+    if loss_params:  # proxies / centers learn in their own group with a larger lr
+        groups.append({"params": loss_params, "lr": train.lr * train.loss_lr_mult})
+    return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+
+
+def run_trial(
+    study: StudyConfig,
+    loss_name: str,
+    loss_params: dict,
+    train: TrainConfig | None = None,
+    *,
+    data: PreparedData | None = None,
+    report: Callable[[dict], None] | None = None,
+    seed: int | None = None,
+) -> dict[str, float]:
+    """Train ``loss_name`` with ``loss_params``; returns the last epoch's validation metrics."""
+    train = train or study.train
+    seed = study.seed if seed is None else seed
+    torch.set_num_threads(max(1, int(study.resources.cpu)))
+    device = resolve_device(train.device)
+    data = data or prepare_data(study.dataset, study.seed)
+
+    images, raw_labels = data.subset("train")
+    classes, labels = np.unique(raw_labels, return_inverse=True)  # 0..C-1 for proxy losses
+    labels_t = torch.as_tensor(labels)
+    model = build_model(study, seed).to(device)
+    loss_fn = create_loss(loss_name, len(classes), study.model.embedding_dim, **loss_params).to(device)
+    optimizer = _optimizer(model, loss_fn, train)
+    sampler = MPerClassSampler(labels, train.m_per_class, train.batch_size, seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    result: dict[str, float] = {}
+    for epoch in range(1, train.epochs + 1):
+        start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        model.train()
+        losses = []
+        for batch in sampler:
+            idx = torch.as_tensor(batch)
+            x = train_transform(images[idx], generator).to(device)
+            loss = loss_fn(model(x), labels_t[idx].to(device))
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"{loss_name}: training loss is {loss.item()} at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        result = evaluate_model(model, data, "val", train, device, seed)
+        result.update(epoch=epoch, train_loss=float(np.mean(losses)), epoch_seconds=time.perf_counter() - start)
+        if not math.isfinite(result["map_at_r"]):
+            raise NonFiniteLossError(f"{loss_name}: validation metrics are not finite at epoch {epoch}")
+        if report is not None:
+            report(dict(result))
+    return result

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny study file, an isolated MLflow store, one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_STUDY = {
+    "name": "tiny",
+    "seed": 0,
+    "dataset": {
+        "name": "synthetic",
+        "options": {"num_classes": 16, "samples_per_class": 16, "image_size": 16},
+        "val_fraction": 0.5,
+    },
+    "model": {"backbone": "test_resnet", "embedding_dim": 16},
+    "train": {"epochs": 2, "batch_size": 16, "m_per_class": 4, "lr": 1e-3},
+    "search": {
+        "losses": ["multi_similarity", "normalized_softmax"],
+        "trials_per_loss": 3,
+        "objective": "map_at_r",
+        "max_concurrent": 2,
+    },
+    "resources": {"cpu": 1, "gpu": 0},
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in an empty folder with MLflow's SQLite store inside it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def write_study(folder: Path, **changes) -> Path:
+    """Write TINY_STUDY (top-level sections replaced by ``changes``) to folder/study.yaml."""
+    study = {**TINY_STUDY, **changes}
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for the whole session (auth off; a short temp dir for its sockets)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rt{os.getpid()}", logging_level="error")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,97 @@
+"""Config validation at the edge: exit code 2, one line naming the key, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.config import ConfigError, load_study
+from tests.conftest import REPO, TINY_STUDY, write_study
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, ["run", *map(str, args)])
+
+
+def _assert_rejected(result, *fragments, folder):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    written = sorted(p.name for p in folder.iterdir())
+    assert written == ["study.yaml"] or written == ["spaces", "study.yaml"], written
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        ({"bogus": 1}, ["unknown key 'bogus'", "allowed: name, output_dir"]),
+        ({"train": {**TINY_STUDY["train"], "epoch": 3}}, ["unknown key 'train.epoch'", "allowed: epochs"]),
+        ({"train": {**TINY_STUDY["train"], "epochs": "three"}}, ["train.epochs", "'three'"]),
+        ({"train": {**TINY_STUDY["train"], "epochs": 0}}, ["train.epochs", "greater than or equal to 1"]),
+        ({"search": {**TINY_STUDY["search"], "losses": ["nope"]}}, ["unknown loss 'nope'", "multi_similarity"]),
+        ({"search": {**TINY_STUDY["search"], "objective": "acc"}}, ["search.objective", "map_at_r"]),
+        ({"dataset": {"name": "imagenet"}}, ["unknown dataset 'imagenet'", "synthetic"]),
+        ({"dataset": {"name": "synthetic", "options": {"colours": 3}}}, ["dataset.options.colours", "num_classes"]),
+        ({"dataset": {"name": "synthetic", "root": "/no/such/dir"}}, ["dataset.root", "/no/such/dir"]),
+        ({"model": {"backbone": "no_such_net"}}, ["model.backbone", "no_such_net"]),
+        ({"model": {"backbone": "test_resnet", "pretrained": "/no/w.pth"}}, ["model.pretrained", "/no/w.pth"]),
+        ({"train": {**TINY_STUDY["train"], "batch_size": 18}}, ["batch_size (18)", "m_per_class (4)"]),
+    ],
+)
+def test_bad_study_is_rejected_with_one_line(workdir, changes, fragments):
+    _assert_rejected(_run(write_study(workdir, **changes)), *fragments, folder=workdir)
+
+
+def test_bad_search_space_names_file_and_key(workdir):
+    spaces = workdir / "spaces"
+    spaces.mkdir()
+    bad = {"loss": "multi_similarity", "params": {"alpha": {"type": "float", "low": 5, "high": 1, "default": 2}}}
+    (spaces / "multi_similarity.yaml").write_text(yaml.safe_dump(bad))
+    path = write_study(workdir, search={**TINY_STUDY["search"], "space_dir": str(spaces)})
+    _assert_rejected(
+        _run(path), "multi_similarity.yaml", "params.alpha", "low (5.0) is above high (1.0)", folder=workdir
+    )
+
+
+def test_missing_file_and_bad_override(workdir):
+    result = _run(workdir / "missing.yaml")
+    assert result.exit_code == 2 and "missing.yaml: study file not found" in result.output
+    path = write_study(workdir)
+    _assert_rejected(_run(path, "--set", "train.epochs"), "expected key=value", folder=workdir)
+    _assert_rejected(_run(path, "--set", "train.nope=1"), "unknown key 'train.nope'", folder=workdir)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = write_study(tmp_path)
+    cfg = load_study(path, ["train.epochs=5", "search.losses=[normalized_softmax]", "model.pretrained=hub"])
+    assert cfg.train.epochs == 5
+    assert cfg.search.losses == ["normalized_softmax"]
+    assert cfg.model.pretrained == "hub"
+    assert cfg.search.space_dir == tmp_path  # spaces next to the study file come first
+
+
+def test_existing_study_folder_is_never_overwritten_silently(workdir):
+    path = write_study(workdir, output_dir=str(workdir / "out"))
+    marker = workdir / "out" / "tiny" / "keep.txt"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("x")
+    result = _run(path)
+    assert result.exit_code == 2 and "--new" in result.output
+    assert marker.read_text() == "x"
+
+
+def test_every_preset_validates():
+    presets = [p for p in (REPO / "search_spaces").glob("*.yaml") if "name" in (yaml.safe_load(p.read_text()) or {})]
+    assert presets, "no study presets found"
+    for preset in presets:
+        try:
+            load_study(preset)
+        except ConfigError as exc:  # pragma: no cover - the message is the point
+            pytest.fail(f"{preset.name}: {exc}")

@@ -1,0 +1,113 @@
+"""Search spaces: every file loads, every parameter is sampled in range, conditions hold, defaults come first."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from study.config import SEARCHABLE_TRAIN
+from study.losses import LOSSES, create_loss
+from study.search_space import load_search_space
+from tests.conftest import REPO
+
+SPACE_FILES = sorted(p for p in (REPO / "search_spaces").glob("*.yaml") if p.stem in LOSSES)
+
+
+def _sample(space, n: int, seed: int = 0) -> list[dict]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    study.enqueue_trial(space.defaults())
+    study.optimize(lambda t: (space.define_by_run(t), 0.0)[1], n_trials=n)
+    return [t.params for t in study.trials]
+
+
+def test_every_registered_loss_has_a_search_space():
+    assert {p.stem for p in SPACE_FILES} == set(LOSSES)
+
+
+@pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
+def test_space_samples_every_parameter_within_bounds(path):
+    space = load_search_space(path, SEARCHABLE_TRAIN)
+    trials = _sample(space, 40)
+    assert trials[0] == space.defaults()  # the paper's defaults are the first trial
+    for name, param in space.params.items():
+        values = [t[name] for t in trials if name in t]
+        assert values, f"{name} was never sampled"
+        if param.type == "categorical":
+            assert set(values) <= set(param.choices)
+        else:
+            assert all(param.low <= v <= param.high for v in values)
+            assert len(set(values)) > 1 or param.low == param.high
+            if param.log and param.high / param.low > 100:  # log scale: lower decades get samples
+                assert min(values) < math.sqrt(param.low * param.high)
+
+
+@pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
+def test_loss_builds_from_defaults_and_samples(path):
+    space = load_search_space(path, SEARCHABLE_TRAIN)
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
+    labels = torch.arange(4).repeat_interleave(4)
+    for point in _sample(space, 5):
+        loss_kwargs, train = space.split(point)
+        assert set(train) <= set(SEARCHABLE_TRAIN)
+        value = create_loss(space.loss, 4, 8, **loss_kwargs)(emb, labels)
+        (grad,) = torch.autograd.grad(value, emb)
+        assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+def _write(tmp_path, spec) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_conditional_parameter_is_sampled_only_when_its_condition_holds(tmp_path):
+    spec = {
+        "loss": "multi_similarity",
+        "params": {
+            "alpha": {"type": "float", "low": 1, "high": 4, "default": 2},
+            "beta": {"type": "categorical", "choices": [40.0, 50.0], "default": 50.0},
+            "epsilon": {"type": "float", "low": 0.0, "high": 0.2, "default": 0.1, "when": {"beta": [40.0]}},
+        },
+        "train": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True, "default": 1e-3}},
+    }
+    space = load_search_space(_write(tmp_path, spec), SEARCHABLE_TRAIN)
+    assert space.defaults() == {"alpha": 2, "beta": 50.0, "lr": 1e-3}  # epsilon inactive under beta=50
+    trials = _sample(space, 30)
+    assert all(("epsilon" in t) == (t["beta"] == 40.0) for t in trials)
+    assert {t["beta"] for t in trials} == {40.0, 50.0}
+    assert space.split({"alpha": 3, "lr": 0.01}) == ({"alpha": 3}, {"lr": 0.01})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"alpha": {"type": "float", "low": 3, "high": 1, "default": 2}}, "low (3.0) is above high (1.0)"),
+        ({"alpha": {"type": "float", "low": 1, "high": 3, "default": 9}}, "outside [1.0, 3.0]"),
+        ({"alpha": {"type": "float", "low": 0, "high": 3, "log": True, "default": 1}}, "log scale needs low > 0"),
+        ({"alpha": {"type": "categorical", "choices": [1, 2], "default": 3}}, "default 3 is not one of"),
+        ({"alpha": {"type": "float", "lo": 1, "high": 3, "default": 2}}, "params.alpha.lo"),
+        ({"gamma": {"type": "float", "low": 1, "high": 3, "default": 2}}, "not a hyperparameter of multi_similarity"),
+        (
+            {"alpha": {"type": "float", "low": 1, "high": 3, "default": 2, "when": {"beta": [1]}}},
+            "'beta' must be a parameter listed before 'alpha'",
+        ),
+    ],
+)
+def test_bad_space_is_rejected_with_file_and_key(tmp_path, params, message):
+    path = _write(tmp_path, {"loss": "multi_similarity", "params": params})
+    with pytest.raises(ValueError, match="space.yaml") as err:
+        load_search_space(path, SEARCHABLE_TRAIN)
+    assert message in str(err.value)
+
+
+def test_train_parameter_outside_searchable_set_is_rejected(tmp_path):
+    path = _write(
+        tmp_path, {"loss": "multi_similarity", "train": {"epochs": {"type": "int", "low": 1, "high": 3, "default": 2}}}
+    )
+    with pytest.raises(ValueError, match="train.epochs: not searchable; allowed: lr, weight_decay, loss_lr_mult"):
+        load_search_space(path, SEARCHABLE_TRAIN)

@@ -1,0 +1,49 @@
+"""One trial as a plain function: deterministic, learns, reports every epoch, stops on a non-finite loss."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.config import load_study
+from study.train import NonFiniteLossError, evaluate_untrained, prepare_data, run_trial
+from tests.conftest import TINY_STUDY, write_study
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    dataset = {**TINY_STUDY["dataset"], "options": {"num_classes": 32, "samples_per_class": 24, "image_size": 16}}
+    return load_study(write_study(tmp_path_factory.mktemp("s"), dataset=dataset))
+
+
+@pytest.fixture(scope="module")
+def data(study):
+    return prepare_data(study.dataset, study.seed)
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "epoch_seconds"}
+
+
+def test_trial_is_deterministic_and_reports_each_epoch(study, data):
+    reports = []
+    first = run_trial(study, "multi_similarity", {}, data=data, report=reports.append)
+    second = run_trial(study, "multi_similarity", {}, data=data)
+    assert _without_timing(first) == _without_timing(second)
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert _without_timing(reports[-1]) == _without_timing(first)
+    assert {"recall_at_1", "recall_at_8", "map_at_r", "r_precision", "nmi", "train_loss"} <= set(first)
+
+
+@pytest.mark.parametrize("loss", ["multi_similarity", "normalized_softmax"])
+def test_training_beats_the_untrained_network(study, data, loss):
+    train = study.train.model_copy(update={"epochs": 4})
+    trained = run_trial(study, loss, {}, train, data=data)
+    untrained = evaluate_untrained(study, data)
+    assert trained["recall_at_1"] > untrained["recall_at_1"] + 0.05, (trained, untrained)
+    assert trained["map_at_r"] > untrained["map_at_r"], (trained, untrained)
+
+
+def test_diverging_trial_raises(study, data):
+    train = study.train.model_copy(update={"lr": 1e30})
+    with pytest.raises(NonFiniteLossError, match="normalized_softmax"):
+        run_trial(study, "normalized_softmax", {}, train, data=data)

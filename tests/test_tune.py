@@ -1,0 +1,112 @@
+"""End to end: `dml-study run` through a real local Ray instance, Optuna journal and MLflow SQLite store."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.tracking import TAG_ERROR, TAG_STATE
+from study.tune import trial_state
+from tests.conftest import TINY_STUDY, write_study
+
+runner = CliRunner()
+OPTUNA_TO_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def test_trial_state():
+    assert trial_state({"map_at_r": 0.3, "training_iteration": 3}, False, 3, "map_at_r") == "COMPLETE"
+    assert trial_state({"map_at_r": 0.3, "training_iteration": 1}, False, 3, "map_at_r") == "PRUNED"
+    assert trial_state({"map_at_r": float("nan"), "training_iteration": 3}, False, 3, "map_at_r") == "FAIL"
+    assert trial_state({"map_at_r": 0.3, "training_iteration": 3}, True, 3, "map_at_r") == "FAIL"
+    assert trial_state(None, False, 3, "map_at_r") == "FAIL"
+
+
+def test_study_end_to_end(workdir, ray_instance):
+    # normalized_softmax gets an absurd learning rate in its own space: its trials diverge
+    # to a non-finite loss, must be FAIL in Optuna and FAILED in MLflow, and the study goes on.
+    spaces = workdir / "spaces"
+    spaces.mkdir()
+    for name, text in {
+        "multi_similarity": {
+            "loss": "multi_similarity",
+            "params": {
+                "alpha": {"type": "float", "low": 1.0, "high": 4.0, "default": 2.0},
+                "base": {"type": "float", "low": 0.3, "high": 0.7, "default": 0.5},
+            },
+        },
+        "normalized_softmax": {
+            "loss": "normalized_softmax",
+            "train": {"lr": {"type": "float", "low": 1e30, "high": 1e30, "default": 1e30}},
+        },
+    }.items():
+        (spaces / f"{name}.yaml").write_text(yaml.safe_dump(text))
+    path = write_study(workdir, search={**TINY_STUDY["search"], "space_dir": str(spaces)})
+
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    study_dir = workdir / "runs" / "tiny"
+    table = pd.read_csv(study_dir / "results.csv")
+    assert list(table.columns[:5]) == ["loss", "trials", "complete", "pruned", "failed"]
+    assert "| multi_similarity" in result.output and "| untrained" in result.output
+
+    # Optuna: 3 trials per loss, the paper defaults first, states consistent with MLflow.
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(study_dir / "optuna.journal"))
+    )
+    ms = optuna.load_study(study_name="tiny.multi_similarity", storage=storage)
+    ns = optuna.load_study(study_name="tiny.normalized_softmax", storage=storage)
+    assert len(ms.trials) == 3 and len(ns.trials) == 3
+    assert ms.trials[0].params == {"alpha": 2.0, "base": 0.5}
+    assert {t.state.name for t in ns.trials} == {"FAIL"}
+    assert {t.state.name for t in ms.trials} <= {"COMPLETE", "PRUNED"} and "COMPLETE" in {
+        t.state.name for t in ms.trials
+    }
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 7  # baseline + 2 losses x 3 trials
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    by_loss = {}
+    for run in children:
+        by_loss.setdefault(run.data.tags["dml_study.loss"], []).append(run)
+        assert run.info.status == OPTUNA_TO_MLFLOW[run.data.tags[TAG_STATE]]
+    assert sorted(r.data.tags[TAG_STATE] for r in by_loss["multi_similarity"]) == sorted(
+        t.state.name for t in ms.trials
+    )
+    for run in by_loss["normalized_softmax"]:
+        assert "not finite" in run.data.tags[TAG_ERROR] or "training loss is" in run.data.tags[TAG_ERROR]
+    for run in by_loss["multi_similarity"]:  # per-epoch history for every epoch the trial ran
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "map_at_r")]
+        expected = 2 if run.data.tags[TAG_STATE] == "COMPLETE" else 1
+        assert steps == list(range(1, expected + 1))
+
+    # The table reflects MLflow: the best COMPLETE multi_similarity trial, the failures counted.
+    best = max(
+        (r for r in by_loss["multi_similarity"] if r.data.tags[TAG_STATE] == "COMPLETE"),
+        key=lambda r: r.data.metrics["map_at_r"],
+    )
+    row = table.set_index("loss").loc["multi_similarity"]
+    assert abs(row.map_at_r - best.data.metrics["map_at_r"]) < 1e-12
+    assert table.set_index("loss").loc["normalized_softmax"].failed == 3
+    baseline = by_loss["untrained"][0].data.metrics["map_at_r"]
+    assert abs(table.set_index("loss").loc["untrained"].map_at_r - baseline) < 1e-12
+
+    # `report` rebuilds the same table from MLflow alone.
+    (study_dir / "results.csv").unlink()
+    report = runner.invoke(app, ["report", "tiny"])
+    assert report.exit_code == 0, report.output
+    pd.testing.assert_frame_equal(pd.read_csv(study_dir / "results.csv"), table)
+
+
+def test_report_of_unknown_study_fails_cleanly(workdir):
+    result = runner.invoke(app, ["report", "nope"])
+    assert result.exit_code == 2 and "no study named 'nope'" in result.output
