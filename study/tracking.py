@@ -89,8 +89,10 @@ class StudyTracker:
     def end_trial(self, key: str, state: str, error: str | None = None) -> None:
         run_id = self._runs[key]
         self.client.set_tag(run_id, TAG_STATE, state)
-        if error:
-            self.client.set_tag(run_id, TAG_ERROR, error[-4000:])
+        if error:  # the last line (the exception) as a tag, the whole trace as an artifact
+            lines = [line for line in error.strip().splitlines() if line.strip()]
+            self.client.set_tag(run_id, TAG_ERROR, lines[-1][:4000] if lines else error)
+            self.client.log_text(run_id, error, "error.txt")
         self.client.set_terminated(run_id, RunStatus.to_string(_STATUS[state]))
 
 

@@ -85,8 +85,9 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.start_trial(self._key(trial), self.loss, "search", trial.config, self._key(trial))
-        error = trial.get_error()
-        self.tracker.end_trial(self._key(trial), "FAIL", error=str(error) if error else "trial raised")
+        path = Path(trial.error_file) if trial.error_file else None
+        trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
+        self.tracker.end_trial(self._key(trial), "FAIL", error=trace)
         self.say(f"  {self.loss} {trial.trial_id}: FAIL")
 
 

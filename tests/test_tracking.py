@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlflow.tracking import MlflowClient
 
 from study import tracking
@@ -27,7 +29,7 @@ def test_one_run_per_trial_with_params_metrics_and_states(tmp_path):
         tracker.log_metrics("ms/1", {"map_at_r": 0.1 * epoch, "note": "text is skipped"}, step=epoch)
     tracker.end_trial("ms/1", "PRUNED")
     tracker.start_trial("ms/2", "multi_similarity", "search", {"alpha": 3.0}, "ms-2")
-    tracker.end_trial("ms/2", "FAIL", error="boom")
+    tracker.end_trial("ms/2", "FAIL", error="Traceback (most recent call last):\n  ...\nValueError: boom\n")
     tracker.finish()
 
     client = MlflowClient(uri)
@@ -43,4 +45,6 @@ def test_one_run_per_trial_with_params_metrics_and_states(tmp_path):
     assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.1), (2, 0.2)]
     assert "note" not in ms1.data.metrics
     assert (ms1.info.status, ms1.data.tags[tracking.TAG_STATE]) == ("KILLED", "PRUNED")
-    assert (ms2.info.status, ms2.data.tags[tracking.TAG_ERROR]) == ("FAILED", "boom")
+    assert (ms2.info.status, ms2.data.tags[tracking.TAG_ERROR]) == ("FAILED", "ValueError: boom")
+    trace = Path(client.download_artifacts(ms2.info.run_id, "error.txt", str(tmp_path))).read_text()
+    assert trace.startswith("Traceback") and trace.rstrip().endswith("ValueError: boom")

@@ -11,8 +11,11 @@ from tests.conftest import TINY_STUDY, write_study
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    dataset = {**TINY_STUDY["dataset"], "options": {"num_classes": 32, "samples_per_class": 24, "image_size": 16}}
-    return load_study(write_study(tmp_path_factory.mktemp("s"), dataset=dataset))
+    # Large enough to learn in seconds on a CPU: resnet10t on 32 px glyphs of 24 training classes.
+    dataset = {**TINY_STUDY["dataset"], "options": {"num_classes": 48, "samples_per_class": 24}}
+    model = {"backbone": "resnet10t", "embedding_dim": 32}
+    train = {"epochs": 2, "batch_size": 32, "m_per_class": 4, "lr": 3e-3}
+    return load_study(write_study(tmp_path_factory.mktemp("s"), dataset=dataset, model=model, train=train))
 
 
 @pytest.fixture(scope="module")

@@ -23,4 +23,6 @@ def class_split(labels: np.ndarray, val_fraction: float, seed: int) -> dict[str,
         )
     val = np.random.default_rng(seed).choice(train_half, size=n_val, replace=False)
     train = np.setdiff1d(train_half, val)
-    return {name: np.flatnonzero(np.isin(labels, part)) for name, part in (("train", train), ("val", val), ("test", test))}
+    return {
+        name: np.flatnonzero(np.isin(labels, part)) for name, part in (("train", train), ("val", val), ("test", test))
+    }
