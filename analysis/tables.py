@@ -46,4 +46,7 @@ def _short(value: str) -> str:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    return table.to_markdown(index=False, floatfmt=".4f", missingval="")
+    """Metrics to 4 decimals, counts as integers, blanks where a value does not apply."""
+    counts = ["trials", "complete", "pruned", "failed"]
+    shown = table.astype({c: "Int64" for c in counts}).astype(object)
+    return shown.where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")

@@ -40,7 +40,7 @@ class PreparedData:
     splits: dict[str, np.ndarray]
 
     def subset(self, split: str) -> tuple[torch.Tensor, np.ndarray]:
-        idx = self.splits[split]
+        idx = np.array(self.splits[split])  # a writable copy: Ray hands out read-only arrays
         return self.images[idx], self.labels[idx]
 
 
