@@ -129,16 +129,21 @@ def test_knn_keeps_the_best_others_when_self_is_not_among_the_k_plus_1():
     np.testing.assert_allclose(sims, [[4, 3], [8, 6], [12, 6], [12, 8]])
 
 
-def test_pytorch_metric_learning_oracle():
-    emb, labels = _dataset(7, dim=16)
-    got = metrics.evaluate(emb, labels, use_gpu=False)
+def _pml(emb: np.ndarray, labels: np.ndarray) -> dict:
+    """pytorch-metric-learning's AccuracyCalculator, every sample a query against all others."""
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
         k="max_bin_count",
         device=torch.device("cpu"),
     )
     e, y = torch.from_numpy(emb), torch.from_numpy(labels)
-    want = calc.get_accuracy(e, y, e, y, ref_includes_query=True)
+    return calc.get_accuracy(e, y, e, y, ref_includes_query=True)
+
+
+def test_pytorch_metric_learning_oracle():
+    emb, labels = _dataset(7, dim=16)
+    got = metrics.evaluate(emb, labels, use_gpu=False)
+    want = _pml(emb, labels)
     assert got["map_at_r"] == pytest.approx(want["mean_average_precision_at_r"], abs=1e-6)
     assert got["r_precision"] == pytest.approx(want["r_precision"], abs=1e-6)
     # PML leaves singleton queries out of precision_at_1; our recall_at_1 counts them as misses.
@@ -150,13 +155,7 @@ def test_pytorch_metric_learning_oracle_without_singletons():
     labels = np.repeat(np.arange(6), [2, 3, 4, 5, 6, 7])
     emb = _unit(len(labels), 16, 3)
     got = metrics.evaluate(emb, labels, use_gpu=False)
-    calc = AccuracyCalculator(
-        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
-        k="max_bin_count",
-        device=torch.device("cpu"),
-    )
-    e, y = torch.from_numpy(emb), torch.from_numpy(labels)
-    want = calc.get_accuracy(e, y, e, y, ref_includes_query=True)
+    want = _pml(emb, labels)
     assert got["recall_at_1"] == pytest.approx(want["precision_at_1"], abs=1e-6)
     assert got["map_at_r"] == pytest.approx(want["mean_average_precision_at_r"], abs=1e-6)
     assert got["r_precision"] == pytest.approx(want["r_precision"], abs=1e-6)
