@@ -55,8 +55,14 @@ class StudyTracker:
     def finish(self, failed: bool = False) -> None:
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
 
-    def start_trial(self, key: str, loss: str, stage: str, params: dict, run_name: str) -> str:
-        """The child run of trial ``key``: found by its tag if it exists, else created."""
+    def start_trial(
+        self, key: str, loss: str, stage: str, params: dict, run_name: str, config: dict | None = None
+    ) -> str:
+        """The child run of trial ``key``: found by its tag if it exists, else created.
+
+        ``params`` are the sampled hyperparameters (MLflow params); ``config``, the trial's
+        fully resolved settings, is stored as the run's ``config.json`` artifact.
+        """
         if key in self._runs:
             return self._runs[key]
         found = self.client.search_runs(
@@ -78,6 +84,8 @@ class StudyTracker:
             }
             run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            if config is not None:
+                self.client.log_text(run_id, json.dumps(config, indent=2), "config.json")
         self._runs[key] = run_id
         return run_id
 

@@ -21,7 +21,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from study.config import StudyConfig, search_spaces
+from study.config import StudyConfig, TrainConfig, search_spaces
+from study.losses import loss_hyperparameters
 from study.search_space import SearchSpace
 from study.tracking import StudyTracker, resolve_tracking_uri
 from study.train import PreparedData, evaluate_untrained, prepare_data, run_trial
@@ -57,18 +58,34 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+def resolve_trial(study: StudyConfig, space: SearchSpace, config: dict) -> tuple[dict, TrainConfig]:
+    """A trial's sampled values → (loss keyword arguments, the study's train config with its overrides)."""
+    loss_kwargs, train_overrides = space.split(config)
+    return loss_kwargs, study.train.model_copy(update=train_overrides)
+
+
 class TrackingCallback(tune.Callback):
     """Mirrors each trial of one loss into its MLflow child run (runs on the driver)."""
 
-    def __init__(self, tracker: StudyTracker, loss: str, cfg: StudyConfig, say: Callable[[str], None]):
-        self.tracker, self.loss, self.cfg, self.say = tracker, loss, cfg, say
+    def __init__(self, tracker: StudyTracker, space: SearchSpace, cfg: StudyConfig, say: Callable[[str], None]):
+        self.tracker, self.space, self.loss, self.cfg, self.say = tracker, space, space.loss, cfg, say
 
     def _key(self, trial) -> str:
         return f"{self.loss}/{trial.trial_id}"
 
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def _start(self, trial) -> None:
+        loss_kwargs, train = resolve_trial(self.cfg, self.space, trial.config)
+        resolved = {
+            "loss": self.loss,
+            "loss_params": {**loss_hyperparameters(self.loss), **loss_kwargs},
+            "train": train.model_dump(mode="json"),
+            **self.cfg.model_dump(mode="json", include={"seed", "dataset", "model", "resources"}),
+        }
         number = trial.trial_id.rsplit("_", 1)[-1]
-        self.tracker.start_trial(self._key(trial), self.loss, "search", trial.config, f"{self.loss}-{number}")
+        self.tracker.start_trial(self._key(trial), self.loss, "search", trial.config, f"{self.loss}-{number}", resolved)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._start(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         values = {k: result[k] for k in TRACKED if k in result}
@@ -84,7 +101,7 @@ class TrackingCallback(tune.Callback):
         self.say(f"  {self.loss} {trial.trial_id}: {state}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.start_trial(self._key(trial), self.loss, "search", trial.config, self._key(trial))
+        self._start(trial)  # a no-op unless the trial failed before it was reported started
         path = Path(trial.error_file) if trial.error_file else None
         trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
         self.tracker.end_trial(self._key(trial), "FAIL", error=trace)
@@ -92,8 +109,7 @@ class TrackingCallback(tune.Callback):
 
 
 def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: PreparedData) -> None:
-    loss_kwargs, train_overrides = space.split(config)
-    train = study.train.model_copy(update=train_overrides)
+    loss_kwargs, train = resolve_trial(study, space, config)
     run_trial(study, space.loss, loss_kwargs, train, data=data, report=tune.report)
 
 
@@ -135,7 +151,7 @@ def _tune_loss(
             name=space.loss,
             storage_path=str(study_dir / "ray"),
             verbose=0,
-            callbacks=[TrackingCallback(tracker, space.loss, cfg, say)],
+            callbacks=[TrackingCallback(tracker, space, cfg, say)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )

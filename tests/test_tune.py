@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import optuna
 import pandas as pd
 import yaml
@@ -84,6 +87,17 @@ def test_study_end_to_end(workdir, ray_instance):
     )
     for run in by_loss["normalized_softmax"]:
         assert "NonFiniteLossError: normalized_softmax: training loss is nan" in run.data.tags[TAG_ERROR]
+    for run in by_loss["multi_similarity"]:  # the resolved config: sampled values over the defaults
+        resolved = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(workdir))).read_text())
+        assert resolved["loss_params"] == {
+            "alpha": float(run.data.params["alpha"]),
+            "beta": 50.0,
+            "base": float(run.data.params["base"]),
+            "epsilon": 0.1,
+        }
+        assert resolved["train"]["epochs"] == 2 and resolved["model"]["backbone"] == "test_resnet"
+    for run in by_loss["normalized_softmax"]:
+        assert float(run.data.params["lr"]) == 1e30
     for run in by_loss["multi_similarity"]:  # per-epoch history for every epoch the trial ran
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "map_at_r")]
         expected = 2 if run.data.tags[TAG_STATE] == "COMPLETE" else 1
