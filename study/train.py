@@ -136,6 +136,8 @@ def run_trial(
             losses.append(loss.item())
         result = evaluate_model(model, data, "val", train, device, seed)
         result.update(epoch=epoch, train_loss=float(np.mean(losses)), epoch_seconds=time.perf_counter() - start)
+        if hasattr(loss_fn, "trial_metrics"):  # e.g. SoftTriple's effective centers per class
+            result.update(loss_fn.trial_metrics())
         if not math.isfinite(result["map_at_r"]):
             raise NonFiniteLossError(f"{loss_name}: validation metrics are not finite at epoch {epoch}")
         if report is not None:

@@ -17,6 +17,7 @@ import optuna
 import ray
 import yaml
 from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -27,8 +28,8 @@ from study.search_space import SearchSpace
 from study.tracking import StudyTracker, resolve_tracking_uri
 from study.train import PreparedData, evaluate_untrained, prepare_data, run_trial
 
-TRACKED = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "nmi")
-TRACKED += ("queries_without_positives", "train_loss", "epoch_seconds")
+# What Ray adds to every result; everything else a trial reports is a metric of the trial.
+NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag"}
 
 
 def trial_state(result: dict | None, errored: bool, epochs: int, metric: str) -> str:
@@ -88,7 +89,11 @@ class TrackingCallback(tune.Callback):
         self._start(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        values = {k: result[k] for k in TRACKED if k in result}
+        values = {
+            k: v
+            for k, v in result.items()
+            if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self.tracker.log_metrics(self._key(trial), values, step=int(result["epoch"]))
         self.say(
             f"  {self.loss} {trial.trial_id} epoch {result['epoch']}: "

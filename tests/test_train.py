@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from study.config import load_study
+from study.losses import LOSSES, MultiSimilarityLoss
 from study.train import NonFiniteLossError, evaluate_untrained, prepare_data, run_trial
 from tests.conftest import TINY_STUDY, write_study
 
@@ -50,3 +51,15 @@ def test_diverging_trial_raises(study, data):
     train = study.train.model_copy(update={"lr": 1e30})
     with pytest.raises(NonFiniteLossError, match="normalized_softmax"):
         run_trial(study, "normalized_softmax", {}, train, data=data)
+
+
+class _ReportingLoss(MultiSimilarityLoss):
+    def trial_metrics(self) -> dict[str, float]:
+        return {"mean_alpha": self.alpha}
+
+
+def test_loss_trial_metrics_are_reported_each_epoch(study, data, monkeypatch):
+    monkeypatch.setitem(LOSSES, "reporting", _ReportingLoss)
+    reports = []
+    run_trial(study, "reporting", {"alpha": 3.0}, data=data, report=reports.append)
+    assert [r["mean_alpha"] for r in reports] == [3.0, 3.0]

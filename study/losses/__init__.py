@@ -7,7 +7,9 @@ Every loss follows one constructor convention::
 The two positional arguments come from the data and the model (pair-based losses ignore
 them); the keyword-only arguments are exactly the searchable hyperparameters, with the
 paper's values as defaults. ``forward(embeddings, labels)`` returns a scalar; embeddings
-arrive L2-normalised from the model head.
+arrive L2-normalised from the model head. A loss with learned state worth reporting
+(effective centers, proxy correlation) may define ``trial_metrics() -> dict[str, float]``:
+the trial logs it after every epoch next to the retrieval metrics.
 """
 
 from __future__ import annotations
