@@ -9,7 +9,6 @@ YAML and MLflow.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from study.data import DATASETS, dataset_options
 from study.losses import LOSSES
-from study.search_space import SearchSpace, load_search_space
+from study.search_space import SearchSpace, describe_validation_error, load_search_space
 
 OBJECTIVES = ("map_at_r", "recall_at_1")
 BUILTIN_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -108,27 +107,6 @@ class StudyConfig(_Strict):
         return self.output_dir / self.name
 
 
-def _format_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        parent = first["loc"][:-1]
-        return f"{source}: unknown key {key!r}" + _allowed_keys(parent)
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {key}: {msg} (got {first.get('input')!r})"
-
-
-def _allowed_keys(parent: tuple) -> str:
-    model: type[BaseModel] = StudyConfig
-    for part in parent:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    return f"; allowed: {', '.join(model.model_fields)}"
-
-
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``dotted.key=value`` override (value parsed as YAML) in place."""
     key, sep, value = assignment.partition("=")
@@ -161,15 +139,18 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(str(path), err)) from None
-    _check_dataset(cfg.dataset)
-    _check_model(cfg.model)
-    search_spaces(cfg)  # every loss's space must load and fit the loss
-    if cfg.train.batch_size % cfg.train.m_per_class:
-        raise ConfigError(
-            f"{path}: train.batch_size ({cfg.train.batch_size}) must be a multiple of "
-            f"train.m_per_class ({cfg.train.m_per_class})"
-        )
+        raise ConfigError(describe_validation_error(str(path), err, StudyConfig)) from None
+    try:
+        _check_dataset(cfg.dataset)
+        _check_model(cfg.model)
+        if cfg.train.batch_size % cfg.train.m_per_class:
+            raise ConfigError(
+                f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+                f"train.m_per_class ({cfg.train.m_per_class})"
+            )
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    search_spaces(cfg)  # every loss's space must load and fit the loss; errors name the space file
     return cfg
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import optuna
 import yaml
@@ -124,10 +124,7 @@ def load_search_space(path: str | Path, searchable_train: Sequence[str]) -> Sear
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise ValueError(f"{path}: {key}: {msg}") from None
+        raise ValueError(describe_validation_error(str(path), err, _SpaceFile)) from None
     try:
         allowed = loss_hyperparameters(spec.loss)
     except ValueError as exc:
@@ -156,3 +153,28 @@ def _admits(param: Param, value: Any) -> bool:
     if param.type == "categorical":
         return value in param.choices
     return isinstance(value, (int, float)) and param.low <= value <= param.high
+
+
+def describe_validation_error(source: str, err: ValidationError, model: type[BaseModel]) -> str:
+    """One line for the first error of ``err``: the file, the dotted key, what is wrong or allowed."""
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        allowed = _fields_at(model, first["loc"][:-1])
+        return f"{source}: unknown key {key!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}: {msg} (got {first.get('input')!r})"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the nested model at ``loc`` (dict values are followed through their keys)."""
+    annotation: Any = model
+    for part in loc:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            annotation = field.annotation if field else None
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return []
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
