@@ -12,7 +12,9 @@ A file ``search_spaces/<loss>.yaml`` looks like::
 
 ``default`` is the paper's value; the defaults form the first trial of every
 search. ``when: {other: [values]}`` makes a parameter conditional: it is only
-sampled when an earlier parameter took one of those values.
+sampled when an earlier parameter took one of those values. ``zero: true`` on a
+log-scale float also allows exactly 0 (e.g. a penalty weight, 0 = off): Optuna
+first draws the categorical ``<name>_is_zero``, then the log-scale value if not.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Param(BaseModel):
     log: bool = False
     step: float | None = None
     choices: list[Any] | None = None
+    zero: bool = False
     default: Any
     when: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -56,8 +59,12 @@ class Param(BaseModel):
             raise ValueError(f"log scale needs low > 0 (got {self.low})")
         if self.log and self.step is not None:
             raise ValueError("'step' and 'log' cannot be combined")
+        if self.zero and not (self.type == "float" and self.log):
+            raise ValueError("'zero' is for log-scale floats (other ranges can include 0 directly)")
         if not isinstance(self.default, (int, float)) or isinstance(self.default, bool):
             raise ValueError(f"default must be a number (got {self.default!r})")
+        if self.zero and self.default == 0:
+            return self
         if not self.low <= self.default <= self.high:
             raise ValueError(f"default {self.default} is outside [{self.low}, {self.high}]")
         if self.type == "int" and not all(float(v).is_integer() for v in (self.low, self.high, self.default)):
@@ -65,6 +72,8 @@ class Param(BaseModel):
         return self
 
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        if self.zero and trial.suggest_categorical(f"{name}{ZERO_FLAG}", [False, True]):
+            return 0.0
         if self.type == "categorical":
             return trial.suggest_categorical(name, self.choices)
         if self.type == "int":
@@ -97,6 +106,24 @@ class SearchSpace:
             if all(values.get(dep, _UNSET) in allowed for dep, allowed in param.when.items()):
                 values[name] = param.suggest(trial, name)
 
+    def to_optuna(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Parameter values → the Optuna parameters that produce them (for enqueueing a point)."""
+        params = dict(values)
+        for name, param in self.params.items():
+            if param.zero and name in values:
+                params[f"{name}{ZERO_FLAG}"] = values[name] == 0
+                if values[name] == 0:
+                    del params[name]
+        return params
+
+    def from_optuna(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's Optuna parameters → parameter values (inverse of ``to_optuna``)."""
+        values = {k: v for k, v in params.items() if not k.endswith(ZERO_FLAG)}
+        for name, param in self.params.items():
+            if param.zero and params.get(f"{name}{ZERO_FLAG}"):
+                values[name] = 0.0
+        return values
+
     def defaults(self) -> dict[str, Any]:
         """The paper's defaults, restricted to the parameters active under them."""
         values: dict[str, Any] = {}
@@ -106,13 +133,14 @@ class SearchSpace:
         return values
 
     def split(self, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Sampled values → (loss keyword arguments, training-setting overrides)."""
+        """Parameter values → (loss keyword arguments, training-setting overrides)."""
         loss_kwargs = {k: v for k, v in values.items() if k in self.loss_params}
         train = {k: v for k, v in values.items() if k in self.train_params}
         return loss_kwargs, train
 
 
 _UNSET = object()
+ZERO_FLAG = "_is_zero"
 
 
 def load_search_space(path: str | Path, searchable_train: Sequence[str]) -> SearchSpace:
@@ -152,6 +180,8 @@ def load_search_space(path: str | Path, searchable_train: Sequence[str]) -> Sear
 def _admits(param: Param, value: Any) -> bool:
     if param.type == "categorical":
         return value in param.choices
+    if param.zero and value == 0:
+        return True
     return isinstance(value, (int, float)) and param.low <= value <= param.high
 
 

@@ -61,7 +61,7 @@ class StudySearch(OptunaSearch):
 
 def resolve_trial(study: StudyConfig, space: SearchSpace, config: dict) -> tuple[dict, TrainConfig]:
     """A trial's sampled values → (loss keyword arguments, the study's train config with its overrides)."""
-    loss_kwargs, train_overrides = space.split(config)
+    loss_kwargs, train_overrides = space.split(space.from_optuna(config))
     return loss_kwargs, study.train.model_copy(update=train_overrides)
 
 
@@ -83,7 +83,8 @@ class TrackingCallback(tune.Callback):
             **self.cfg.model_dump(mode="json", include={"seed", "dataset", "model", "resources"}),
         }
         number = trial.trial_id.rsplit("_", 1)[-1]
-        self.tracker.start_trial(self._key(trial), self.loss, "search", trial.config, f"{self.loss}-{number}", resolved)
+        params = self.space.from_optuna(trial.config)
+        self.tracker.start_trial(self._key(trial), self.loss, "search", params, f"{self.loss}-{number}", resolved)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._start(trial)
@@ -129,7 +130,7 @@ def _tune_loss(
         space=space.define_by_run,
         metric=cfg.search.objective,
         mode="max",
-        points_to_evaluate=[space.defaults()],
+        points_to_evaluate=[space.to_optuna(space.defaults())],
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         study_name=f"{cfg.name}.{space.loss}",
         storage=storage,

@@ -32,8 +32,10 @@ EDGE_BATCHES = {
 
 def _grads(loss: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, autocast: bool = False):
     """Loss value and grads w.r.t. (embeddings, *loss parameters). With ``autocast`` the forward
-    runs under CPU bf16 autocast and the backward outside it, as in a training step."""
+    runs under CPU bf16 autocast and the backward outside it, as in a training step. The global
+    generator is reseeded so that sampling losses (margin) draw the same pairs on every call."""
     emb = emb.clone().requires_grad_()
+    torch.manual_seed(1234)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         value = loss(emb, labels)
     grads = torch.autograd.grad(value, [emb, *loss.parameters()])

@@ -18,10 +18,11 @@ SPACE_FILES = sorted(p for p in (REPO / "search_spaces").glob("*.yaml") if p.ste
 
 
 def _sample(space, n: int, seed: int = 0) -> list[dict]:
+    """Parameter values of ``n`` random trials, the first one enqueued from the defaults."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    study.enqueue_trial(space.defaults())
+    study.enqueue_trial(space.to_optuna(space.defaults()))
     study.optimize(lambda t: (space.define_by_run(t), 0.0)[1], n_trials=n)
-    return [t.params for t in study.trials]
+    return [space.from_optuna(t.params) for t in study.trials]
 
 
 def test_every_registered_loss_has_a_search_space():
@@ -38,7 +39,11 @@ def test_space_samples_every_parameter_within_bounds(path):
         assert values, f"{name} was never sampled"
         if param.type == "categorical":
             assert set(values) <= set(param.choices)
+            assert len(set(values)) == len(param.choices), f"{name}: not every choice was sampled"
         else:
+            if param.zero:
+                assert 0.0 in values, f"{name}: 0 was never sampled"
+                values = [v for v in values if v != 0.0]
             assert all(param.low <= v <= param.high for v in values)
             assert len(set(values)) > 1 or param.low == param.high
             if param.log and param.high / param.low > 100:  # log scale: lower decades get samples
@@ -81,6 +86,19 @@ def test_conditional_parameter_is_sampled_only_when_its_condition_holds(tmp_path
     assert all(("epsilon" in t) == (t["beta"] == 40.0) for t in trials)
     assert {t["beta"] for t in trials} == {40.0, 50.0}
     assert space.split({"alpha": 3, "lr": 0.01}) == ({"alpha": 3}, {"lr": 0.01})
+
+
+def test_zero_allows_exactly_zero_besides_a_log_range(tmp_path):
+    so = {"type": "float", "low": 1e-4, "high": 1.0, "log": True, "zero": True, "default": 0.0}
+    space = load_search_space(_write(tmp_path, {"loss": "proxy_anchor", "params": {"so_weight": so}}), [])
+    assert space.defaults() == {"so_weight": 0.0}
+    assert space.to_optuna({"so_weight": 0.0}) == {"so_weight_is_zero": True}
+    assert space.to_optuna({"so_weight": 0.01}) == {"so_weight_is_zero": False, "so_weight": 0.01}
+    values = [t["so_weight"] for t in _sample(space, 40)]
+    assert values[0] == 0.0 and 0 < values.count(0.0) < 40
+    assert all(1e-4 <= v <= 1.0 for v in values if v)
+    with pytest.raises(ValueError, match="'zero' is for log-scale floats"):
+        load_search_space(_write(tmp_path, {"loss": "proxy_anchor", "params": {"so_weight": {**so, "log": False}}}), [])
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ Every loss follows one constructor convention::
 
     __init__(self, num_classes: int, embedding_dim: int, *, <hyperparameters>)
 
-The two positional arguments come from the data and the model (pair-based losses ignore
-them); the keyword-only arguments are exactly the searchable hyperparameters, with the
+The two positional arguments come from the data and the model (most pair-based losses
+ignore them); the keyword-only arguments are exactly the searchable hyperparameters, with the
 paper's values as defaults. ``forward(embeddings, labels)`` returns a scalar; embeddings
 arrive L2-normalised from the model head. A loss with learned state worth reporting
 (effective centers, proxy correlation) may define ``trial_metrics() -> dict[str, float]``:
@@ -19,18 +19,39 @@ from typing import Any
 
 from torch import nn
 
+from study.losses.contrastive import ContrastiveLoss
+from study.losses.margin import MarginLoss
 from study.losses.multi_similarity import MultiSimilarityLoss
 from study.losses.normalized_softmax import NormalizedSoftmaxLoss
+from study.losses.pddm import PDDMLoss
+from study.losses.proxy_anchor import ProxyAnchorLoss
+from study.losses.proxy_nca import ProxyNCALoss
+from study.losses.soft_triple import SoftTripleLoss
+from study.losses.triplet import TripletLoss
 
 LOSSES: dict[str, type[nn.Module]] = {
+    "contrastive": ContrastiveLoss,
+    "margin": MarginLoss,
     "multi_similarity": MultiSimilarityLoss,
     "normalized_softmax": NormalizedSoftmaxLoss,
+    "pddm": PDDMLoss,
+    "proxy_anchor": ProxyAnchorLoss,
+    "proxy_nca": ProxyNCALoss,
+    "soft_triple": SoftTripleLoss,
+    "triplet": TripletLoss,
 }
 
 __all__ = [
     "LOSSES",
+    "ContrastiveLoss",
+    "MarginLoss",
     "MultiSimilarityLoss",
     "NormalizedSoftmaxLoss",
+    "PDDMLoss",
+    "ProxyAnchorLoss",
+    "ProxyNCALoss",
+    "SoftTripleLoss",
+    "TripletLoss",
     "create_loss",
     "loss_hyperparameters",
 ]

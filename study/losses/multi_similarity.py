@@ -12,11 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _log1p_sum_exp(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Row-wise log(1 + Σ_{keep} e^z), as a logsumexp with an appended 0 (β(S−λ) reaches 25)."""
-    z = z.masked_fill(~keep, float("-inf"))
-    return torch.logsumexp(torch.cat([z, z.new_zeros(z.shape[0], 1)], dim=1), dim=1)
+from study.losses.pairs import check_positive, log1p_sum_exp, pair_masks
 
 
 class MultiSimilarityLoss(nn.Module):
@@ -44,7 +40,9 @@ class MultiSimilarityLoss(nn.Module):
 
     Hyperparameters (paper / authors' code defaults): ``alpha`` (α = 2) and ``beta``
     (β = 50; 40 in the authors' config) weight positives and negatives, ``base`` (λ = 0.5)
-    is the similarity margin, ``epsilon`` (ε = 0.1) the mining margin.
+    is the similarity margin, ``epsilon`` (ε = 0.1) the mining margin. ``positive="easy"``
+    (easy positive sampling, ``pairs.py``) mines as above, then keeps of each anchor's
+    positives only its most similar one.
     ``num_classes`` and ``embedding_dim`` are ignored (registry convention).
     """
 
@@ -57,19 +55,23 @@ class MultiSimilarityLoss(nn.Module):
         beta: float = 50.0,
         base: float = 0.5,
         epsilon: float = 0.1,
+        positive: str = "all",
     ):
         super().__init__()
+        check_positive(positive)
         self.alpha, self.beta, self.base, self.epsilon = alpha, beta, base, epsilon
+        self.positive = positive
 
     def mine(self, sim: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean B×B masks (kept positives, kept negatives) for the similarity matrix ``sim``."""
         sim = sim.detach()
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=sim.device)
-        pos, neg = same & ~eye, ~same
+        pos, neg = pair_masks(sim, labels, "all")
         min_pos = sim.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
         max_neg = sim.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
-        return pos & (sim - self.epsilon < max_neg), neg & (sim + self.epsilon > min_pos)
+        keep_pos = pos & (sim - self.epsilon < max_neg)
+        if self.positive == "easy":
+            keep_pos &= pair_masks(sim, labels, "easy")[0]
+        return keep_pos, neg & (sim + self.epsilon > min_pos)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean MS loss of a batch of unit-norm ``embeddings`` (B×d) with integer ``labels`` (B)."""
@@ -78,9 +80,10 @@ class MultiSimilarityLoss(nn.Module):
             x = embeddings.to(dtype)
             sim = x @ x.T
             keep_pos, keep_neg = self.mine(sim, labels.to(sim.device))
-            pos = _log1p_sum_exp(-self.alpha * (sim - self.base), keep_pos) / self.alpha
-            neg = _log1p_sum_exp(self.beta * (sim - self.base), keep_neg) / self.beta
+            pos = log1p_sum_exp(-self.alpha * (sim - self.base), keep_pos) / self.alpha
+            neg = log1p_sum_exp(self.beta * (sim - self.base), keep_neg) / self.beta
             return (pos + neg).mean()
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}"
+        hp = f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}"
+        return f"{hp}, positive={self.positive}"
