@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,3 +56,10 @@ def ray_instance():
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rt{os.getpid()}", logging_level="error")
     yield ray
     ray.shutdown()
+
+
+def unit(n: int, dim: int, seed: int = 0, dtype=None):
+    """``n`` random unit-norm rows (float64 draws, then cast), reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.nn.functional.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1)
+    return rows.to(dtype or torch.float32)

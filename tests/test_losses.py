@@ -12,13 +12,13 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from study.losses import LOSSES, create_loss, loss_hyperparameters
+from tests.conftest import unit
 
 NUM_CLASSES, DIM = 6, 8
 
 
 def _unit(n: int, dim: int = DIM, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    return unit(n, dim, seed, dtype)
 
 
 EDGE_BATCHES = {
