@@ -11,8 +11,12 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
+from study.config import SEARCHABLE_TRAIN
 from study.losses import LOSSES, create_loss, loss_hyperparameters
-from tests.conftest import unit
+from study.search_space import load_search_space
+from tests.conftest import REPO, unit
+
+SPACES = {name: load_search_space(REPO / "search_spaces" / f"{name}.yaml", SEARCHABLE_TRAIN) for name in LOSSES}
 
 NUM_CLASSES, DIM = 6, 8
 
@@ -73,6 +77,22 @@ def test_unknown_hyperparameter_is_named_with_the_allowed_ones(name):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+def test_every_choice_hyperparameter_reaches_the_loss(name):
+    """Each value of a string option (negatives, positive) gives a different loss on a batch."""
+    emb, labels = EDGE_BATCHES["random"]
+    for key, default in loss_hyperparameters(name).items():
+        if not isinstance(default, str):
+            continue
+        values = set()
+        for choice in SPACES[name].params[key].choices:
+            torch.manual_seed(0)
+            values.add(create_loss(name, NUM_CLASSES, DIM, **{key: choice})(emb, labels).item())
+        assert len(values) == len(SPACES[name].params[key].choices), f"{key}: choices give equal losses"
+        with pytest.raises(ValueError, match=f"{key} must be one of"):
+            create_loss(name, NUM_CLASSES, DIM, **{key: "typo"})
+
+
+@pytest.mark.parametrize("name", LOSSES)
 def test_every_float_hyperparameter_reaches_the_loss(name):
     emb, labels = EDGE_BATCHES["random"]
     torch.manual_seed(0)
@@ -128,7 +148,7 @@ MS_SETTINGS = [
 ]
 
 
-def ms_reference(x, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+def ms_reference(x, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, positive="all"):
     """Per-anchor loop straight from the definition; returns (loss, kept pairs)."""
     n, total, kept = len(labels), x.new_zeros(()), set()
     for i in range(n):
@@ -138,6 +158,8 @@ def ms_reference(x, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
         min_pos = min((s[k].item() for k in pos), default=math.inf)
         max_neg = max((s[j].item() for j in neg), default=-math.inf)
         kept_pos = [k for k in pos if s[k].item() - epsilon < max_neg]
+        if positive == "easy":  # mined as above, then only the most similar positive stays
+            kept_pos = [k for k in kept_pos if k == max(pos, key=lambda j: (s[j].item(), -j))]
         kept_neg = [j for j in neg if s[j].item() + epsilon > min_pos]
         kept |= {(i, k, "+") for k in kept_pos} | {(i, j, "-") for j in kept_neg}
         if kept_pos:
@@ -149,7 +171,7 @@ def ms_reference(x, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
     return total / n, kept
 
 
-@pytest.mark.parametrize("hp", MS_SETTINGS)
+@pytest.mark.parametrize("hp", [*MS_SETTINGS, {"positive": "easy"}, {"epsilon": 0.3, "positive": "easy"}])
 def test_multi_similarity_matches_plain_loop_in_float64(hp):
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 1, 0])  # classes 3 and 4 are singletons
     x = _unit(len(labels), dim=3, seed=1, dtype=torch.float64).requires_grad_()

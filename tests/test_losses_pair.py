@@ -1,0 +1,265 @@
+"""Pair and triplet losses (triplet, contrastive, margin, PDDM) and easy positive sampling:
+float64 plain loops and pytorch-metric-learning where the definitions coincide."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
+
+from study.losses import create_loss
+from study.losses.margin import CUTOFF, NONZERO_LOSS_CUTOFF
+from study.losses.pairs import euclidean, pair_masks
+from tests.conftest import unit
+
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])  # class 3 is a singleton
+DIM = 4
+
+
+def _dist(x, i, j):
+    return torch.sqrt(((x[i] - x[j]) ** 2).sum())
+
+
+def _positives(x, labels, i, positive):
+    """Anchor i's positives by the definition: all, or the nearest (ties: lowest index)."""
+    same = [j for j in range(len(labels)) if j != i and labels[j] == labels[i]]
+    if positive == "easy" and same:
+        return [min(same, key=lambda j: (_dist(x, i, j).item(), j))]
+    return same
+
+
+def _mean_nonzero(terms):
+    active = [t for t in terms if t.item() > 0]
+    return sum(active) / len(active) if active else torch.zeros((), dtype=torch.float64)
+
+
+def _check(value, reference, inputs, atol=1e-10, rtol=0.0):
+    """Same value (to ``atol``) and same gradients w.r.t. each of ``inputs``."""
+    assert abs(value.item() - reference.item()) < atol
+    grads = torch.autograd.grad(value, inputs, retain_graph=True)  # the normalisation is shared
+    for g, r in zip(grads, torch.autograd.grad(reference, inputs), strict=True):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
+def _x(seed=1, dim=DIM):
+    """(raw leaf, its unit-norm rows). Gradients are compared on the raw leaf: the losses
+    use √(2 − 2xᵢ·xⱼ) for unit rows, the loops ‖xᵢ − xⱼ‖, equal on the sphere and with the
+    same tangent gradient, which is what the normalisation passes back."""
+    raw = (unit(len(LABELS), dim, seed=seed, dtype=torch.float64) * 1.5).requires_grad_()
+    return raw, F.normalize(raw, dim=1)
+
+
+def _pml_leaf(seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(32, 8, generator=g, dtype=dtype).requires_grad_()
+    return raw, torch.arange(8).repeat(4)[torch.randperm(32, generator=g)]
+
+
+def _assert_matches_pml(ours, theirs, raw, tol):
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    (g1,) = torch.autograd.grad(ours, raw)
+    (g2,) = torch.autograd.grad(theirs, raw)
+    torch.testing.assert_close(g1, g2, rtol=tol, atol=tol)
+
+
+# ---- easy positive sampling -------------------------------------------------------------
+
+
+def test_easy_positive_keeps_each_anchors_nearest_positive_only():
+    x = _x()[1].detach()
+    pos_all, neg = pair_masks(x @ x.T, LABELS, "all")
+    pos_easy, neg_easy = pair_masks(x @ x.T, LABELS, "easy")
+    assert torch.equal(neg, neg_easy)
+    for i in range(len(LABELS)):
+        assert pos_easy[i].nonzero().flatten().tolist() == _positives(x, LABELS, i, "easy")
+        assert pos_all[i].nonzero().flatten().tolist() == _positives(x, LABELS, i, "all")
+
+
+# ---- triplet ----------------------------------------------------------------------------
+
+
+def triplet_reference(x, labels, margin, negatives, positive):
+    terms, n = [], len(labels)
+    for a in range(n):
+        negs = [j for j in range(n) if labels[j] != labels[a]]
+        if not negs:
+            continue
+        for p in _positives(x, labels, a, positive):
+            d_ap = _dist(x, a, p)
+            if negatives == "all":
+                chosen = negs
+            elif negatives == "hard":
+                chosen = [min(negs, key=lambda j: (_dist(x, a, j).item(), j))]
+            else:
+                farther = [j for j in negs if _dist(x, a, j).item() > d_ap.item()]
+                chosen = [min(farther, key=lambda j: (_dist(x, a, j).item(), j))] if farther else []
+            terms += [torch.relu(d_ap - _dist(x, a, j) + margin) for j in chosen]
+    return _mean_nonzero(terms)
+
+
+@pytest.mark.parametrize("positive", ["all", "easy"])
+@pytest.mark.parametrize("negatives", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("margin", [0.2, 0.6])
+def test_triplet_matches_plain_loop_in_float64(margin, negatives, positive):
+    raw, x = _x()
+    loss = create_loss("triplet", 5, DIM, margin=margin, negatives=negatives, positive=positive)
+    _check(loss(x, LABELS), triplet_reference(x, LABELS, margin, negatives, positive), [raw])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("margin", [0.1, 0.5])
+def test_triplet_batch_all_matches_pml(margin, dtype):
+    raw, labels = _pml_leaf(0, dtype)
+    ours = create_loss("triplet", 8, 8, margin=margin, negatives="all")(F.normalize(raw, dim=1), labels)
+    theirs = pml_losses.TripletMarginLoss(margin=margin)(raw, labels)
+    _assert_matches_pml(ours, theirs, raw, 1e-5 if dtype == torch.float32 else 1e-9)
+
+
+# ---- contrastive -----------------------------------------------------------------------
+
+
+def contrastive_reference(x, labels, pos_margin, neg_margin, positive):
+    pull, push, n = [], [], len(labels)
+    for i in range(n):
+        pull += [torch.relu(_dist(x, i, j) - pos_margin) for j in _positives(x, labels, i, positive)]
+        push += [torch.relu(neg_margin - _dist(x, i, j)) for j in range(n) if labels[j] != labels[i]]
+    return _mean_nonzero(pull) + _mean_nonzero(push)
+
+
+@pytest.mark.parametrize("positive", ["all", "easy"])
+@pytest.mark.parametrize(("pos_margin", "neg_margin"), [(0.0, 1.0), (0.3, 1.4)])
+def test_contrastive_matches_plain_loop_in_float64(pos_margin, neg_margin, positive):
+    raw, x = _x()
+    loss = create_loss("contrastive", 5, DIM, pos_margin=pos_margin, neg_margin=neg_margin, positive=positive)
+    _check(loss(x, LABELS), contrastive_reference(x, LABELS, pos_margin, neg_margin, positive), [raw])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("pos_margin", "neg_margin"), [(0.0, 1.0), (0.2, 1.3)])
+def test_contrastive_matches_pml(pos_margin, neg_margin, dtype):
+    raw, labels = _pml_leaf(1, dtype)
+    loss = create_loss("contrastive", 8, 8, pos_margin=pos_margin, neg_margin=neg_margin)
+    theirs = pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin)(raw, labels)
+    _assert_matches_pml(loss(F.normalize(raw, dim=1), labels), theirs, raw, 1e-5 if dtype == torch.float32 else 1e-9)
+
+
+# ---- margin ----------------------------------------------------------------------------
+
+
+def margin_reference(x, triplets, margin, beta):
+    terms = []
+    for a, p, n in zip(*triplets, strict=True):
+        terms += [torch.relu(margin + _dist(x, a, p) - beta), torch.relu(margin + beta - _dist(x, a, n))]
+    return _mean_nonzero(terms)
+
+
+@pytest.mark.parametrize("positive", ["all", "easy"])
+@pytest.mark.parametrize(("margin", "beta"), [(0.2, 1.2), (0.4, 0.9)])
+def test_margin_matches_plain_loop_on_its_sampled_triplets(margin, beta, positive):
+    raw, x = _x(dim=3)
+    loss = create_loss("margin", 5, 3, margin=margin, beta=beta, positive=positive).double()
+    dist = euclidean(x)
+    pos, neg = pair_masks(-dist, LABELS, positive)
+    torch.manual_seed(0)
+    triplets = loss.sample_triplets(dist, pos, neg)
+    expected_pairs = [(a, p) for a in range(len(LABELS)) for p in _positives(x, LABELS, a, positive)]
+    expected_pairs = [(a, p) for a, p in expected_pairs if (LABELS != LABELS[a]).any()]
+    assert list(zip(triplets[0].tolist(), triplets[1].tolist(), strict=True)) == expected_pairs
+    assert all(LABELS[a] != LABELS[n] for a, n in zip(triplets[0], triplets[2], strict=True))
+    torch.manual_seed(0)
+    value = loss(x, LABELS)
+    reference = margin_reference(x, [t.tolist() for t in triplets], margin, loss.beta)
+    _check(value, reference, [raw, loss.beta])
+
+
+def test_margin_beta_is_learned():
+    x = _x(dim=3)[1].detach()
+    loss = create_loss("margin", 5, 3, beta=1.5)
+    opt = torch.optim.SGD(loss.parameters(), lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        loss(x.float(), LABELS).backward()
+        opt.step()
+    assert loss.beta.item() != 1.5
+
+
+def test_distance_weighted_sampling_follows_the_inverse_sphere_density():
+    """One anchor, negatives at known distances: draw frequencies ∝ q(d)⁻¹ (d clamped at the
+    cutoff), never a negative at or beyond the non-zero-loss cutoff."""
+    dim = 8
+    angles = torch.tensor([0.3, 0.6, 0.8, 1.0, 1.3, 2.0], dtype=torch.float64)  # distances 2·sin(θ/2)
+    x = torch.zeros(len(angles) + 2, dim, dtype=torch.float64)
+    x[0, 0] = x[1, 0] = 1.0  # anchor 0 and its positive 1 coincide
+    x[2:, 0], x[2:, 1] = torch.cos(angles), torch.sin(angles)
+    labels = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])
+    loss = create_loss("margin", 7, dim).double()
+    dist = euclidean(x)
+    pos, neg = pair_masks(-dist, labels, "all")
+    pos[1] = False  # only anchor 0
+    torch.manual_seed(0)
+    draws = torch.stack([loss.sample_triplets(dist, pos, neg)[2][0] for _ in range(20_000)])
+    d = dist[0, 2:]
+    weight = d.clamp_min(CUTOFF) ** -(dim - 2) * (1 - d.clamp_min(CUTOFF) ** 2 / 4) ** (-(dim - 3) / 2)
+    weight = weight * (d < NONZERO_LOSS_CUTOFF)
+    expected = weight / weight.sum()
+    observed = torch.bincount(draws - 2, minlength=len(angles)).double() / len(draws)
+    torch.testing.assert_close(observed, expected, rtol=0.0, atol=0.015)
+    assert observed[d >= NONZERO_LOSS_CUTOFF].sum() == 0
+
+
+# ---- PDDM ------------------------------------------------------------------------------
+
+
+def pddm_score(loss, x, i, j):
+    """The unit by its definition, one pair at a time."""
+    u, v = (x[i] - x[j]).abs(), (x[i] + x[j]) / 2
+    w = {name: (layer.weight.double(), layer.bias.double()) for name, layer in loss.named_children()}
+    u = torch.relu(w["w_u"][0] @ u + w["w_u"][1])
+    v = torch.relu(w["w_v"][0] @ v + w["w_v"][1])
+    u, v = u / u.norm().clamp_min(1e-12), v / v.norm().clamp_min(1e-12)
+    c = torch.relu(w["w_c"][0] @ torch.cat([u, v]) + w["w_c"][1])
+    return (w["w_s"][0] @ c + w["w_s"][1])[0]
+
+
+def pddm_reference(loss, x, labels, alpha, beta, lam):
+    n, terms = len(labels), []
+    for cls in sorted(set(labels.tolist())):
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if labels[i] == labels[j] == cls]
+        negs = [k for k in range(n) if labels[k] != cls]
+        if not pairs or not negs:
+            continue
+        with torch.no_grad():
+            i, j = min(pairs, key=lambda p: (pddm_score(loss, x, *p).item(), p))
+            k = max(negs, key=lambda q: (pddm_score(loss, x, i, q).item(), -q))
+            m = max(negs, key=lambda q: (pddm_score(loss, x, j, q).item(), -q))
+        s_ij = pddm_score(loss, x, i, j)
+        s_ik, s_jm = pddm_score(loss, x, i, k), pddm_score(loss, x, j, m)
+        e_m = torch.relu(alpha + s_ik - s_ij) + torch.relu(alpha + s_jm - s_ij)
+        d_ij = _dist(x, i, j)
+        e_e = torch.relu(beta + d_ij - _dist(x, i, k)) + torch.relu(beta + d_ij - _dist(x, j, m))
+        terms.append(e_m + lam * e_e)
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("hp", [{}, {"alpha": 0.2, "beta": 1.5, "lam": 2.0, "hidden": 8}])
+def test_pddm_matches_plain_loop_in_float64(hp):
+    torch.manual_seed(0)
+    loss = create_loss("pddm", 5, DIM, **hp)
+    raw, x = _x()
+    full = {"alpha": 1.0, "beta": 0.5, "lam": 0.5, **hp}
+    reference = pddm_reference(loss, x, LABELS, full["alpha"], full["beta"], full["lam"])
+    # the unit's weights are float32 parameters, so their gradients are float32 sums
+    _check(loss(x, LABELS), reference, [raw, *loss.parameters()], atol=1e-7, rtol=1e-5)
+
+
+def test_pddm_mines_one_quadruplet_per_class_by_the_units_score():
+    torch.manual_seed(0)
+    loss = create_loss("pddm", 5, DIM, hidden=8)
+    x = _x()[1].detach()
+    i, j, k, m = loss.mine(x, LABELS)
+    assert sorted(LABELS[i].tolist()) == [0, 1, 2, 4]  # the singleton class 3 has no pair
+    assert (LABELS[i] == LABELS[j]).all() and (LABELS[k] != LABELS[i]).all() and (LABELS[m] != LABELS[j]).all()
+    assert not math.isnan(loss(x, LABELS).item())
