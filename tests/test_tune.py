@@ -94,6 +94,7 @@ def test_study_end_to_end(workdir, ray_instance):
             "beta": 50.0,
             "base": float(run.data.params["base"]),
             "epsilon": 0.1,
+            "positive": "all",
         }
         assert resolved["train"]["epochs"] == 2 and resolved["model"]["backbone"] == "test_resnet"
     for run in by_loss["normalized_softmax"]:

@@ -84,7 +84,8 @@ class SoftTripleLoss(nn.Module):
         dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.centers.dtype), torch.float32)
         with torch.autocast(embeddings.device.type, enabled=False):
             centers = self.unit_centers(dtype)
-            sim = torch.einsum("bd,ckd->bck", embeddings.to(dtype), centers)
+            # one B × (C·K) matmul; an einsum over C × K × d lowers to a slow batched product
+            sim = (embeddings.to(dtype) @ centers.flatten(0, 1).T).view(len(embeddings), self.num_classes, self.k)
             relaxed = (F.softmax(sim / self.gamma, dim=2) * sim).sum(dim=2)  # B × C
             labels = labels.to(relaxed.device)
             logits = self.la * (relaxed - self.margin * F.one_hot(labels, self.num_classes).to(dtype))
