@@ -5,13 +5,15 @@ from __future__ import annotations
 import pandas as pd
 
 METRICS = ["recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi", "map_at_r", "r_precision"]
+# What losses report about their own parameters (trial_metrics()): SoftTriple, Proxy Anchor.
+LOSS_METRICS = ["effective_centers", "proxy_abs_cos"]
 
 
 def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     """Best COMPLETE search trial per loss by ``objective`` (validation classes), then the baseline.
 
     Columns: loss, trials, complete, pruned, failed, the metrics, and the best
-    trial's hyperparameters as ``name=value`` text.
+    trial's hyperparameters and loss metrics (``LOSS_METRICS``) as ``name=value`` text.
     """
     params = sorted(c for c in runs.columns if c.startswith("param."))
     rows = []
@@ -31,10 +33,14 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
             row["hyperparameters"] = ", ".join(
                 f"{p.removeprefix('param.')}={_short(best[p])}" for p in params if pd.notna(best[p])
             )
+            row["loss metrics"] = ", ".join(
+                f"{m}={_short(best[m])}" for m in LOSS_METRICS if m in best and pd.notna(best[m])
+            )
         rows.append(row)
     for _, base in runs[runs["stage"] == "baseline"].iterrows():
         rows.append({"loss": "untrained", "trials": 0} | {m: base.get(m) for m in METRICS})
-    table = pd.DataFrame(rows, columns=["loss", "trials", "complete", "pruned", "failed", *METRICS, "hyperparameters"])
+    columns = ["loss", "trials", "complete", "pruned", "failed", *METRICS, "hyperparameters", "loss metrics"]
+    table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(objective, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
 

@@ -23,12 +23,15 @@ def test_best_complete_trial_per_loss_and_baseline_row():
             _run("untrained", "baseline", "COMPLETE", 0.05),
         ]
     )
+    runs.loc[1, "effective_centers"] = 3.25  # reported by the loss of the best ms trial
+    runs.loc[0, "effective_centers"] = 9.0
     table = comparison_table(runs, "map_at_r")
     assert list(table["loss"]) == ["ms", "ns", "untrained"]
     ms = table.iloc[0]
     assert (ms.trials, ms.complete, ms.pruned, ms.failed) == (4, 2, 1, 1)
     assert ms.map_at_r == 0.50 and ms.hyperparameters == "alpha=3.25"
-    assert table.iloc[1].hyperparameters == "temperature=0.05"
+    assert ms["loss metrics"] == "effective_centers=3.25"
+    assert table.iloc[1].hyperparameters == "temperature=0.05" and table.iloc[1]["loss metrics"] == ""
     assert table.iloc[2].map_at_r == 0.05
     md = to_markdown(table)
     assert "| ms " in md and "0.5000" in md and "alpha=3.25" in md
