@@ -79,15 +79,10 @@ class TripletLoss(nn.Module):
         return order[anchor, slot], found
 
     def _batch_all(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """Mean non-zero hinge over all (a, p, n), anchors in chunks so memory stays ~64·B²."""
-        total, active = dist.new_zeros(()), dist.new_zeros(())
-        for start in range(0, len(dist), 64):
-            d, p, n = dist[start : start + 64], pos[start : start + 64], neg[start : start + 64]
-            hinge = (d[:, :, None] - d[:, None, :] + self.margin).clamp_min(0)
-            hinge = hinge * (p[:, :, None] & n[:, None, :])
-            total = total + hinge.sum()
-            active = active + (hinge > 0).sum()
-        return total / active.clamp_min(1)
+        """Mean non-zero hinge over all (a, p, n): a P × B matrix (P positive pairs), not B³."""
+        anchor, positive = pos.nonzero(as_tuple=True)
+        hinge = dist[anchor, positive][:, None] - dist[anchor] + self.margin
+        return mean_nonzero(hinge.clamp_min(0) * neg[anchor])
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, negatives={self.negatives}, positive={self.positive}"
