@@ -90,6 +90,7 @@ VARIANTS: list[tuple[str, str, dict[str, object], PmlFactory]] = [
     ("proxy_anchor (so_weight=0.01)", "proxy_anchor", {"so_weight": 0.01}, ""),
     ("proxy_nca", "proxy_nca", {}, lambda c, d: losses.ProxyNCALoss(c, d, softmax_scale=1)),
     ("soft_triple", "soft_triple", {}, pml_soft_triple),
+    ("soft_triple (tau=0)", "soft_triple", {"tau": 0.0}, lambda c, d: losses.SoftTripleLoss(c, d, 10, 20, 0.1, 0.01)),
     ("triplet (all)", "triplet", {"negatives": "all"}, lambda c, d: losses.TripletMarginLoss(margin=0.2)),
     ("triplet (semihard)", "triplet", {"negatives": "semihard"}, pml_semihard),
 ]

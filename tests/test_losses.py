@@ -34,13 +34,13 @@ EDGE_BATCHES = {
 }
 
 
-def _grads(loss: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, autocast: bool = False):
+def _grads(loss: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor, autocast: torch.dtype | None = None):
     """Loss value and grads w.r.t. (embeddings, *loss parameters). With ``autocast`` the forward
-    runs under CPU bf16 autocast and the backward outside it, as in a training step. The global
+    runs under CPU autocast to that dtype and the backward outside it, as in a training step. The global
     generator is reseeded so that sampling losses (margin) draw the same pairs on every call."""
     emb = emb.clone().requires_grad_()
     torch.manual_seed(1234)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         value = loss(emb, labels)
     grads = torch.autograd.grad(value, [emb, *loss.parameters()])
     return value, grads
@@ -121,14 +121,15 @@ def test_finite_value_and_grads(name, batch):
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_bf16_autocast_is_finite_close_to_float32_and_keeps_parameters_float32(name):
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_autocast_is_finite_close_to_float32_and_keeps_parameters_float32(name, half):
     torch.manual_seed(0)
     loss = create_loss(name, NUM_CLASSES, DIM)
     emb, labels = _unit(24, seed=3), torch.arange(6).repeat(4)
     reference, ref_grads = _grads(loss, emb, labels)
     # float32 embeddings under autocast: the loss turns autocast off, so nothing is rounded
-    same, same_grads = _grads(loss, emb, labels, autocast=True)
-    rounded, rounded_grads = _grads(loss, emb.bfloat16(), labels, autocast=True)
+    same, same_grads = _grads(loss, emb, labels, autocast=half)
+    rounded, rounded_grads = _grads(loss, emb.to(half), labels, autocast=half)
     assert same.dtype == torch.float32 and rounded.dtype == torch.float32
     torch.testing.assert_close(same, reference, rtol=1e-6, atol=1e-6)
     for g, r in zip(same_grads, ref_grads, strict=True):

@@ -43,7 +43,7 @@ class NormalizedSoftmaxLoss(nn.Module):
         dtype = torch.promote_types(dtype, torch.float32)
         with torch.autocast(embeddings.device.type, enabled=False):
             weights = F.normalize(self.W.to(dtype), dim=1)
-            return embeddings.to(dtype) @ weights.T / self.temperature
+            return (embeddings.to(dtype) / self.temperature) @ weights.T  # scale B×d, not B×C
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the batch; ``labels`` are class indices in [0, num_classes)."""

@@ -40,7 +40,9 @@ class ProxyNCALoss(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(dtype)
             proxies = F.normalize(self.proxies.to(dtype), dim=1)
-            logits = -self.scale * (2 - 2 * x @ proxies.T)  # −s·‖x − p̂‖² for unit vectors
+            # −s·‖x − p̂‖² = 2s·xᵀp̂ − 2s for unit vectors; the constant cancels in the loss, and the
+            # scale goes on the B×d embeddings rather than on the B×C logits
+            logits = (2 * self.scale * x) @ proxies.T
             labels = labels.to(x.device)
             positive = logits.gather(1, labels[:, None]).squeeze(1)
             others = logits.scatter(1, labels[:, None], float("-inf"))
