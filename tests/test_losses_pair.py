@@ -175,6 +175,21 @@ def test_margin_matches_plain_loop_on_its_sampled_triplets(margin, beta, positiv
     _check(value, reference, [raw, loss.beta])
 
 
+@pytest.mark.parametrize("positive", ["all", "easy"])
+def test_margin_matches_pml_on_the_same_triplets(positive):
+    """PML's MarginLoss given our sampled triplets (its miner samples differently) and our β."""
+    raw, labels = _pml_leaf(2)
+    x = F.normalize(raw, dim=1)
+    loss = create_loss("margin", 8, 8, positive=positive).double()
+    dist = euclidean(x)
+    torch.manual_seed(0)
+    triplets = loss.sample_triplets(dist, *pair_masks(-dist, labels, positive))
+    torch.manual_seed(0)
+    ours = loss(x, labels)
+    theirs = pml_losses.MarginLoss(margin=0.2, beta=1.2)(raw, labels, triplets)
+    _assert_matches_pml(ours, theirs, raw, 1e-9)
+
+
 def test_margin_beta_is_learned():
     x = _x(dim=3)[1].detach()
     loss = create_loss("margin", 5, 3, beta=1.5)
