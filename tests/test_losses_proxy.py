@@ -38,6 +38,20 @@ def _pml_leaf(seed: int, n: int = 32, dim: int = 16, classes: int = 10, dtype=to
     return raw, torch.randint(0, classes, (n,), generator=g)
 
 
+def _fit_loss_parameters(name: str, classes: int, steps: int, **hp) -> dict[str, float]:
+    """Train only the loss's own parameters (Adam) on fixed 8-d embeddings, 16 per class;
+    return its trial_metrics()."""
+    torch.manual_seed(0)
+    loss = create_loss(name, classes, 8, **hp)
+    x, labels = unit(16 * classes, 8, seed=5), torch.arange(classes).repeat(16)
+    opt = torch.optim.Adam(loss.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(x, labels).backward()
+        opt.step()
+    return loss.trial_metrics()
+
+
 # ---- SoftTriple ---------------------------------------------------------------------------
 
 
@@ -122,15 +136,7 @@ def test_soft_triple_regularizer_shrinks_a_large_k_to_few_centers():
     more the larger τ; with τ = 0 (same start, same steps) all K stay apart."""
 
     def train(tau: float) -> float:
-        torch.manual_seed(0)
-        loss = create_loss("soft_triple", 4, 8, centers_per_class=10, tau=tau)
-        x, labels = unit(64, 8, seed=5), torch.arange(4).repeat(16)
-        opt = torch.optim.Adam(loss.parameters(), lr=0.05)
-        for _ in range(300):
-            opt.zero_grad()
-            loss(x, labels).backward()
-            opt.step()
-        return loss.trial_metrics()["effective_centers"]
+        return _fit_loss_parameters("soft_triple", 4, 300, centers_per_class=10, tau=tau)["effective_centers"]
 
     assert train(0.0) == 10.0 > train(1.0) > train(3.0)
 
@@ -220,15 +226,7 @@ def test_so_weight_drives_proxies_apart():
     """Trained on the penalty and the loss, proxies of a large so_weight end up less correlated."""
 
     def train(so_weight: float) -> float:
-        torch.manual_seed(0)
-        loss = create_loss("proxy_anchor", 8, 8, so_weight=so_weight)
-        x, labels = unit(32, 8, seed=3), torch.arange(8).repeat(4)
-        opt = torch.optim.Adam(loss.parameters(), lr=0.05)
-        for _ in range(100):
-            opt.zero_grad()
-            loss(x, labels).backward()
-            opt.step()
-        return loss.trial_metrics()["proxy_abs_cos"]
+        return _fit_loss_parameters("proxy_anchor", 8, 100, so_weight=so_weight)["proxy_abs_cos"]
 
     assert train(1.0) < 0.5 * train(0.0)
 
