@@ -50,10 +50,15 @@ def run(
     if cfg.study_dir.exists():
         if not new:
             _fail(f"{cfg.study_dir} already exists: pass --new to replace it, or change 'name'")
-        shutil.rmtree(cfg.study_dir)
-
-    from study.tracking import resolve_tracking_uri
+    from study.tracking import check_tracking_server, resolve_tracking_uri
     from study.tune import run_study
+
+    try:
+        check_tracking_server(resolve_tracking_uri(cfg.tracking.uri))
+    except ConnectionError as exc:
+        _fail(str(exc))
+    if new and cfg.study_dir.exists():
+        shutil.rmtree(cfg.study_dir)
 
     run_study(cfg, say=lambda line: typer.echo(line))
     typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.study_dir))

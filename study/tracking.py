@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
@@ -30,6 +33,31 @@ _STATUS = {"COMPLETE": RunStatus.FINISHED, "PRUNED": RunStatus.KILLED, "FAIL": R
 def resolve_tracking_uri(config_uri: str | None) -> str | None:
     """``MLFLOW_TRACKING_URI`` if set, else the study config's, else None (MLflow's default)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or config_uri or None
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password or token in its user-info part, safe to print."""
+    parts = urlsplit(uri)
+    if not parts.password and not parts.username:
+        return uri
+    return urlunsplit(parts._replace(netloc=f"***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
+
+
+def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI, ask the server's ``/health``; ConnectionError (one line) if it
+    does not answer, so a study fails before anything is scheduled. Other stores need no check."""
+    if not uri or urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise ConnectionError(f"MLflow tracking server {redact(uri)} is unreachable ({reason})")
 
 
 class StudyTracker:

@@ -1,0 +1,90 @@
+"""A study against a real MLflow tracking server (SQLite backend, artifact folder) on 127.0.0.1,
+and the one-line failure when the server is not there."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.tracking import TAG_ROLE, redact
+from tests.conftest import TINY_STUDY, write_study
+
+runner = CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_study_logs_to_a_tracking_server(workdir, ray_instance, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    path = write_study(workdir, search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2})
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert not (workdir / "mlflow.db").exists()  # nothing went to the local default store
+
+    client = MlflowClient(tracking_uri=mlflow_server)  # read back through the server
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags[TAG_ROLE] for r in runs) == ["study", "trial", "trial", "trial"]
+    assert all(r.info.status != "RUNNING" for r in runs)
+    trial = next(r for r in runs if r.data.tags.get("dml_study.stage") == "search")
+    config = json.loads(Path(client.download_artifacts(trial.info.run_id, "config.json", str(workdir))).read_text())
+    assert config["loss"] == "multi_similarity"  # the artifact went through the server's artifact proxy
+
+    rebuilt = runner.invoke(app, ["report", "tiny", "--tracking-uri", mlflow_server, "--out", str(workdir / "rep")])
+    assert rebuilt.exit_code == 0 and "| multi_similarity" in rebuilt.output
+
+
+def test_unreachable_server_fails_before_anything_starts(workdir, monkeypatch):
+    uri = f"http://user:s3cret@127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = runner.invoke(app, ["run", str(write_study(workdir))])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "MLflow tracking server http://***@127.0.0.1:" in lines[0] and "unreachable" in lines[0]
+    assert "s3cret" not in result.output
+    assert not (workdir / "runs").exists()
+
+
+def test_redact_hides_credentials_only():
+    assert redact("https://u:p@host:5000/x") == "https://***@host:5000/x"
+    assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
