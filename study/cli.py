@@ -39,6 +39,7 @@ def run(
     study_file: Annotated[Path, typer.Argument(help="Study YAML, e.g. search_spaces/quickstart.yaml")],
     set_: Annotated[list[str], typer.Option("--set", help="Override a value: --set train.epochs=2")] = [],  # noqa: B006
     new: Annotated[bool, typer.Option("--new", help="Replace an existing study folder")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the study in an existing folder")] = False,
 ) -> None:
     """Run a study: search every loss with Ray Tune + Optuna, log to MLflow, print the table."""
     from study.config import ConfigError, load_study
@@ -47,20 +48,61 @@ def run(
         cfg = load_study(study_file, set_)
     except ConfigError as exc:
         _fail(str(exc))
+    if new and resume:
+        _fail("--new and --resume exclude each other")
+    if cfg.study_dir.exists() and not (new or resume):
+        _fail(f"{cfg.study_dir} already exists: pass --resume to continue it or --new to replace it")
+    if resume:
+        _resume(cfg.study_dir, cfg)
+        return
+    _check_tracking(cfg)
     if cfg.study_dir.exists():
-        if not new:
-            _fail(f"{cfg.study_dir} already exists: pass --new to replace it, or change 'name'")
+        shutil.rmtree(cfg.study_dir)
+    _run(cfg, resume=False)
+
+
+@app.command("resume")
+def resume_(
+    study_dir: Annotated[Path, typer.Argument(help="The study's folder, e.g. runs/quickstart")],
+) -> None:
+    """Continue a study whose driver died: finished trials are kept, unfinished ones resume."""
+    _resume(study_dir, None)
+
+
+def _resume(study_dir: Path, given) -> None:
+    """Resume from the study folder's own config.yaml; a study file given with it must agree."""
+    from study.config import ConfigError, load_study
+    from study.tune import PARENT_RUN_FILE
+
+    if not (study_dir / PARENT_RUN_FILE).is_file():
+        _fail(f"{study_dir}: not a study folder that can be resumed (no {PARENT_RUN_FILE}; expected runs/<study>)")
+    try:
+        cfg = load_study(study_dir / "config.yaml", [f"output_dir={study_dir.parent}"])
+    except ConfigError as exc:
+        _fail(str(exc))
+    if given is not None:
+        saved, now = (c.model_dump(mode="json", exclude={"output_dir"}) for c in (cfg, given))
+        changed = [k for k in saved if saved[k] != now[k]]
+        if changed:
+            _fail(f"{study_dir}: the study file differs from the study being resumed in '{changed[0]}'")
+    _check_tracking(cfg)
+    _run(cfg, resume=True)
+
+
+def _check_tracking(cfg) -> None:
     from study.tracking import check_tracking_server, resolve_tracking_uri
-    from study.tune import run_study
 
     try:
         check_tracking_server(resolve_tracking_uri(cfg.tracking.uri))
     except ConnectionError as exc:
         _fail(str(exc))
-    if new and cfg.study_dir.exists():
-        shutil.rmtree(cfg.study_dir)
 
-    run_study(cfg, say=lambda line: typer.echo(line))
+
+def _run(cfg, resume: bool) -> None:
+    from study.tracking import resolve_tracking_uri
+    from study.tune import run_study
+
+    run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
     typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.study_dir))
     typer.echo(f"results: {cfg.study_dir}/results.md, results.csv; browse the runs with `mlflow ui`")
 

@@ -69,6 +69,7 @@ class SearchConfig(_Strict):
     max_concurrent: int = Field(2, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
+    max_retries: int = Field(1, ge=0)  # a trial that raises restarts from its last epoch this often
     space_dir: Path | None = None
 
     @field_validator("losses")

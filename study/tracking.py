@@ -69,16 +69,33 @@ class StudyTracker:
         experiment = self.client.get_experiment_by_name(name)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         self.parent_id: str | None = None
+        self.objective: str | None = None
         self._runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}  # per trial: the last epoch already in MLflow
 
     def start(self, config: dict, objective: str) -> str:
         tags = {TAG_ROLE: "study", TAG_STUDY: self.name, TAG_OBJECTIVE: objective, MLFLOW_RUN_NAME: self.name}
         run = self.client.create_run(self.experiment_id, tags=tags)
-        self.parent_id = run.info.run_id
+        self.parent_id, self.objective = run.info.run_id, objective
         params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
         self.client.log_batch(self.parent_id, params=params)
         self.client.log_text(self.parent_id, json.dumps(config, indent=2, default=str), "config.json")
         return self.parent_id
+
+    def resume(self, parent_id: str) -> None:
+        """Continue the study's existing parent run (after its driver died)."""
+        run = self.client.get_run(parent_id)
+        self.parent_id, self.objective = parent_id, run.data.tags[TAG_OBJECTIVE]
+        self.client.update_run(parent_id, status="RUNNING")
+
+    def find_trial(self, key: str):
+        """The child run of trial ``key`` (found by its tag), or None."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_TRIAL}` = '{key}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'",
+            max_results=1,
+        )
+        return found[0] if found else None
 
     def finish(self, failed: bool = False) -> None:
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
@@ -93,13 +110,11 @@ class StudyTracker:
         """
         if key in self._runs:
             return self._runs[key]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_TRIAL}` = '{key}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
+        found = self.find_trial(key)
+        if found:  # logged by an earlier driver of this study: never a second run, no epoch twice
+            run_id = found.info.run_id
+            history = self.client.get_metric_history(run_id, self.objective)
+            self._last_step[key] = max((m.step for m in history), default=-1)
         else:
             tags = {
                 MLFLOW_PARENT_RUN_ID: self.parent_id,
@@ -118,9 +133,12 @@ class StudyTracker:
         return run_id
 
     def log_metrics(self, key: str, values: dict, step: int) -> None:
+        if step <= self._last_step.get(key, -1):
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if isinstance(v, (int, float))]
         self.client.log_batch(self._runs[key], metrics=batch)
+        self._last_step[key] = step
 
     def end_trial(self, key: str, state: str, error: str | None = None) -> None:
         run_id = self._runs[key]

@@ -4,14 +4,22 @@
 classes and evaluates on the validation classes after every epoch, handing
 each epoch's metrics to ``report`` (Ray Tune's ``tune.report`` when run as a
 trial, anything else in tests). Seeded and deterministic on the CPU.
+
+With a ``checkpoint_dir`` the trial saves its whole state after every epoch
+(model, loss parameters, optimizer, random generators, the metrics so far) and,
+started again on the same folder — after a crash, a retry or a resumed study —
+re-reports the epochs it has and continues where it stopped, with the same
+results as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +34,25 @@ from study.data.transforms import eval_transform, train_transform
 from study.losses import create_loss
 from study.models import EmbeddingNet
 
+CHECKPOINT = "trial.pt"
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite: the trial is stopped and recorded as failed."""
+
+
+def save_state(folder: Path, state: dict) -> None:
+    """Write ``state`` atomically: a crash mid-write leaves the previous checkpoint intact."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / CHECKPOINT)
+
+
+def load_state(folder: Path | None) -> dict | None:
+    """The trial's last checkpoint in ``folder``, or None; tensors and plain types only."""
+    path = folder / CHECKPOINT if folder else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path and path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,7 @@ def run_trial(
     data: PreparedData | None = None,
     report: Callable[[dict], None] | None = None,
     seed: int | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
     """Train ``loss_name`` with ``loss_params``; returns the last epoch's validation metrics."""
     train = train or study.train
@@ -118,8 +143,21 @@ def run_trial(
     sampler = MPerClassSampler(labels, train.m_per_class, train.batch_size, seed)
     generator = torch.Generator().manual_seed(seed)
 
-    result: dict[str, float] = {}
-    for epoch in range(1, train.epochs + 1):
+    history: list[dict] = []
+    state = load_state(checkpoint_dir)
+    if state is not None:  # continue a crashed, retried or resumed trial
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        for result in history:  # the scheduler and the tracker see every epoch again
+            if report is not None:
+                report(dict(result))
+
+    result: dict[str, float] = history[-1] if history else {}
+    for epoch in range(len(history) + 1, train.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         model.train()
@@ -140,6 +178,20 @@ def run_trial(
             result.update(loss_fn.trial_metrics())
         if not math.isfinite(result["map_at_r"]):
             raise NonFiniteLossError(f"{loss_name}: validation metrics are not finite at epoch {epoch}")
+        history.append(result)
+        if checkpoint_dir is not None:
+            save_state(checkpoint_dir, _state(model, loss_fn, optimizer, generator, history))
         if report is not None:
             report(dict(result))
     return result
+
+
+def _state(model: nn.Module, loss: nn.Module, optimizer, generator: torch.Generator, history: list[dict]) -> dict:
+    return {
+        "model": model.state_dict(),
+        "loss": loss.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+    }

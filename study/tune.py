@@ -4,6 +4,12 @@ Facts this module relies on (DESIGN.md §7): Ray's OptunaSearch never prunes
 and tells Optuna COMPLETE for trials ASHA stopped and for trials that errored
 after reporting, which misleads TPE; :class:`StudySearch` tells them PRUNED and
 FAIL. The paper defaults are enqueued as the first trial of every loss.
+
+A trial is known everywhere by its Optuna trial number: it keys the trial's
+MLflow run and its checkpoint folder (``checkpoints/<loss>/<number>``), so a
+retried trial or a resumed study continues the same trial, never a second one.
+A resumed study first hands the trials its dead driver left RUNNING in Optuna
+to Ray again; they continue from their last epoch.
 """
 
 from __future__ import annotations
@@ -26,10 +32,20 @@ from study.config import StudyConfig, TrainConfig, search_spaces
 from study.losses import loss_hyperparameters
 from study.search_space import SearchSpace
 from study.tracking import StudyTracker, resolve_tracking_uri
-from study.train import PreparedData, evaluate_untrained, prepare_data, run_trial
+from study.train import (
+    NonFiniteLossError,
+    PreparedData,
+    evaluate_untrained,
+    load_state,
+    prepare_data,
+    run_trial,
+)
 
 # What Ray adds to every result; everything else a trial reports is a metric of the trial.
 NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag"}
+NUMBER = "optuna_trial"  # config key: the trial's Optuna number
+ERROR = "error"  # result key of a trial that stopped on a non-finite loss
+PARENT_RUN_FILE = "mlflow_run_id"  # in the study folder: the study's parent MLflow run
 
 
 def trial_state(result: dict | None, errored: bool, epochs: int, metric: str) -> str:
@@ -37,7 +53,7 @@ def trial_state(result: dict | None, errored: bool, epochs: int, metric: str) ->
     value = (result or {}).get(metric)
     if errored or value is None or not math.isfinite(value):
         return "FAIL"
-    return "COMPLETE" if result.get("training_iteration", 0) >= epochs else "PRUNED"
+    return "COMPLETE" if result.get("epoch", 0) >= epochs else "PRUNED"
 
 
 class StudySearch(OptunaSearch):
@@ -46,6 +62,15 @@ class StudySearch(OptunaSearch):
     def __init__(self, *args, epochs: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._epochs = epochs
+        self._unfinished: list[optuna.trial.FrozenTrial] | None = None
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._unfinished is None:  # trials a dead driver left RUNNING go first, with their params
+            self._unfinished = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if self._unfinished and trial_id not in self._ot_trials:
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._unfinished.pop(0)._trial_id)
+        config = super().suggest(trial_id)
+        return None if config is None else {**config, NUMBER: self._ot_trials[trial_id].number}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
@@ -57,6 +82,10 @@ class StudySearch(OptunaSearch):
         else:
             self._ot_study.tell(ot_trial, state=getattr(optuna.trial.TrialState, state))
         self._completed_trials.add(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if ERROR not in result:
+            super().on_trial_result(trial_id, result)
 
 
 def resolve_trial(study: StudyConfig, space: SearchSpace, config: dict) -> tuple[dict, TrainConfig]:
@@ -72,7 +101,7 @@ class TrackingCallback(tune.Callback):
         self.tracker, self.space, self.loss, self.cfg, self.say = tracker, space, space.loss, cfg, say
 
     def _key(self, trial) -> str:
-        return f"{self.loss}/{trial.trial_id}"
+        return trial_key(self.loss, trial.config[NUMBER])
 
     def _start(self, trial) -> None:
         loss_kwargs, train = resolve_trial(self.cfg, self.space, trial.config)
@@ -82,14 +111,16 @@ class TrackingCallback(tune.Callback):
             "train": train.model_dump(mode="json"),
             **self.cfg.model_dump(mode="json", include={"seed", "dataset", "model", "resources"}),
         }
-        number = trial.trial_id.rsplit("_", 1)[-1]
-        params = self.space.from_optuna(trial.config)
-        self.tracker.start_trial(self._key(trial), self.loss, "search", params, f"{self.loss}-{number}", resolved)
+        params = {k: v for k, v in self.space.from_optuna(trial.config).items() if k != NUMBER}
+        name = f"{self.loss}-{trial.config[NUMBER]}"
+        self.tracker.start_trial(self._key(trial), self.loss, "search", params, name, resolved)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._start(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if ERROR in result:  # the trial's final word: a non-finite loss; told at completion
+            return
         values = {
             k: v
             for k, v in result.items()
@@ -97,26 +128,36 @@ class TrackingCallback(tune.Callback):
         }
         self.tracker.log_metrics(self._key(trial), values, step=int(result["epoch"]))
         self.say(
-            f"  {self.loss} {trial.trial_id} epoch {result['epoch']}: "
+            f"  {self._key(trial)} epoch {result['epoch']}: "
             f"{self.cfg.search.objective}={result[self.cfg.search.objective]:.4f}"
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        state = trial_state(trial.last_result, False, self.cfg.train.epochs, self.cfg.search.objective)
-        self.tracker.end_trial(self._key(trial), state)
-        self.say(f"  {self.loss} {trial.trial_id}: {state}")
+        result = trial.last_result or {}
+        state = trial_state(result, False, self.cfg.train.epochs, self.cfg.search.objective)
+        self.tracker.end_trial(self._key(trial), state, error=result.get(ERROR))
+        self.say(f"  {self._key(trial)}: {state}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._start(trial)  # a no-op unless the trial failed before it was reported started
         path = Path(trial.error_file) if trial.error_file else None
         trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
         self.tracker.end_trial(self._key(trial), "FAIL", error=trace)
-        self.say(f"  {self.loss} {trial.trial_id}: FAIL")
+        self.say(f"  {self._key(trial)}: FAIL")
+
+
+def trial_key(loss: str, number: int) -> str:
+    """A trial's key in MLflow (tag) and on disk: the loss and its Optuna trial number."""
+    return f"{loss}/{number}"
 
 
 def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: PreparedData) -> None:
     loss_kwargs, train = resolve_trial(study, space, config)
-    run_trial(study, space.loss, loss_kwargs, train, data=data, report=tune.report)
+    folder = study.study_dir.resolve() / "checkpoints" / trial_key(space.loss, config[NUMBER])
+    try:
+        run_trial(study, space.loss, loss_kwargs, train, data=data, report=tune.report, checkpoint_dir=folder)
+    except NonFiniteLossError as exc:  # a diverged trial is not retried: FAIL at once, with the reason
+        tune.report({study.search.objective: float("nan"), ERROR: f"{type(exc).__name__}: {exc}"})
 
 
 def _tune_loss(
@@ -126,18 +167,29 @@ def _tune_loss(
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(study_dir / "optuna.journal"))
     )
+    study_name = f"{cfg.name}.{space.loss}"
+    earlier = _optuna_trials(storage, study_name)  # a resumed study: what its earlier drivers left
+    finished = [t for t in earlier if t.state.is_finished()]
+    _close_finished_runs(tracker, cfg, space.loss, finished)
+    remaining = cfg.search.trials_per_loss - len(finished)
+    say(f"searching {space.loss}: {remaining} of {cfg.search.trials_per_loss} trials to run")
+    if remaining <= 0:
+        return
     searcher = StudySearch(
         space=space.define_by_run,
         metric=cfg.search.objective,
         mode="max",
-        points_to_evaluate=[space.to_optuna(space.defaults())],
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        study_name=f"{cfg.name}.{space.loss}",
+        points_to_evaluate=None if earlier else [space.to_optuna(space.defaults())],
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed + len(earlier)),
+        study_name=study_name,
         storage=storage,
         epochs=cfg.train.epochs,
     )
     scheduler = ASHAScheduler(
-        max_t=cfg.train.epochs, grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor
+        time_attr="epoch",
+        max_t=cfg.train.epochs,
+        grace_period=cfg.search.grace_period,
+        reduction_factor=cfg.search.reduction_factor,
     )
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, study=cfg, space=space, data=data),
@@ -150,7 +202,7 @@ def _tune_loss(
             mode="max",
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent),
             scheduler=scheduler,
-            num_samples=cfg.search.trials_per_loss,
+            num_samples=remaining,
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
@@ -158,10 +210,34 @@ def _tune_loss(
             storage_path=str(study_dir / "ray"),
             verbose=0,
             callbacks=[TrackingCallback(tracker, space, cfg, say)],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
         ),
     )
     tuner.fit()
+
+
+def _optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # no such study yet
+        return []
+
+
+def _close_finished_runs(
+    tracker: StudyTracker, cfg: StudyConfig, loss: str, finished: list[optuna.trial.FrozenTrial]
+) -> None:
+    """A driver killed between telling Optuna and MLflow leaves a finished trial's run RUNNING:
+    log the epochs its checkpoint holds and end the run with Optuna's state."""
+    for trial in finished:
+        key = trial_key(loss, trial.number)
+        run = tracker.find_trial(key)
+        if run is None or run.info.status != "RUNNING":
+            continue
+        tracker.start_trial(key, loss, "search", {}, run.info.run_name)
+        state = load_state(cfg.study_dir.resolve() / "checkpoints" / key)
+        for result in state["history"] if state else []:
+            tracker.log_metrics(key, {k: v for k, v in result.items() if k != "epoch"}, step=int(result["epoch"]))
+        tracker.end_trial(key, trial.state.name)
 
 
 def _init_ray() -> None:
@@ -171,28 +247,32 @@ def _init_ray() -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="warning")
 
 
-def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> StudyTracker:
-    """Run every loss's search; the study folder gets config.yaml, the Optuna journal and Ray results."""
+def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool = False) -> StudyTracker:
+    """Run every loss's search; the study folder gets config.yaml, the Optuna journal, checkpoints and
+    Ray results. With ``resume`` the study in that folder continues: finished trials are kept,
+    unfinished ones go on from their last epoch, and the parent MLflow run is reused."""
     spaces = search_spaces(cfg)
     study_dir: Path = cfg.study_dir
-    study_dir.mkdir(parents=True)
-    config = cfg.model_dump(mode="json")
-    (study_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
     tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
-    config.pop("tracking")  # the tracking URI may carry credentials: never logged
-    tracker.start(config, cfg.search.objective)
+    if resume:
+        tracker.resume((study_dir / PARENT_RUN_FILE).read_text().strip())
+    else:
+        study_dir.mkdir(parents=True)
+        config = cfg.model_dump(mode="json")
+        (study_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        config.pop("tracking")  # the tracking URI may carry credentials: never logged
+        (study_dir / PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
     failed = True
     try:
         data = prepare_data(cfg.dataset, cfg.seed)
-        baseline = evaluate_untrained(cfg, data)
         tracker.start_trial("baseline", "untrained", "baseline", {}, "untrained")
-        tracker.log_metrics("baseline", baseline, step=0)
-        tracker.end_trial("baseline", "COMPLETE")
-        say(f"untrained baseline: {cfg.search.objective}={baseline[cfg.search.objective]:.4f}")
+        if tracker.find_trial("baseline").info.status == "RUNNING":
+            baseline = evaluate_untrained(cfg, data)
+            tracker.log_metrics("baseline", baseline, step=0)
+            tracker.end_trial("baseline", "COMPLETE")
+            say(f"untrained baseline: {cfg.search.objective}={baseline[cfg.search.objective]:.4f}")
         _init_ray()
-        for loss, space in spaces.items():
-            say(f"searching {loss}: {cfg.search.trials_per_loss} trials")
+        for space in spaces.values():
             _tune_loss(cfg, space, data, tracker, say)
         failed = False
     finally:

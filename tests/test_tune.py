@@ -21,10 +21,10 @@ OPTUNA_TO_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"
 
 
 def test_trial_state():
-    assert trial_state({"map_at_r": 0.3, "training_iteration": 3}, False, 3, "map_at_r") == "COMPLETE"
-    assert trial_state({"map_at_r": 0.3, "training_iteration": 1}, False, 3, "map_at_r") == "PRUNED"
-    assert trial_state({"map_at_r": float("nan"), "training_iteration": 3}, False, 3, "map_at_r") == "FAIL"
-    assert trial_state({"map_at_r": 0.3, "training_iteration": 3}, True, 3, "map_at_r") == "FAIL"
+    assert trial_state({"map_at_r": 0.3, "epoch": 3}, False, 3, "map_at_r") == "COMPLETE"
+    assert trial_state({"map_at_r": 0.3, "epoch": 1}, False, 3, "map_at_r") == "PRUNED"
+    assert trial_state({"map_at_r": float("nan"), "epoch": 3}, False, 3, "map_at_r") == "FAIL"
+    assert trial_state({"map_at_r": 0.3, "epoch": 3}, True, 3, "map_at_r") == "FAIL"
     assert trial_state(None, False, 3, "map_at_r") == "FAIL"
 
 
