@@ -151,9 +151,9 @@ def trial_key(loss: str, number: int) -> str:
     return f"{loss}/{number}"
 
 
-def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: PreparedData) -> None:
+def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: PreparedData, checkpoints: Path) -> None:
     loss_kwargs, train = resolve_trial(study, space, config)
-    folder = study.study_dir.resolve() / "checkpoints" / trial_key(space.loss, config[NUMBER])
+    folder = checkpoints / trial_key(space.loss, config[NUMBER])  # absolute: workers run elsewhere
     try:
         run_trial(study, space.loss, loss_kwargs, train, data=data, report=tune.report, checkpoint_dir=folder)
     except NonFiniteLossError as exc:  # a diverged trial is not retried: FAIL at once, with the reason
@@ -192,7 +192,7 @@ def _tune_loss(
         reduction_factor=cfg.search.reduction_factor,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, study=cfg, space=space, data=data),
+        tune.with_parameters(_trainable, study=cfg, space=space, data=data, checkpoints=study_dir / "checkpoints"),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
     tuner = tune.Tuner(
@@ -243,8 +243,9 @@ def _close_finished_runs(
 def _init_ray() -> None:
     if ray.is_initialized():
         return
-    # RAY_ADDRESS (set by `ray job submit` or the user) joins a cluster; otherwise a local instance.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="warning")
+    # RAY_ADDRESS (set by `ray job submit` or the user) joins a cluster; otherwise a new local instance
+    # ("local": never attach by surprise to another Ray started on this machine).
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level="warning")
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool = False) -> StudyTracker:

@@ -74,3 +74,24 @@ def test_loss_trial_metrics_are_reported_each_epoch(study, data, monkeypatch):
     reports = []
     run_trial(study, "reporting", {"alpha": 3.0}, data=data, report=reports.append)
     assert [r["mean_alpha"] for r in reports] == [3.0, 3.0]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(study, data, tmp_path):
+    train = study.train.model_copy(update={"epochs": 3})
+    whole = run_trial(study, "margin", {}, train, data=data, checkpoint_dir=tmp_path / "a")
+
+    def crash_after_first_epoch(result):
+        if result["epoch"] == 1:
+            raise _Crash  # the checkpoint of epoch 1 is already on disk
+
+    with pytest.raises(_Crash):
+        run_trial(study, "margin", {}, train, data=data, report=crash_after_first_epoch, checkpoint_dir=tmp_path / "b")
+    reports = []
+    resumed = run_trial(study, "margin", {}, train, data=data, report=reports.append, checkpoint_dir=tmp_path / "b")
+    assert [r["epoch"] for r in reports] == [1, 2, 3]  # epoch 1 re-reported from the checkpoint
+    assert _without_timing(resumed) == _without_timing(whole)  # margin also draws from torch's global RNG
+    assert not list((tmp_path / "b").glob(".*.tmp"))

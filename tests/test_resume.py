@@ -1,0 +1,168 @@
+"""Crashes, for real: a study whose driver is SIGKILLed resumes with nothing lost or doubled;
+a trial whose Ray worker is killed is retried from its last epoch, or recorded as failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.tracking import TAG_ERROR, TAG_ROLE, TAG_STATE, TAG_TRIAL
+from tests.conftest import TINY_STUDY, write_study
+
+DML_STUDY = str(Path(sys.executable).parent / "dml-study")
+EPOCHS = 4
+# Slow enough per epoch (about a second) that a kill lands mid-trial.
+DATASET = {**TINY_STUDY["dataset"], "options": {"num_classes": 40, "samples_per_class": 32, "image_size": 16}}
+
+
+def _study(workdir: Path, losses: list[str], trials: int, **search) -> Path:
+    return write_study(
+        workdir,
+        dataset=DATASET,
+        train={**TINY_STUDY["train"], "epochs": EPOCHS},
+        search={**TINY_STUDY["search"], "losses": losses, "trials_per_loss": trials, **search},
+    )
+
+
+def _start(workdir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen(
+        [DML_STUDY, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for(predicate, what: str, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _checkpoints(workdir: Path) -> list[Path]:
+    return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/*/trial.pt"))
+
+
+def _optuna(workdir: Path, loss: str) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(workdir / "runs" / "tiny" / "optuna.journal"))
+    )
+    return optuna.load_study(study_name=f"tiny.{loss}", storage=storage).get_trials()
+
+
+def _mlflow_trials(workdir: Path) -> tuple[list, list]:
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = [r for r in runs if r.data.tags[TAG_ROLE] == "study"]
+    return parents, [r for r in runs if r.data.tags[TAG_ROLE] == "trial" and r.data.tags[TAG_TRIAL] != "baseline"]
+
+
+def _epochs(run) -> list[int]:
+    return [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "map_at_r")]
+
+
+def _check_consistent(workdir: Path, losses: list[str], trials: int) -> dict[str, str]:
+    """Optuna, MLflow and the checkpoints agree on exactly ``trials`` per loss; returns key → state."""
+    parents, children = _mlflow_trials(workdir)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(r.info.status != "RUNNING" for r in children)
+    states = {r.data.tags[TAG_TRIAL]: r.data.tags[TAG_STATE] for r in children}
+    assert len(states) == len(children) == trials * len(losses)  # one run per trial, never two
+    for loss in losses:
+        optuna_trials = _optuna(workdir, loss)
+        assert len(optuna_trials) == trials and all(t.state.is_finished() for t in optuna_trials)
+        for t in optuna_trials:
+            assert states[f"{loss}/{t.number}"] == t.state.name
+    for run in children:  # every epoch the trial ran, once, in order
+        if run.data.tags[TAG_STATE] != "FAIL":
+            epochs = _epochs(run)
+            assert epochs == list(range(1, len(epochs) + 1)) and epochs, (run.data.tags[TAG_TRIAL], epochs)
+            assert run.data.tags[TAG_STATE] != "COMPLETE" or len(epochs) == EPOCHS
+    return states
+
+
+def test_sigkilled_driver_resumes_with_nothing_lost_or_doubled(workdir):
+    losses = ["multi_similarity", "normalized_softmax"]
+    driver = _start(workdir, "run", str(_study(workdir, losses, trials=3)))
+    _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
+    time.sleep(1.0)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert driver.returncode == -signal.SIGKILL
+    unfinished = {(loss, t.number) for loss in losses if _has_study(workdir, loss) for t in _optuna(workdir, loss)} | {
+        (loss, n) for loss in losses for n in range(3)
+    }
+    unfinished -= {
+        (loss, t.number)
+        for loss in losses
+        if _has_study(workdir, loss)
+        for t in _optuna(workdir, loss)
+        if t.state.is_finished()
+    }
+    assert unfinished, "the kill must land mid-study"
+
+    again = _start(workdir, "run", str(workdir / "study.yaml"))
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 2 and "--resume" in out  # never silently overwritten
+
+    resumed = _start(workdir, "resume", "runs/tiny")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    _check_consistent(workdir, losses, trials=3)
+    assert "| multi_similarity" in out and "| normalized_softmax" in out
+    # Ray Tune ran every unfinished trial again under its Optuna number, and no other number.
+    # (The killed driver's own Ray result files may be cut short: Ray buffers them.)
+    numbers = set()
+    for result in (workdir / "runs" / "tiny" / "ray").glob("*/*/result.json"):
+        for line in result.read_text().splitlines():
+            numbers.add((result.parent.parent.name, json.loads(line)["config"]["optuna_trial"]))
+    assert unfinished <= numbers <= {(loss, n) for loss in losses for n in range(3)}
+
+
+def _has_study(workdir: Path, loss: str) -> bool:
+    try:
+        _optuna(workdir, loss)
+    except KeyError:
+        return False
+    return True
+
+
+def _kill_a_trial_worker(driver: subprocess.Popen) -> None:
+    """SIGKILL the Ray worker running a trial: a descendant of the driver (its local Ray)."""
+    workers = [
+        p for p in psutil.Process(driver.pid).children(recursive=True) if "ImplicitFunc" in " ".join(p.cmdline())
+    ]
+    assert workers, "no trial worker found"
+    workers[0].kill()
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(workdir, retries):
+    path = _study(workdir, ["multi_similarity"], trials=2, max_concurrent=1, max_retries=retries)
+    driver = _start(workdir, "run", str(path))
+    _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
+    _kill_a_trial_worker(driver)
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out
+    states = _check_consistent(workdir, ["multi_similarity"], trials=2)
+    if retries:  # the same kill as below, but the trial went on from its checkpoint
+        assert "FAIL" not in states.values()
+    else:
+        assert states["multi_similarity/0"] == "FAIL"
+        _, children = _mlflow_trials(workdir)
+        failed = next(r for r in children if r.data.tags[TAG_TRIAL] == "multi_similarity/0")
+        assert failed.info.status == "FAILED" and failed.data.tags[TAG_ERROR]
+        table = pd.read_csv(workdir / "runs" / "tiny" / "results.csv").set_index("loss")
+        assert table.loc["multi_similarity", "failed"] == 1  # the table says how many failed
