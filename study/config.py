@@ -70,6 +70,9 @@ class SearchConfig(_Strict):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_retries: int = Field(1, ge=0)  # a trial that raises restarts from its last epoch this often
+    # Optuna's storage: None = a journal file in the study folder; or an RDB URL (sqlite:///…,
+    # postgresql://…) shared by many drivers. May carry credentials: never logged.
+    optuna_storage: str | None = None
     space_dir: Path | None = None
 
     @field_validator("losses")

@@ -164,9 +164,7 @@ def _tune_loss(
     cfg: StudyConfig, space: SearchSpace, data: PreparedData, tracker: StudyTracker, say: Callable[[str], None]
 ) -> None:
     study_dir = cfg.study_dir.resolve()
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(study_dir / "optuna.journal"))
-    )
+    storage = _optuna_storage(cfg)
     study_name = f"{cfg.name}.{space.loss}"
     earlier = _optuna_trials(storage, study_name)  # a resumed study: what its earlier drivers left
     finished = [t for t in earlier if t.state.is_finished()]
@@ -216,6 +214,13 @@ def _tune_loss(
     tuner.fit()
 
 
+def _optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
+    if cfg.search.optuna_storage:
+        return optuna.storages.RDBStorage(cfg.search.optuna_storage)
+    journal = cfg.study_dir.resolve() / "optuna.journal"
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+
+
 def _optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list[optuna.trial.FrozenTrial]:
     try:
         return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
@@ -245,7 +250,9 @@ def _init_ray() -> None:
         return
     # RAY_ADDRESS (set by `ray job submit` or the user) joins a cluster; otherwise a new local instance
     # ("local": never attach by surprise to another Ray started on this machine).
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level="warning")
+    address = os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"_node_ip_address": "127.0.0.1"}  # a local instance listens on loopback only
+    ray.init(address=address or "local", include_dashboard=False, logging_level="warning", **local)
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool = False) -> StudyTracker:
@@ -261,7 +268,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool
         study_dir.mkdir(parents=True)
         config = cfg.model_dump(mode="json")
         (study_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        config.pop("tracking")  # the tracking URI may carry credentials: never logged
+        config.pop("tracking")  # URIs may carry credentials: never logged
+        config["search"].pop("optuna_storage")
         (study_dir / PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
     failed = True
     try:

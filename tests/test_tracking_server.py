@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -53,18 +54,31 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
-def test_study_logs_to_a_tracking_server(workdir, ray_instance, mlflow_server, monkeypatch):
+def test_study_logs_to_a_tracking_server_and_optuna_to_an_rdb(workdir, ray_instance, mlflow_server, monkeypatch):
+    """The cluster set-up: MLflow behind a server, Optuna in a database (SQLite standing in for
+    PostgreSQL), neither URL logged as a parameter."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    path = write_study(workdir, search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2})
-    result = runner.invoke(app, ["run", str(path)])
+    optuna_url = f"sqlite:///{workdir / 'optuna.db'}"
+    search = {
+        **TINY_STUDY["search"],
+        "losses": ["multi_similarity"],
+        "trials_per_loss": 2,
+        "optuna_storage": optuna_url,
+    }
+    result = runner.invoke(app, ["run", str(write_study(workdir, search=search))])
     assert result.exit_code == 0, result.output
     assert not (workdir / "mlflow.db").exists()  # nothing went to the local default store
+    assert not (workdir / "runs" / "tiny" / "optuna.journal").exists()
+    trials = optuna.load_study(study_name="tiny.multi_similarity", storage=optuna_url).get_trials()
+    assert len(trials) == 2 and all(t.state.is_finished() for t in trials)
 
     client = MlflowClient(tracking_uri=mlflow_server)  # read back through the server
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags[TAG_ROLE] for r in runs) == ["study", "trial", "trial", "trial"]
     assert all(r.info.status != "RUNNING" for r in runs)
+    parent = next(r for r in runs if r.data.tags[TAG_ROLE] == "study")
+    assert not any("sqlite" in v or "http" in v for v in parent.data.params.values())  # no URL logged
     trial = next(r for r in runs if r.data.tags.get("dml_study.stage") == "search")
     config = json.loads(Path(client.download_artifacts(trial.info.run_id, "config.json", str(workdir))).read_text())
     assert config["loss"] == "multi_similarity"  # the artifact went through the server's artifact proxy
