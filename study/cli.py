@@ -100,9 +100,12 @@ def _check_tracking(cfg) -> None:
 
 def _run(cfg, resume: bool) -> None:
     from study.tracking import resolve_tracking_uri
-    from study.tune import run_study
+    from study.tune import RayAddressError, run_study
 
-    run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
+    try:
+        run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
+    except RayAddressError as exc:  # raised before anything is written
+        _fail(str(exc))
     typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.study_dir))
     typer.echo(f"results: {cfg.study_dir}/results.md, results.csv; browse the runs with `mlflow ui`")
 

@@ -12,6 +12,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -60,6 +61,16 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     raise ConnectionError(f"MLflow tracking server {redact(uri)} is unreachable ({reason})")
 
 
+def _artifact_root(tracking_uri: str | None, name: str) -> str | None:
+    """For a SQLite store, artifacts go next to the database file (an absolute folder), not to
+    ``./mlruns`` of whatever folder the driver runs in (a Ray job's is temporary). A tracking
+    server chooses its own artifact root."""
+    uri = tracking_uri or "sqlite:///mlflow.db"  # MLflow's own default store
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / name).as_uri()
+
+
 class StudyTracker:
     """Logs a study into MLflow experiment ``name``; the parent run is created by ``start``."""
 
@@ -67,7 +78,9 @@ class StudyTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.name = name
         experiment = self.client.get_experiment_by_name(name)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        if experiment is None:
+            experiment_id = self.client.create_experiment(name, artifact_location=_artifact_root(tracking_uri, name))
+        self.experiment_id = experiment.experiment_id if experiment else experiment_id
         self.parent_id: str | None = None
         self.objective: str | None = None
         self._runs: dict[str, str] = {}

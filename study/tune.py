@@ -245,12 +245,21 @@ def _close_finished_runs(
         tracker.end_trial(key, trial.state.name)
 
 
+class RayAddressError(ValueError):
+    """RAY_ADDRESS names something ``ray.init`` cannot join."""
+
+
 def _init_ray() -> None:
-    if ray.is_initialized():
-        return
     # RAY_ADDRESS (set by `ray job submit` or the user) joins a cluster; otherwise a new local instance
     # ("local": never attach by surprise to another Ray started on this machine).
     address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise RayAddressError(
+            f"RAY_ADDRESS={address} is a dashboard (job submission) address; dml-study needs the "
+            "cluster's address: host:6379, ray://host:10001 or auto"
+        )
+    if ray.is_initialized():
+        return
     local = {} if address else {"_node_ip_address": "127.0.0.1"}  # a local instance listens on loopback only
     ray.init(address=address or "local", include_dashboard=False, logging_level="warning", **local)
 
@@ -261,6 +270,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool
     unfinished ones go on from their last epoch, and the parent MLflow run is reused."""
     spaces = search_spaces(cfg)
     study_dir: Path = cfg.study_dir
+    _init_ray()  # before anything is written: a wrong cluster address leaves no trace
     tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
     if resume:
         tracker.resume((study_dir / PARENT_RUN_FILE).read_text().strip())
@@ -280,7 +290,6 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool
             tracker.log_metrics("baseline", baseline, step=0)
             tracker.end_trial("baseline", "COMPLETE")
             say(f"untrained baseline: {cfg.search.objective}={baseline[cfg.search.objective]:.4f}")
-        _init_ray()
         for space in spaces.values():
             _tune_loss(cfg, space, data, tracker, say)
         failed = False

@@ -1,5 +1,5 @@
-"""A study against a real MLflow tracking server (SQLite backend, artifact folder) on 127.0.0.1,
-and the one-line failure when the server is not there."""
+"""Cluster set-up: a study against a real MLflow tracking server (SQLite backend, artifact folder) on
+127.0.0.1 with Optuna in a database; one-line failures for an unreachable server or a wrong RAY_ADDRESS."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from study.cli import app
-from study.tracking import TAG_ROLE, redact
+from study.tracking import TAG_ROLE, StudyTracker, redact
 from tests.conftest import TINY_STUDY, write_study
 
 runner = CliRunner()
@@ -102,3 +102,18 @@ def test_redact_hides_credentials_only():
     assert redact("https://u:p@host:5000/x") == "https://***@host:5000/x"
     assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
+
+
+def test_dashboard_address_as_ray_address_fails_before_anything_is_written(workdir, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    result = runner.invoke(app, ["run", str(write_study(workdir))])
+    assert result.exit_code == 2
+    assert "RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard" in result.output
+    assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()
+
+
+def test_sqlite_artifacts_live_next_to_the_database_not_in_the_working_folder(workdir, monkeypatch, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("store")
+    tracker = StudyTracker("art", f"sqlite:///{elsewhere / 'mlflow.db'}")
+    location = tracker.client.get_experiment(tracker.experiment_id).artifact_location
+    assert location == (elsewhere / "mlruns" / "art").as_uri()
