@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,15 +136,19 @@ class TrackingCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         state = trial_state(result, False, self.cfg.train.epochs, self.cfg.search.objective)
-        self.tracker.end_trial(self._key(trial), state, error=result.get(ERROR))
-        self.say(f"  {self._key(trial)}: {state}")
+        self._end(trial, state, error=result.get(ERROR))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._start(trial)  # a no-op unless the trial failed before it was reported started
         path = Path(trial.error_file) if trial.error_file else None
         trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
-        self.tracker.end_trial(self._key(trial), "FAIL", error=trace)
-        self.say(f"  {self._key(trial)}: FAIL")
+        self._end(trial, "FAIL", error=trace)
+
+    def _end(self, trial, state: str, error: str | None) -> None:
+        self.tracker.end_trial(self._key(trial), state, error=error)
+        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
+        shutil.rmtree(self.cfg.study_dir.resolve() / "checkpoints" / self._key(trial), ignore_errors=True)
+        self.say(f"  {self._key(trial)}: {state}")
 
 
 def trial_key(loss: str, number: int) -> str:

@@ -74,7 +74,7 @@ def _epochs(run) -> list[int]:
 
 
 def _check_consistent(workdir: Path, losses: list[str], trials: int) -> dict[str, str]:
-    """Optuna, MLflow and the checkpoints agree on exactly ``trials`` per loss; returns key → state."""
+    """Optuna and MLflow agree on exactly ``trials`` per loss, all ended; returns key → state."""
     parents, children = _mlflow_trials(workdir)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert all(r.info.status != "RUNNING" for r in children)
@@ -90,6 +90,7 @@ def _check_consistent(workdir: Path, losses: list[str], trials: int) -> dict[str
             epochs = _epochs(run)
             assert epochs == list(range(1, len(epochs) + 1)) and epochs, (run.data.tags[TAG_TRIAL], epochs)
             assert run.data.tags[TAG_STATE] != "COMPLETE" or len(epochs) == EPOCHS
+    assert not _checkpoints(workdir), "a finished trial's checkpoint is deleted"
     return states
 
 
