@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from study.storage import Storage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -16,7 +17,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def write_table(study_name: str, tracking_uri: str | None, out_dir: Path) -> str:
+def write_table(study_name: str, tracking_uri: str | None, out: Storage) -> str:
     """Rebuild the comparison table from MLflow; write results.csv and results.md; return the Markdown."""
     from analysis.runs import load_study
     from analysis.tables import comparison_table, to_markdown
@@ -28,9 +29,8 @@ def write_table(study_name: str, tracking_uri: str | None, out_dir: Path) -> str
         + to_markdown(table)
         + "\n"
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "results.csv", index=False)
-    (out_dir / "results.md").write_text(markdown)
+    out.child("results.csv").write_text(table.to_csv(index=False))
+    out.child("results.md").write_text(markdown)
     return markdown
 
 
@@ -50,41 +50,44 @@ def run(
         _fail(str(exc))
     if new and resume:
         _fail("--new and --resume exclude each other")
-    if cfg.study_dir.exists() and not (new or resume):
-        _fail(f"{cfg.study_dir} already exists: pass --resume to continue it or --new to replace it")
+    if cfg.storage.exists() and not (new or resume):
+        _fail(f"{cfg.storage} already exists: pass --resume to continue it or --new to replace it")
     if resume:
-        _resume(cfg.study_dir, cfg)
+        _resume(cfg.storage, cfg)
         return
     _check_tracking(cfg)
-    if cfg.study_dir.exists():
-        shutil.rmtree(cfg.study_dir)
+    cfg.storage.delete()  # --new
     _run(cfg, resume=False)
 
 
 @app.command("resume")
 def resume_(
-    study_dir: Annotated[Path, typer.Argument(help="The study's folder, e.g. runs/quickstart")],
+    location: Annotated[
+        str, typer.Argument(help="The study's folder: runs/quickstart, or s3://bucket/runs/quickstart")
+    ],
 ) -> None:
     """Continue a study whose driver died: finished trials are kept, unfinished ones resume."""
-    _resume(study_dir, None)
+    _resume(Storage.at(location), None)
 
 
-def _resume(study_dir: Path, given) -> None:
+def _resume(storage: Storage, given) -> None:
     """Resume from the study folder's own config.yaml; a study file given with it must agree."""
-    from study.config import ConfigError, load_study
+    from study.config import ConfigError, parse_study
     from study.tune import PARENT_RUN_FILE
 
-    if not (study_dir / PARENT_RUN_FILE).is_file():
-        _fail(f"{study_dir}: not a study folder that can be resumed (no {PARENT_RUN_FILE}; expected runs/<study>)")
+    if not storage.child(PARENT_RUN_FILE).exists():
+        _fail(f"{storage}: not a study folder that can be resumed (no {PARENT_RUN_FILE}; expected runs/<study>)")
+    # a local folder may have been reached from another working directory; a URI is absolute
+    overrides = [f"output_dir={Path(storage.root).parent}"] if storage.is_local else []
     try:
-        cfg = load_study(study_dir / "config.yaml", [f"output_dir={study_dir.parent}"])
+        cfg = parse_study(storage.child("config.yaml").read_text(), f"{storage}/config.yaml", overrides)
     except ConfigError as exc:
         _fail(str(exc))
     if given is not None:
         saved, now = (c.model_dump(mode="json", exclude={"output_dir"}) for c in (cfg, given))
         changed = [k for k in saved if saved[k] != now[k]]
         if changed:
-            _fail(f"{study_dir}: the study file differs from the study being resumed in '{changed[0]}'")
+            _fail(f"{storage}: the study file differs from the study being resumed in '{changed[0]}'")
     _check_tracking(cfg)
     _run(cfg, resume=True)
 
@@ -106,15 +109,15 @@ def _run(cfg, resume: bool) -> None:
         run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
     except RayAddressError as exc:  # raised before anything is written
         _fail(str(exc))
-    typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.study_dir))
-    typer.echo(f"results: {cfg.study_dir}/results.md, results.csv; browse the runs with `mlflow ui`")
+    typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.storage))
+    typer.echo(f"results: {cfg.storage}/results.md, results.csv; browse the runs with `mlflow ui`")
 
 
 @app.command()
 def report(
     study: Annotated[str, typer.Argument(help="Study name (the MLflow experiment)")],
     tracking_uri: Annotated[str | None, typer.Option(help="Default: $MLFLOW_TRACKING_URI, else MLflow's")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<study>)")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder or URI (default: runs/<study>)")] = None,
 ) -> None:
     """Rebuild a study's comparison table from MLflow alone."""
     from analysis.runs import StudyNotFoundError
@@ -122,7 +125,7 @@ def report(
 
     try:
         uri = tracking_uri or resolve_tracking_uri(None)
-        typer.echo(write_table(study, uri, out or Path("runs") / study))
+        typer.echo(write_table(study, uri, Storage.at(out or f"runs/{study}")))
     except StudyNotFoundError as exc:
         _fail(str(exc))
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from study.data import DATASETS, dataset_options
 from study.losses import LOSSES
 from study.search_space import SearchSpace, describe_validation_error, load_search_space
+from study.storage import Storage
 
 OBJECTIVES = ("map_at_r", "recall_at_1")
 BUILTIN_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -97,7 +98,7 @@ class TrackingConfig(_Strict):
 
 class StudyConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    output_dir: Path = Path("runs")
+    output_dir: str = "runs"  # a folder, or an object-store URI (s3://bucket/runs)
     seed: int = 0
     dataset: DatasetConfig = DatasetConfig()
     model: ModelConfig = ModelConfig()
@@ -107,8 +108,9 @@ class StudyConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
 
     @property
-    def study_dir(self) -> Path:
-        return self.output_dir / self.name
+    def storage(self) -> Storage:
+        """The study's folder: ``<output_dir>/<name>``."""
+        return Storage.at(self.output_dir).child(self.name)
 
 
 def apply_override(raw: dict, assignment: str) -> None:
@@ -131,15 +133,22 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: study file not found")
+    return parse_study(path.read_text(), str(path), overrides, space_dir=path.resolve().parent)
+
+
+def parse_study(text: str, path: str, overrides: list[str] = (), space_dir: Path | None = None) -> StudyConfig:
+    """Validate the study YAML ``text`` (from ``path``, named in errors); search spaces default
+    to ``space_dir``, then the built-in ones."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of study settings at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
-    raw.setdefault("search", {}).setdefault("space_dir", str(path.resolve().parent))
+    if space_dir is not None:
+        raw.setdefault("search", {}).setdefault("space_dir", str(space_dir))
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as err:
@@ -147,6 +156,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     try:
         _check_dataset(cfg.dataset)
         _check_model(cfg.model)
+        if "://" in cfg.output_dir and not cfg.search.optuna_storage:
+            raise ConfigError(
+                "output_dir: an object store needs search.optuna_storage (a database URL): "
+                "Optuna's journal needs a file system"
+            )
         if cfg.train.batch_size % cfg.train.m_per_class:
             raise ConfigError(
                 f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "

@@ -14,12 +14,11 @@ results as an uninterrupted run.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from study.data.splits import class_split
 from study.data.transforms import eval_transform, train_transform
 from study.losses import create_loss
 from study.models import EmbeddingNet
+from study.storage import Storage
 
 CHECKPOINT = "trial.pt"
 
@@ -41,18 +41,19 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite: the trial is stopped and recorded as failed."""
 
 
-def save_state(folder: Path, state: dict) -> None:
+def save_state(folder: Storage, state: dict) -> None:
     """Write ``state`` atomically: a crash mid-write leaves the previous checkpoint intact."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    folder.child(CHECKPOINT).write_bytes(buffer.getvalue())
 
 
-def load_state(folder: Path | None) -> dict | None:
+def load_state(folder: Storage | None) -> dict | None:
     """The trial's last checkpoint in ``folder``, or None; tensors and plain types only."""
-    path = folder / CHECKPOINT if folder else None
-    return torch.load(path, map_location="cpu", weights_only=True) if path and path.is_file() else None
+    if folder is None or not folder.child(CHECKPOINT).exists():
+        return None
+    data = io.BytesIO(folder.child(CHECKPOINT).read_bytes())
+    return torch.load(data, map_location="cpu", weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def run_trial(
     data: PreparedData | None = None,
     report: Callable[[dict], None] | None = None,
     seed: int | None = None,
-    checkpoint_dir: Path | None = None,
+    checkpoint_dir: Storage | None = None,
 ) -> dict[str, float]:
     """Train ``loss_name`` with ``loss_params``; returns the last epoch's validation metrics."""
     train = train or study.train

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from study.config import StudyConfig, TrainConfig, search_spaces
 from study.losses import loss_hyperparameters
 from study.search_space import SearchSpace
+from study.storage import Storage
 from study.tracking import StudyTracker, resolve_tracking_uri
 from study.train import (
     NonFiniteLossError,
@@ -147,7 +147,7 @@ class TrackingCallback(tune.Callback):
     def _end(self, trial, state: str, error: str | None) -> None:
         self.tracker.end_trial(self._key(trial), state, error=error)
         # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
-        shutil.rmtree(self.cfg.study_dir.resolve() / "checkpoints" / self._key(trial), ignore_errors=True)
+        checkpoint_of(self.cfg.storage, self.loss, trial.config[NUMBER]).delete()
         self.say(f"  {self._key(trial)}: {state}")
 
 
@@ -156,9 +156,13 @@ def trial_key(loss: str, number: int) -> str:
     return f"{loss}/{number}"
 
 
-def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: PreparedData, checkpoints: Path) -> None:
+def checkpoint_of(storage: Storage, loss: str, number: int) -> Storage:
+    return storage.child("checkpoints", loss, str(number))
+
+
+def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: PreparedData, storage: Storage) -> None:
     loss_kwargs, train = resolve_trial(study, space, config)
-    folder = checkpoints / trial_key(space.loss, config[NUMBER])  # absolute: workers run elsewhere
+    folder = checkpoint_of(storage, space.loss, config[NUMBER])  # resolved on the driver: workers run elsewhere
     try:
         run_trial(study, space.loss, loss_kwargs, train, data=data, report=tune.report, checkpoint_dir=folder)
     except NonFiniteLossError as exc:  # a diverged trial is not retried: FAIL at once, with the reason
@@ -168,10 +172,10 @@ def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: Pr
 def _tune_loss(
     cfg: StudyConfig, space: SearchSpace, data: PreparedData, tracker: StudyTracker, say: Callable[[str], None]
 ) -> None:
-    study_dir = cfg.study_dir.resolve()
-    storage = _optuna_storage(cfg)
+    storage = cfg.storage
+    optuna_storage = _optuna_storage(cfg)
     study_name = f"{cfg.name}.{space.loss}"
-    earlier = _optuna_trials(storage, study_name)  # a resumed study: what its earlier drivers left
+    earlier = _optuna_trials(optuna_storage, study_name)  # a resumed study: what its earlier drivers left
     finished = [t for t in earlier if t.state.is_finished()]
     _close_finished_runs(tracker, cfg, space.loss, finished)
     remaining = cfg.search.trials_per_loss - len(finished)
@@ -185,7 +189,7 @@ def _tune_loss(
         points_to_evaluate=None if earlier else [space.to_optuna(space.defaults())],
         sampler=optuna.samplers.TPESampler(seed=cfg.seed + len(earlier)),
         study_name=study_name,
-        storage=storage,
+        storage=optuna_storage,
         epochs=cfg.train.epochs,
     )
     scheduler = ASHAScheduler(
@@ -195,7 +199,7 @@ def _tune_loss(
         reduction_factor=cfg.search.reduction_factor,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, study=cfg, space=space, data=data, checkpoints=study_dir / "checkpoints"),
+        tune.with_parameters(_trainable, study=cfg, space=space, data=data, storage=storage),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
     tuner = tune.Tuner(
@@ -210,7 +214,8 @@ def _tune_loss(
         ),
         run_config=tune.RunConfig(
             name=space.loss,
-            storage_path=str(study_dir / "ray"),
+            storage_path=storage.child("ray").root,
+            storage_filesystem=storage.fs,
             verbose=0,
             callbacks=[TrackingCallback(tracker, space, cfg, say)],
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
@@ -222,7 +227,7 @@ def _tune_loss(
 def _optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
     if cfg.search.optuna_storage:
         return optuna.storages.RDBStorage(cfg.search.optuna_storage)
-    journal = cfg.study_dir.resolve() / "optuna.journal"
+    journal = Path(cfg.storage.root) / "optuna.journal"  # a local or shared folder (checked in config)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
 
 
@@ -244,7 +249,7 @@ def _close_finished_runs(
         if run is None or run.info.status != "RUNNING":
             continue
         tracker.start_trial(key, loss, "search", {}, run.info.run_name)
-        state = load_state(cfg.study_dir.resolve() / "checkpoints" / key)
+        state = load_state(checkpoint_of(cfg.storage, loss, trial.number))
         for result in state["history"] if state else []:
             tracker.log_metrics(key, {k: v for k, v in result.items() if k != "epoch"}, step=int(result["epoch"]))
         tracker.end_trial(key, trial.state.name)
@@ -274,18 +279,18 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool
     Ray results. With ``resume`` the study in that folder continues: finished trials are kept,
     unfinished ones go on from their last epoch, and the parent MLflow run is reused."""
     spaces = search_spaces(cfg)
-    study_dir: Path = cfg.study_dir
+    storage = cfg.storage
     _init_ray()  # before anything is written: a wrong cluster address leaves no trace
     tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
     if resume:
-        tracker.resume((study_dir / PARENT_RUN_FILE).read_text().strip())
+        tracker.resume(storage.child(PARENT_RUN_FILE).read_text().strip())
     else:
-        study_dir.mkdir(parents=True)
+        storage.fs.create_dir(storage.root, recursive=True)
         config = cfg.model_dump(mode="json")
-        (study_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        storage.child("config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         config.pop("tracking")  # URIs may carry credentials: never logged
         config["search"].pop("optuna_storage")
-        (study_dir / PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
+        storage.child(PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
     failed = True
     try:
         data = prepare_data(cfg.dataset, cfg.seed)

@@ -55,8 +55,8 @@ def _checkpoints(workdir: Path) -> list[Path]:
     return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/*/trial.pt"))
 
 
-def _optuna(workdir: Path, loss: str) -> list[optuna.trial.FrozenTrial]:
-    storage = optuna.storages.JournalStorage(
+def _optuna(workdir: Path, loss: str, url: str | None = None) -> list[optuna.trial.FrozenTrial]:
+    storage = url or optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(workdir / "runs" / "tiny" / "optuna.journal"))
     )
     return optuna.load_study(study_name=f"tiny.{loss}", storage=storage).get_trials()
@@ -73,7 +73,7 @@ def _epochs(run) -> list[int]:
     return [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "map_at_r")]
 
 
-def _check_consistent(workdir: Path, losses: list[str], trials: int) -> dict[str, str]:
+def _check_consistent(workdir: Path, losses: list[str], trials: int, optuna_storage: str | None = None) -> dict:
     """Optuna and MLflow agree on exactly ``trials`` per loss, all ended; returns key → state."""
     parents, children = _mlflow_trials(workdir)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -81,7 +81,7 @@ def _check_consistent(workdir: Path, losses: list[str], trials: int) -> dict[str
     states = {r.data.tags[TAG_TRIAL]: r.data.tags[TAG_STATE] for r in children}
     assert len(states) == len(children) == trials * len(losses)  # one run per trial, never two
     for loss in losses:
-        optuna_trials = _optuna(workdir, loss)
+        optuna_trials = _optuna(workdir, loss, optuna_storage)
         assert len(optuna_trials) == trials and all(t.state.is_finished() for t in optuna_trials)
         for t in optuna_trials:
             assert states[f"{loss}/{t.number}"] == t.state.name
@@ -90,7 +90,7 @@ def _check_consistent(workdir: Path, losses: list[str], trials: int) -> dict[str
             epochs = _epochs(run)
             assert epochs == list(range(1, len(epochs) + 1)) and epochs, (run.data.tags[TAG_TRIAL], epochs)
             assert run.data.tags[TAG_STATE] != "COMPLETE" or len(epochs) == EPOCHS
-    assert not _checkpoints(workdir), "a finished trial's checkpoint is deleted"
+    assert not _checkpoints(workdir), "a finished trial's checkpoint is deleted"  # (local storage)
     return states
 
 

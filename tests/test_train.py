@@ -7,6 +7,7 @@ import pytest
 from study.config import SEARCHABLE_TRAIN, load_study
 from study.losses import LOSSES, MultiSimilarityLoss
 from study.search_space import load_search_space
+from study.storage import Storage
 from study.train import NonFiniteLossError, evaluate_untrained, prepare_data, run_trial
 from tests.conftest import REPO, TINY_STUDY, write_study
 
@@ -82,16 +83,17 @@ class _Crash(Exception):
 
 def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(study, data, tmp_path):
     train = study.train.model_copy(update={"epochs": 3})
-    whole = run_trial(study, "margin", {}, train, data=data, checkpoint_dir=tmp_path / "a")
+    whole = run_trial(study, "margin", {}, train, data=data, checkpoint_dir=Storage.at(tmp_path / "a"))
 
     def crash_after_first_epoch(result):
         if result["epoch"] == 1:
             raise _Crash  # the checkpoint of epoch 1 is already on disk
 
+    folder = Storage.at(tmp_path / "b")
     with pytest.raises(_Crash):
-        run_trial(study, "margin", {}, train, data=data, report=crash_after_first_epoch, checkpoint_dir=tmp_path / "b")
+        run_trial(study, "margin", {}, train, data=data, report=crash_after_first_epoch, checkpoint_dir=folder)
     reports = []
-    resumed = run_trial(study, "margin", {}, train, data=data, report=reports.append, checkpoint_dir=tmp_path / "b")
+    resumed = run_trial(study, "margin", {}, train, data=data, report=reports.append, checkpoint_dir=folder)
     assert [r["epoch"] for r in reports] == [1, 2, 3]  # epoch 1 re-reported from the checkpoint
     assert _without_timing(resumed) == _without_timing(whole)  # margin also draws from torch's global RNG
     assert not list((tmp_path / "b").glob(".*.tmp"))

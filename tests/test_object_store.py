@@ -1,0 +1,91 @@
+"""A study whose storage is an object store: a real S3 API (moto's server) on 127.0.0.1, reached
+through pyarrow like Ray Tune's own results; Optuna in a database, as the config requires."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.storage import Storage
+from tests.conftest import write_study
+from tests.test_resume import _check_consistent, _optuna, _start, _study, _wait_for
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """An empty bucket on a local S3 server; yields the output_dir URI of a folder in it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    try:
+        _wait_for(lambda: _answers(f"http://127.0.0.1:{port}"), "the S3 server", timeout=60)
+        options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
+        ).create_dir("studies")
+        yield f"s3://studies/runs?{options}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_study_on_an_object_store_survives_a_killed_driver(workdir, bucket):
+    optuna_url = f"sqlite:///{workdir / 'optuna.db'}"
+    path = _study(workdir, ["multi_similarity"], trials=3, optuna_storage=optuna_url)
+    driver = _start(workdir, "run", str(path), "--set", f"output_dir={bucket}")
+    study = Storage.at(bucket).child("tiny")
+    _wait_for(lambda: study.child("checkpoints").exists(), "a first checkpoint in the bucket")
+    time.sleep(1.0)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    finished = [t for t in _optuna(workdir, "multi_similarity", optuna_url) if t.state.is_finished()]
+    assert len(finished) < 3, "the kill must land mid-study"
+
+    resumed = _start(workdir, "resume", f"s3://studies/runs/tiny?{bucket.split('?', 1)[1]}")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert not (workdir / "runs").exists()  # nothing went to the local disk
+    for name in ("config.yaml", "mlflow_run_id", "results.md", "results.csv"):
+        assert study.child(name).exists(), name
+    assert study.child("ray", "multi_similarity").exists()  # Ray Tune wrote its results there too
+    left = study.fs.get_file_info(
+        pafs.FileSelector(study.child("checkpoints").root, recursive=True, allow_not_found=True)
+    )
+    assert not [f.path for f in left if f.path.endswith("trial.pt")]  # finished trials' checkpoints are deleted
+    table = pd.read_csv(io.StringIO(study.child("results.csv").read_text())).set_index("loss")
+    assert table.loc["multi_similarity", "trials"] == 3
+    _check_consistent(workdir, ["multi_similarity"], trials=3, optuna_storage=optuna_url)
+
+
+def test_object_store_without_a_database_for_optuna_is_refused(workdir):
+    result = CliRunner().invoke(app, ["run", str(write_study(workdir, output_dir="s3://b/runs"))])
+    assert result.exit_code == 2 and "needs search.optuna_storage" in result.output
