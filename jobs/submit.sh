@@ -7,6 +7,7 @@
 #   MLFLOW_TRACKING_URI   forwarded to the job when set (where the runs are logged, as seen from the head node)
 #   DML_STUDY_OUTPUT_DIR  forwarded when set and passed on as `--set output_dir=...`: the study folder's parent,
 #                         an absolute path on the head node (a shared filesystem on a multi-node cluster)
+#                         or an object-store URI (s3://bucket/runs; then set search.optuna_storage)
 #
 # The repository (minus .gitignore'd files and .git) is uploaded as the job's working directory, so a study
 # file inside it and its search_spaces/ travel with the job; a study file outside it is passed by its absolute
@@ -19,8 +20,8 @@ if [[ $# -lt 1 || ! -f "$1" ]]; then
     echo "jobs/submit.sh: study file not found: '${1-}' (usage: jobs/submit.sh STUDY_FILE [dml-study run args...])" >&2
     exit 2
 fi
-if [[ -n "${DML_STUDY_OUTPUT_DIR:-}" && "$DML_STUDY_OUTPUT_DIR" != /* ]]; then
-    echo "jobs/submit.sh: DML_STUDY_OUTPUT_DIR must be an absolute path on the cluster, got '$DML_STUDY_OUTPUT_DIR'" >&2
+if [[ -n "${DML_STUDY_OUTPUT_DIR:-}" && "$DML_STUDY_OUTPUT_DIR" != /* && "$DML_STUDY_OUTPUT_DIR" != *://* ]]; then
+    echo "jobs/submit.sh: DML_STUDY_OUTPUT_DIR must be an absolute path on the cluster or a URI (s3://...), got '$DML_STUDY_OUTPUT_DIR'" >&2
     exit 2
 fi
 
