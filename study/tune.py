@@ -222,6 +222,10 @@ def _tune_loss(
         ),
     )
     tuner.fit()
+    # A pruned trial's worker may still write one more epoch after the callback deleted its folder.
+    for trial in _optuna_trials(optuna_storage, study_name):
+        if trial.state.is_finished():
+            checkpoint_of(storage, space.loss, trial.number).delete()
 
 
 def _optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
