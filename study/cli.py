@@ -1,4 +1,5 @@
-"""The ``dml-study`` command line: ``run`` a study, rebuild its ``report`` from MLflow."""
+"""The ``dml-study`` command line: ``run`` a study, ``resume`` one whose driver died, rebuild its
+``report`` from MLflow."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def run(
         _fail(str(exc))
     if new and resume:
         _fail("--new and --resume exclude each other")
-    if cfg.storage.exists() and not (new or resume):
+    if _exists(cfg.storage) and not (new or resume):
         _fail(f"{cfg.storage} already exists: pass --resume to continue it or --new to replace it")
     if resume:
         _resume(cfg.storage, cfg)
@@ -75,7 +76,7 @@ def _resume(storage: Storage, given) -> None:
     from study.config import ConfigError, parse_study
     from study.tune import PARENT_RUN_FILE
 
-    if not storage.child(PARENT_RUN_FILE).exists():
+    if not _exists(storage.child(PARENT_RUN_FILE)):
         _fail(f"{storage}: not a study folder that can be resumed (no {PARENT_RUN_FILE}; expected runs/<study>)")
     # a local folder may have been reached from another working directory; a URI is absolute
     overrides = [f"output_dir={Path(storage.root).parent}"] if storage.is_local else []
@@ -90,6 +91,13 @@ def _resume(storage: Storage, given) -> None:
             _fail(f"{storage}: the study file differs from the study being resumed in '{changed[0]}'")
     _check_tracking(cfg)
     _run(cfg, resume=True)
+
+
+def _exists(storage: Storage) -> bool:
+    try:
+        return storage.exists()
+    except OSError as exc:  # an unreachable object store, missing credentials, ...
+        _fail(f"{storage}: cannot read the study storage ({str(exc).splitlines()[0]})")
 
 
 def _check_tracking(cfg) -> None:

@@ -89,3 +89,14 @@ def test_study_on_an_object_store_survives_a_killed_driver(workdir, bucket):
 def test_object_store_without_a_database_for_optuna_is_refused(workdir):
     result = CliRunner().invoke(app, ["run", str(write_study(workdir, output_dir="s3://b/runs"))])
     assert result.exit_code == 2 and "needs search.optuna_storage" in result.output
+
+
+def test_unreachable_object_store_is_one_line(workdir, monkeypatch):
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    output = "s3://nobucket/runs?endpoint_override=127.0.0.1:1&scheme=http"
+    search = {"losses": ["multi_similarity"], "optuna_storage": f"sqlite:///{workdir / 'o.db'}"}
+    result = CliRunner().invoke(app, ["run", str(write_study(workdir, output_dir=output, search=search))])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "s3://nobucket/runs/tiny: cannot read the study storage" in lines[0]
