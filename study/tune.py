@@ -187,7 +187,7 @@ def _tune_loss(
         metric=cfg.search.objective,
         mode="max",
         points_to_evaluate=None if earlier else [space.to_optuna(space.defaults())],
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed + len(earlier)),
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed + len(earlier)),  # a resumed search draws anew
         study_name=study_name,
         storage=optuna_storage,
         epochs=cfg.train.epochs,
