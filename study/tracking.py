@@ -78,9 +78,11 @@ class StudyTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.name = name
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is None:
-            experiment_id = self.client.create_experiment(name, artifact_location=_artifact_root(tracking_uri, name))
-        self.experiment_id = experiment.experiment_id if experiment else experiment_id
+        self.experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(name, artifact_location=_artifact_root(tracking_uri, name))
+        )
         self.parent_id: str | None = None
         self.objective: str | None = None
         self._runs: dict[str, str] = {}
