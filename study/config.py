@@ -9,6 +9,7 @@ YAML and MLflow.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,6 +129,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
+OUTPUT_DIR_ENV = "DML_STUDY_OUTPUT_DIR"  # output_dir for studies that do not set it
+
+
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read, override and validate a study file. Raises ConfigError on user errors."""
     path = Path(path)
@@ -147,6 +151,8 @@ def parse_study(text: str, path: str, overrides: list[str] = (), space_dir: Path
         raise ConfigError(f"{path}: expected a mapping of study settings at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
+    if "output_dir" not in raw and os.environ.get(OUTPUT_DIR_ENV):  # set once for a cluster
+        raw["output_dir"] = os.environ[OUTPUT_DIR_ENV]
     if space_dir is not None:
         raw.setdefault("search", {}).setdefault("space_dir", str(space_dir))
     try:

@@ -77,6 +77,16 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.search.space_dir == tmp_path  # spaces next to the study file come first
 
 
+def test_output_dir_from_the_environment_unless_the_study_sets_it(workdir, monkeypatch):
+    monkeypatch.setenv("DML_STUDY_OUTPUT_DIR", "s3://bucket/runs")
+    assert (
+        load_study(write_study(workdir, search={**TINY_STUDY["search"], "optuna_storage": "sqlite:///o.db"})).output_dir
+        == "s3://bucket/runs"
+    )
+    assert load_study(write_study(workdir, output_dir="elsewhere")).output_dir == "elsewhere"
+    assert load_study(write_study(workdir), ["output_dir=cli"]).output_dir == "cli"
+
+
 def test_existing_study_folder_is_never_overwritten_silently(workdir):
     path = write_study(workdir, output_dir=str(workdir / "out"))
     marker = workdir / "out" / "tiny" / "keep.txt"

@@ -101,7 +101,7 @@ def test_readme_section_documents_every_job_file():
     section = readme_section()
     for needle in ("jobs/submit.sh", "jobs/cluster.yaml", "jobs/rayjob.yaml", "jobs/slurm.sbatch", *JOB_ENV):
         assert needle in section, needle
-    assert "does not read" in section  # DML_STUDY_OUTPUT_DIR is the job files' variable, not dml-study's
+    assert "`--set output_dir=...`" in section  # how the job files pass DML_STUDY_OUTPUT_DIR on
 
 
 # --- submit.sh without a cluster --------------------------------------------------------------------
