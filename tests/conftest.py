@@ -63,3 +63,22 @@ def unit(n: int, dim: int, seed: int = 0, dtype=None):
     g = torch.Generator().manual_seed(seed)
     rows = torch.nn.functional.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1)
     return rows.to(dtype or torch.float32)
+
+
+def assert_same_value_and_grads(value, reference, inputs, atol: float = 1e-10, rtol: float = 0.0) -> None:
+    """``value`` equals ``reference`` to ``atol`` and so do their gradients w.r.t. each of ``inputs``
+    (the first backward keeps its graph: the two may share a normalisation of the inputs)."""
+    assert abs(value.item() - reference.item()) < atol
+    grads = torch.autograd.grad(value, inputs, retain_graph=True)
+    for g, r in zip(grads, torch.autograd.grad(reference, inputs), strict=True):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
+def assert_matches_pml(ours, theirs, ours_inputs, theirs_inputs, tol: float, transposed=()) -> None:
+    """Our loss and pytorch-metric-learning's agree (rtol = atol = ``tol``) in value and in their
+    gradients w.r.t. matching inputs; ``transposed``: positions of inputs PML stores transposed
+    (its class weights and centers are embedding_size × classes)."""
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=tol, atol=tol)
+    grads = torch.autograd.grad(ours, ours_inputs)
+    for i, (g, r) in enumerate(zip(grads, torch.autograd.grad(theirs, theirs_inputs), strict=True)):
+        torch.testing.assert_close(g, (r.T if i in transposed else r).to(g.dtype), rtol=tol, atol=tol)

@@ -14,7 +14,7 @@ from pytorch_metric_learning import miners as pml_miners
 from study.config import SEARCHABLE_TRAIN
 from study.losses import LOSSES, create_loss, loss_hyperparameters
 from study.search_space import load_search_space
-from tests.conftest import REPO, unit
+from tests.conftest import REPO, assert_matches_pml, assert_same_value_and_grads, unit
 
 SPACES = {name: load_search_space(REPO / "search_spaces" / f"{name}.yaml", SEARCHABLE_TRAIN) for name in LOSSES}
 
@@ -184,11 +184,7 @@ def test_multi_similarity_matches_plain_loop_in_float64(hp):
     assert ours == kept
     all_pairs = len(labels) * (len(labels) - 1)  # every ordered (i, j), i ≠ j, is + or −
     assert 0 < len(kept) < all_pairs, "the batch must exercise mining (keep some, drop some)"
-    value = loss(x, labels)
-    assert abs(value.item() - expected.item()) < 1e-10
-    (grad,) = torch.autograd.grad(value, x)
-    (ref_grad,) = torch.autograd.grad(expected, x)
-    torch.testing.assert_close(grad, ref_grad, rtol=0.0, atol=1e-10)
+    assert_same_value_and_grads(loss(x, labels), expected, [x])
 
 
 def test_multi_similarity_without_kept_pairs_is_exactly_zero():
@@ -213,11 +209,7 @@ def test_multi_similarity_matches_pml(seed, hp, dtype):
     labels = torch.randint(0, 10, (32,), generator=g)
     ours = create_loss("multi_similarity", 10, 16, **hp)(F.normalize(raw, dim=1), labels)
     theirs = _pml_ms(raw, labels, **hp)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
-    (ours_grad,) = torch.autograd.grad(ours, raw)
-    (theirs_grad,) = torch.autograd.grad(theirs, raw)
-    torch.testing.assert_close(ours_grad, theirs_grad, rtol=tol, atol=tol)
+    assert_matches_pml(ours, theirs, [raw], [raw], 1e-5 if dtype == torch.float32 else 1e-10)
 
 
 def test_multi_similarity_differs_from_pml_when_one_pair_of_each_kind_is_mined():
@@ -257,13 +249,7 @@ def test_normalized_softmax_matches_plain_loop_in_float64(temperature):
     labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 1])
     x = _unit(len(labels), seed=2, dtype=torch.float64).requires_grad_()
     loss = create_loss("normalized_softmax", 5, DIM, temperature=temperature).double()
-    value = loss(x, labels)
-    expected = ns_reference(x, labels, loss.W, temperature)
-    assert abs(value.item() - expected.item()) < 1e-10
-    grads = torch.autograd.grad(value, [x, loss.W])
-    ref_grads = torch.autograd.grad(expected, [x, loss.W])
-    for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r, rtol=0.0, atol=1e-10)
+    assert_same_value_and_grads(loss(x, labels), ns_reference(x, labels, loss.W, temperature), [x, loss.W])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -279,8 +265,4 @@ def test_normalized_softmax_matches_pml(temperature, dtype):
     ours_value = ours(F.normalize(raw, dim=1), labels)
     theirs_value = theirs(raw, labels)  # PML normalises the embeddings itself
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(ours_value, theirs_value.to(dtype), rtol=tol, atol=tol)
-    ours_grads = torch.autograd.grad(ours_value, [raw, ours.W])
-    theirs_grads = torch.autograd.grad(theirs_value, [raw, theirs.W])
-    torch.testing.assert_close(ours_grads[0], theirs_grads[0], rtol=tol, atol=tol)
-    torch.testing.assert_close(ours_grads[1], theirs_grads[1].T.to(dtype), rtol=tol, atol=tol)
+    assert_matches_pml(ours_value, theirs_value, [raw, ours.W], [raw, theirs.W], tol, transposed={1})

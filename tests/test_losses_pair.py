@@ -13,7 +13,7 @@ from pytorch_metric_learning import losses as pml_losses
 from study.losses import create_loss
 from study.losses.margin import CUTOFF, NONZERO_LOSS_CUTOFF
 from study.losses.pairs import euclidean, pair_masks
-from tests.conftest import unit
+from tests.conftest import assert_matches_pml, assert_same_value_and_grads, unit
 
 LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])  # class 3 is a singleton
 DIM = 4
@@ -36,14 +36,6 @@ def _mean_nonzero(terms):
     return sum(active) / len(active) if active else torch.zeros((), dtype=torch.float64)
 
 
-def _check(value, reference, inputs, atol=1e-10, rtol=0.0):
-    """Same value (to ``atol``) and same gradients w.r.t. each of ``inputs``."""
-    assert abs(value.item() - reference.item()) < atol
-    grads = torch.autograd.grad(value, inputs, retain_graph=True)  # the normalisation is shared
-    for g, r in zip(grads, torch.autograd.grad(reference, inputs), strict=True):
-        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
-
-
 def _x(seed=1, dim=DIM):
     """(raw leaf, its unit-norm rows). Gradients are compared on the raw leaf: the losses
     use √(2 − 2xᵢ·xⱼ) for unit rows, the loops ‖xᵢ − xⱼ‖, equal on the sphere and with the
@@ -56,13 +48,6 @@ def _pml_leaf(seed: int, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(32, 8, generator=g, dtype=dtype).requires_grad_()
     return raw, torch.arange(8).repeat(4)[torch.randperm(32, generator=g)]
-
-
-def _assert_matches_pml(ours, theirs, raw, tol):
-    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
-    (g1,) = torch.autograd.grad(ours, raw)
-    (g2,) = torch.autograd.grad(theirs, raw)
-    torch.testing.assert_close(g1, g2, rtol=tol, atol=tol)
 
 
 # ---- easy positive sampling -------------------------------------------------------------
@@ -106,7 +91,7 @@ def triplet_reference(x, labels, margin, negatives, positive):
 def test_triplet_matches_plain_loop_in_float64(margin, negatives, positive):
     raw, x = _x()
     loss = create_loss("triplet", 5, DIM, margin=margin, negatives=negatives, positive=positive)
-    _check(loss(x, LABELS), triplet_reference(x, LABELS, margin, negatives, positive), [raw])
+    assert_same_value_and_grads(loss(x, LABELS), triplet_reference(x, LABELS, margin, negatives, positive), [raw])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -115,7 +100,7 @@ def test_triplet_batch_all_matches_pml(margin, dtype):
     raw, labels = _pml_leaf(0, dtype)
     ours = create_loss("triplet", 8, 8, margin=margin, negatives="all")(F.normalize(raw, dim=1), labels)
     theirs = pml_losses.TripletMarginLoss(margin=margin)(raw, labels)
-    _assert_matches_pml(ours, theirs, raw, 1e-5 if dtype == torch.float32 else 1e-9)
+    assert_matches_pml(ours, theirs, [raw], [raw], 1e-5 if dtype == torch.float32 else 1e-9)
 
 
 # ---- contrastive -----------------------------------------------------------------------
@@ -134,7 +119,9 @@ def contrastive_reference(x, labels, pos_margin, neg_margin, positive):
 def test_contrastive_matches_plain_loop_in_float64(pos_margin, neg_margin, positive):
     raw, x = _x()
     loss = create_loss("contrastive", 5, DIM, pos_margin=pos_margin, neg_margin=neg_margin, positive=positive)
-    _check(loss(x, LABELS), contrastive_reference(x, LABELS, pos_margin, neg_margin, positive), [raw])
+    assert_same_value_and_grads(
+        loss(x, LABELS), contrastive_reference(x, LABELS, pos_margin, neg_margin, positive), [raw]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -143,7 +130,9 @@ def test_contrastive_matches_pml(pos_margin, neg_margin, dtype):
     raw, labels = _pml_leaf(1, dtype)
     loss = create_loss("contrastive", 8, 8, pos_margin=pos_margin, neg_margin=neg_margin)
     theirs = pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin)(raw, labels)
-    _assert_matches_pml(loss(F.normalize(raw, dim=1), labels), theirs, raw, 1e-5 if dtype == torch.float32 else 1e-9)
+    assert_matches_pml(
+        loss(F.normalize(raw, dim=1), labels), theirs, [raw], [raw], 1e-5 if dtype == torch.float32 else 1e-9
+    )
 
 
 # ---- margin ----------------------------------------------------------------------------
@@ -172,7 +161,7 @@ def test_margin_matches_plain_loop_on_its_sampled_triplets(margin, beta, positiv
     torch.manual_seed(0)
     value = loss(x, LABELS)
     reference = margin_reference(x, [t.tolist() for t in triplets], margin, loss.beta)
-    _check(value, reference, [raw, loss.beta])
+    assert_same_value_and_grads(value, reference, [raw, loss.beta])
 
 
 @pytest.mark.parametrize("positive", ["all", "easy"])
@@ -187,7 +176,7 @@ def test_margin_matches_pml_on_the_same_triplets(positive):
     torch.manual_seed(0)
     ours = loss(x, labels)
     theirs = pml_losses.MarginLoss(margin=0.2, beta=1.2)(raw, labels, triplets)
-    _assert_matches_pml(ours, theirs, raw, 1e-9)
+    assert_matches_pml(ours, theirs, [raw], [raw], 1e-9)
 
 
 def test_margin_beta_is_learned():
@@ -267,7 +256,7 @@ def test_pddm_matches_plain_loop_in_float64(hp):
     full = {"alpha": 1.0, "beta": 0.5, "lam": 0.5, **hp}
     reference = pddm_reference(loss, x, LABELS, full["alpha"], full["beta"], full["lam"])
     # the unit's weights are float32 parameters, so their gradients are float32 sums
-    _check(loss(x, LABELS), reference, [raw, *loss.parameters()], atol=1e-7, rtol=1e-5)
+    assert_same_value_and_grads(loss(x, LABELS), reference, [raw, *loss.parameters()], atol=1e-7, rtol=1e-5)
 
 
 def test_pddm_mines_one_quadruplet_per_class_by_the_units_score():

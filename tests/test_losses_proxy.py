@@ -14,21 +14,10 @@ from pytorch_metric_learning import regularizers as pml_regularizers
 from study.losses import create_loss
 from study.losses.proxy_anchor import soft_orthogonality
 from study.losses.soft_triple import effective_centers
-from tests.conftest import unit
+from tests.conftest import assert_matches_pml, assert_same_value_and_grads, unit
 
 LABELS = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 1, 0])  # class 3 is a singleton, 5 has no sample
 NUM_CLASSES, DIM = 6, 5
-
-
-def _value_and_grads(loss, x):
-    value = loss(x, LABELS)
-    return value, torch.autograd.grad(value, [x, *loss.parameters()])
-
-
-def _assert_same(ours, reference, params, x, atol=1e-10):
-    assert abs(ours.item() - reference.item()) < atol
-    for g, r in zip(torch.autograd.grad(ours, [x, *params]), torch.autograd.grad(reference, [x, *params]), strict=True):
-        torch.testing.assert_close(g, r, rtol=0.0, atol=atol)
 
 
 def _pml_leaf(seed: int, n: int = 32, dim: int = 16, classes: int = 10, dtype=torch.float32):
@@ -87,7 +76,7 @@ def test_soft_triple_matches_plain_loop_in_float64(hp):
     reference = soft_triple_reference(
         x, LABELS, loss.centers, full["centers_per_class"], full["la"], full["gamma"], full["tau"], full["margin"]
     )
-    _assert_same(loss(x, LABELS), reference, [loss.centers], x)
+    assert_same_value_and_grads(loss(x, LABELS), reference, [x, loss.centers])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -104,11 +93,7 @@ def test_soft_triple_matches_pml_with_its_sparse_centers_regularizer(tau, dtype)
     raw, labels = _pml_leaf(0, dtype=dtype)
     ours_value, theirs_value = ours(F.normalize(raw, dim=1), labels), theirs(raw, labels)
     tol = 1e-5 if dtype == torch.float32 else 2e-6
-    torch.testing.assert_close(ours_value, theirs_value, rtol=tol, atol=tol)
-    ours_grads = torch.autograd.grad(ours_value, [raw, ours.centers])
-    theirs_grads = torch.autograd.grad(theirs_value, [raw, theirs.fc])
-    torch.testing.assert_close(ours_grads[0], theirs_grads[0], rtol=tol, atol=tol)
-    torch.testing.assert_close(ours_grads[1], theirs_grads[1].T, rtol=tol, atol=tol)
+    assert_matches_pml(ours_value, theirs_value, [raw, ours.centers], [raw, theirs.fc], tol, transposed={1})
 
 
 def _on_sphere(*angles: float) -> torch.Tensor:
@@ -166,7 +151,7 @@ def test_proxy_anchor_matches_plain_loop_in_float64(hp):
     x = unit(len(LABELS), DIM, seed=1, dtype=torch.float64).requires_grad_()
     full = {"alpha": 32.0, "delta": 0.1, "so_weight": 0.0, **hp}
     reference = proxy_anchor_reference(x, LABELS, loss.proxies, **full)
-    _assert_same(loss(x, LABELS), reference, [loss.proxies], x)
+    assert_same_value_and_grads(loss(x, LABELS), reference, [x, loss.proxies])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -180,18 +165,14 @@ def test_proxy_anchor_without_so_matches_pml(hp, dtype):
     raw, labels = _pml_leaf(1, dtype=dtype)
     ours_value, theirs_value = ours(F.normalize(raw, dim=1), labels), theirs(raw, labels)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(ours_value, theirs_value, rtol=tol, atol=tol)
-    ours_grads = torch.autograd.grad(ours_value, [raw, ours.proxies])
-    theirs_grads = torch.autograd.grad(theirs_value, [raw, theirs.proxies])
-    for g, r in zip(ours_grads, theirs_grads, strict=True):
-        torch.testing.assert_close(g, r, rtol=tol, atol=tol)
+    assert_matches_pml(ours_value, theirs_value, [raw, ours.proxies], [raw, theirs.proxies], tol)
 
 
 @pytest.mark.parametrize(("classes", "dim"), [(7, 16), (300, 8)])  # C < d and C > d
 def test_soft_orthogonality_equals_the_dense_frobenius_norm(classes, dim):
     p = unit(classes, dim, seed=2, dtype=torch.float64).requires_grad_()
     dense = (p @ p.T - torch.eye(classes, dtype=torch.float64)).square().sum()
-    _assert_same(soft_orthogonality(p), dense, [], p, atol=1e-8)
+    assert_same_value_and_grads(soft_orthogonality(p), dense, [p], atol=1e-8)
     if classes > dim:  # cannot reach 0: at least C²/d − C
         assert dense.item() >= classes**2 / dim - classes - 1e-6
 
@@ -249,7 +230,7 @@ def test_proxy_nca_matches_plain_loop_in_float64(scale):
     torch.manual_seed(0)
     loss = create_loss("proxy_nca", NUM_CLASSES, DIM, scale=scale).double()
     x = unit(len(LABELS), DIM, seed=1, dtype=torch.float64).requires_grad_()
-    _assert_same(loss(x, LABELS), proxy_nca_reference(x, LABELS, loss.proxies, scale), [loss.proxies], x)
+    assert_same_value_and_grads(loss(x, LABELS), proxy_nca_reference(x, LABELS, loss.proxies, scale), [x, loss.proxies])
 
 
 @pytest.mark.parametrize("scale", [1.0, 9.0])
