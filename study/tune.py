@@ -122,12 +122,7 @@ class TrackingCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if ERROR in result:  # the trial's final word: a non-finite loss; told at completion
             return
-        values = {
-            k: v
-            for k, v in result.items()
-            if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        self.tracker.log_metrics(self._key(trial), values, step=int(result["epoch"]))
+        self.tracker.log_metrics(self._key(trial), _metrics(result), step=int(result["epoch"]))
         self.say(
             f"  {self._key(trial)} epoch {result['epoch']}: "
             f"{self.cfg.search.objective}={result[self.cfg.search.objective]:.4f}"
@@ -149,6 +144,15 @@ class TrackingCallback(tune.Callback):
         # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
         checkpoint_of(self.cfg.storage, self.loss, trial.config[NUMBER]).delete()
         self.say(f"  {self._key(trial)}: {state}")
+
+
+def _metrics(result: dict) -> dict[str, float]:
+    """The metrics in a trial's result: its numbers, without what Ray adds."""
+    return {
+        k: v
+        for k, v in result.items()
+        if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def trial_key(loss: str, number: int) -> str:
@@ -255,7 +259,7 @@ def _close_finished_runs(
         tracker.start_trial(key, loss, "search", {}, run.info.run_name)
         state = load_state(checkpoint_of(cfg.storage, loss, trial.number))
         for result in state["history"] if state else []:
-            tracker.log_metrics(key, {k: v for k, v in result.items() if k != "epoch"}, step=int(result["epoch"]))
+            tracker.log_metrics(key, _metrics(result), step=int(result["epoch"]))
         tracker.end_trial(key, trial.state.name)
 
 
