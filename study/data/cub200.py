@@ -1,0 +1,48 @@
+"""CUB-200-2011 (Wah et al. 2011): 11,788 bird images, 200 species.
+
+The DML split (Oh Song et al. 2016): classes 1–100 train, 101–200 test; labels keep the dataset's
+class ids 1–200. The official train/test image split (``train_test_split.txt``) is a classification
+split and is not used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets.utils import download_and_extract_archive
+
+from study.data.images import DatasetLayoutError, ImageIndex
+from study.data.layout import check_listed, dataset_folder, read_rows, require
+
+# Module constants so that a test can point them at a local archive.
+URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+MD5 = "97eceeb196236b17998738112f37df78"
+TOP = "CUB_200_2011"
+EXPECTED = f"{TOP}/ with images.txt, image_class_labels.txt and images/"
+TRAIN_CLASSES = 100
+
+
+def index_cub200(root: Path, *, download: bool = False) -> ImageIndex:
+    """The images listed in ``images.txt`` with their ``image_class_labels.txt`` classes.
+
+    ``root`` is ``CUB_200_2011/`` or the folder that contains it. With ``download``, a missing
+    dataset is downloaded (1.1 GB, checked against its MD5) and extracted into ``root`` first.
+    Checks that ``images/`` and the first and last listed images exist, not every image.
+    """
+    folder = dataset_folder(root, ["images.txt"], [TOP])
+    if download and not (folder / "images.txt").exists():
+        download_and_extract_archive(URL, Path(root), filename=f"{TOP}.tgz", md5=MD5, remove_finished=True)
+        folder = dataset_folder(root, ["images.txt"], [TOP])
+    images = read_rows(folder / "images.txt", "cub200", EXPECTED, columns=2)
+    classes = dict(read_rows(folder / "image_class_labels.txt", "cub200", EXPECTED, columns=2))
+    image_dir = require(folder / "images", "cub200", EXPECTED)
+    missing = next((image_id for image_id, _ in images if image_id not in classes), None)
+    if missing is not None:
+        raise DatasetLayoutError(
+            f"cub200: image id {missing} of images.txt has no row in {folder / 'image_class_labels.txt'}"
+        )
+    paths = [image_dir / relative for _, relative in images]
+    check_listed(paths, "images.txt", "cub200", EXPECTED)
+    labels = np.array([int(classes[image_id]) for image_id, _ in images], dtype=np.int64)
+    return ImageIndex(paths=paths, labels=labels, split=np.where(labels <= TRAIN_CLASSES, "train", "test"))

@@ -1,0 +1,470 @@
+"""Dataset loaders on tiny fixture trees in each official layout, and the decode-once image cache."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import inspect
+import multiprocessing
+import os
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+from PIL import Image
+
+from study.data import cub200, images
+from study.data.images import DatasetLayoutError, ImageIndex, UnreadableImageError, load_images
+from study.data.loaders import INDEXES
+
+RED, GREEN, BLUE = (220, 20, 30), (20, 200, 40), (30, 40, 210)
+
+
+def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (12, 8)) -> None:
+    """A solid-colour image; the format follows the suffix (JPEG at high quality, so colours survive)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, quality=95)
+
+
+@dataclass
+class Case:
+    """A fixture tree: what to pass to the loader and what it must return."""
+
+    root: Path
+    labels: dict[Path, int] = field(default_factory=dict)  # every image → its expected label
+    colours: dict[Path, tuple[int, int, int]] = field(default_factory=dict)
+    train: set[int] = field(default_factory=set)
+    test: set[int] = field(default_factory=set)
+    required: list[Path] = field(default_factory=list)  # each one missing → an error naming it
+
+    def add(self, path: Path, label: int, split: str) -> Path:
+        """Write a solid image with a colour of its own and record what the loader must say about it."""
+        i = len(self.colours) + 1
+        self.colours[path] = ((37 * i) % 256, (91 * i + 50) % 256, (151 * i + 100) % 256)
+        write_image(path, self.colours[path])
+        self.labels[path] = label
+        (self.train if split == "train" else self.test).add(label)
+        return path
+
+
+def build_cub200(tmp: Path) -> Case:
+    top = tmp / "CUB_200_2011"
+    case, rows = Case(root=tmp), []
+    for cls in (1, 2, 3, 101, 102, 103):
+        for k in range(3):
+            relative = f"{cls:03d}.Bird_{cls}/Bird_{cls}_{k}.{'png' if k % 2 else 'jpg'}"
+            rows.append((len(rows) + 1, relative, cls))
+            case.add(top / "images" / relative, cls, "train" if cls <= 100 else "test")
+    (top / "images.txt").write_text("".join(f"{i} {relative}\n" for i, relative, _ in rows))
+    (top / "image_class_labels.txt").write_text("".join(f"{i} {cls}\n" for i, _, cls in rows))
+    first, last = top / "images" / rows[0][1], top / "images" / rows[-1][1]
+    case.required = [top / "images.txt", top / "image_class_labels.txt", top / "images", first, last]
+    return case
+
+
+def build_cars196(tmp: Path) -> Case:
+    top = tmp / "stanford_cars"
+    case, rows = Case(root=tmp), []
+    for cls in (1, 2, 98, 99, 150, 196):
+        for _ in range(2):
+            relative = f"car_ims/{len(rows) + 1:06d}.jpg"
+            rows.append((relative, 1, 2, 30, 40, cls, len(rows) % 2))  # the test flag is ignored
+            case.add(top / relative, cls, "train" if cls <= 98 else "test")
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    annotations = np.array(rows, dtype=[(name, object) for name in fields])
+    class_names = np.array([f"Make Model {c}" for c in range(1, 197)], dtype=object)
+    scipy.io.savemat(top / "cars_annos.mat", {"annotations": annotations, "class_names": class_names})
+    case.required = [top / "cars_annos.mat", top / "car_ims", top / rows[0][0], top / rows[-1][0]]
+    return case
+
+
+def build_sop(tmp: Path) -> Case:
+    top = tmp / "Stanford_Online_Products"
+    case, image_id = Case(root=tmp), 0
+    for name, classes in (("train", (1, 2, 3)), ("test", (4, 5, 6))):
+        lines = ["image_id class_id super_class_id path"]
+        for cls in classes:
+            category, super_class = ("bicycle", 1) if cls % 2 else ("chair", 2)
+            for k in range(2):
+                image_id += 1
+                relative = f"{category}_final/{110000 + cls}_{k}.JPG"
+                lines.append(f"{image_id} {cls} {super_class} {relative}")
+                case.add(top / relative, cls, name)
+        (top / f"Ebay_{name}.txt").write_text("\n".join(lines) + "\n")
+    case.required = [top / "Ebay_train.txt", top / "Ebay_test.txt", top / "bicycle_final" / "110001_0.JPG"]
+    case.required.append(top / "chair_final" / "110006_1.JPG")  # the last image of Ebay_test.txt
+    return case
+
+
+INSHOP_ITEMS = {  # item number → evaluation status of each of its images
+    1: ["train", "train"],
+    2: ["query", "gallery", "gallery"],
+    3: ["train", "train"],
+    4: ["query", "gallery"],
+    7: ["query", "query", "gallery"],
+}
+
+
+def build_inshop(tmp: Path, official: bool = False) -> Case:
+    top = tmp / "In-shop Clothes Retrieval Benchmark" if official else tmp / "inshop"
+    listing, image_root = (top / "Eval", top / "Img") if official else (top, top)
+    case, rows = Case(root=tmp if official else top), []
+    for item, statuses in INSHOP_ITEMS.items():
+        for k, status in enumerate(statuses):
+            relative = f"img/{'WOMEN/Dresses' if item % 2 else 'MEN/Denim'}/id_{item:08d}/{k + 1:02d}_1_front.jpg"
+            rows.append(f"{relative:<60}id_{item:08d}{' ' * 9}{status}   ")  # runs of spaces, like the real file
+            case.add(image_root / relative, item, "train" if status == "train" else "test")
+    listing.mkdir(parents=True, exist_ok=True)
+    header = "image_name item_id evaluation_status"
+    (listing / "list_eval_partition.txt").write_text("\n".join([str(len(rows)), header, *rows]) + "\n")
+    first, last = (image_root / row.split()[0] for row in (rows[0], rows[-1]))
+    case.required = [listing / "list_eval_partition.txt", image_root / "img", first, last]
+    return case
+
+
+def build_manifest(tmp: Path) -> Case:
+    folder = tmp / "data"
+    case, rows = Case(root=folder / "manifest.csv"), []
+    for label, name in enumerate(["ant", "bee", "cat", "dog"]):  # listed out of order below: sorted labels
+        for k in range(2):
+            path = case.add(folder / "pics" / f"{name}_{k}.png", label, "train" if label < 2 else "test")
+            rows.append({"path": str(path) if name == "dog" else f"pics/{name}_{k}.png", "label": name})
+    pd.DataFrame(rows[2:] + rows[:2]).to_csv(case.root, index=False)
+    case.required = [case.root, folder / "pics" / "bee_0.png", folder / "pics" / "ant_1.png"]  # first, last rows
+    return case
+
+
+def build_image_folder(tmp: Path) -> Case:
+    root = tmp / "folders"
+    case = Case(root=root)
+    for label, name in enumerate(["ant", "bee", "cat", "dog"]):
+        split = "train" if label < 2 else "test"
+        for suffix in (".JPG", ".png", ".jpeg", ".bmp", ".webp"):
+            case.add(root / name / f"{name}{suffix}", label, split)
+        case.add(root / name / "nested" / "deeper.png", label, split)
+        (root / name / "notes.txt").write_text("not an image")
+        write_image(root / name / ".hidden.png", RED)
+        write_image(root / name / ".cache" / "thumb.png", RED)
+    case.required = [root]
+    return case
+
+
+FIXTURES: dict[str, Callable[[Path], Case]] = {
+    "cub200": build_cub200,
+    "cars196": build_cars196,
+    "sop": build_sop,
+    "inshop": build_inshop,
+    "manifest": build_manifest,
+    "image_folder": build_image_folder,
+}
+
+
+def check_index(index: ImageIndex, case: Case) -> None:
+    """Counts, the label of every image, a class-disjoint split with the right classes on each side."""
+    assert len(index.paths) == len(index.labels) == len(index.split) == len(case.labels)
+    assert index.labels.dtype == np.int64 and all(path.is_absolute() for path in index.paths)
+    assert dict(zip(index.paths, index.labels.tolist(), strict=True)) == case.labels
+    assert set(index.labels[index.split == "train"].tolist()) == case.train
+    assert set(index.labels[index.split == "test"].tolist()) == case.test
+    assert set(index.split.tolist()) == {"train", "test"} and not case.train & case.test
+
+
+def test_every_loader_has_a_fixture():
+    assert set(FIXTURES) == set(INDEXES)
+
+
+@pytest.mark.parametrize("name", sorted(INDEXES))
+def test_signature(name):
+    parameters = inspect.signature(INDEXES[name]).parameters
+    assert list(parameters)[0] == "root"
+    assert set(list(parameters)[1:]) == (set() if name in ("manifest", "image_folder") else {"download"})
+
+
+@pytest.mark.parametrize("name", sorted(INDEXES))
+def test_index_and_pixels(name, tmp_path):
+    case = FIXTURES[name](tmp_path)
+    index = INDEXES[name](case.root)
+    check_index(index, case)
+    pixels = load_images(index, size=8, cache_dir=tmp_path / "cache")
+    assert pixels.shape == (len(case.labels), 3, 8, 8) and pixels.dtype == np.uint8
+    for i, path in enumerate(index.paths):  # a solid colour survives decode, resize and crop (JPEG: nearly)
+        assert np.abs(pixels[i].astype(int) - np.array(case.colours[path])[:, None, None]).max() <= 4, path
+
+
+@pytest.mark.parametrize("name", sorted(INDEXES))
+def test_missing_files_are_named(name, tmp_path):
+    for i in range(len(FIXTURES[name](tmp_path / "probe").required)):
+        case = FIXTURES[name](tmp_path / str(i))
+        missing = case.required[i]
+        shutil.rmtree(missing) if missing.is_dir() else missing.unlink()
+        with pytest.raises(DatasetLayoutError) as error:
+            INDEXES[name](case.root)
+        assert str(missing) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "top"), [("cub200", "CUB_200_2011"), ("cars196", "stanford_cars"), ("sop", "Stanford_Online_Products")]
+)
+def test_root_is_the_top_folder_or_its_parent(name, top, tmp_path):
+    FIXTURES[name](tmp_path)
+    assert INDEXES[name](tmp_path / top).paths == INDEXES[name](tmp_path).paths
+    with pytest.raises(DatasetLayoutError, match=f"{name}: {tmp_path / 'elsewhere'}/.* not found; expected"):
+        INDEXES[name](tmp_path / "elsewhere")
+
+
+def test_cub200_expected_layout_message(tmp_path):
+    with pytest.raises(DatasetLayoutError) as error:
+        INDEXES["cub200"](tmp_path)
+    assert str(error.value) == (
+        f"cub200: {tmp_path / 'images.txt'} not found; expected CUB_200_2011/ with images.txt, "
+        "image_class_labels.txt and images/"
+    )
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_inshop_query_gallery(official, tmp_path):
+    case = build_inshop(tmp_path, official=official)
+    index = INDEXES["inshop"](case.root)
+    check_index(index, case)
+    query, gallery, test = index.is_query, index.is_gallery, index.split == "test"
+    assert query.sum() == 4 and gallery.sum() == 4
+    assert not (query & gallery).any() and np.array_equal(query | gallery, test)
+    assert set(index.labels[query].tolist()) == set(index.labels[gallery].tolist()) == {2, 4, 7}
+    if official:  # the official top folder may be given itself
+        assert INDEXES["inshop"](case.root / "In-shop Clothes Retrieval Benchmark").paths == index.paths
+
+
+def test_inshop_rejects_a_wrong_count_or_status(tmp_path):
+    case = build_inshop(tmp_path)
+    listing = case.root / "list_eval_partition.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join(["99", *lines[1:]]))
+    with pytest.raises(DatasetLayoutError, match="must start with a line with the image count"):
+        INDEXES["inshop"](case.root)
+    listing.write_text("\n".join([*lines[:2], lines[2].replace("train", "val"), *lines[3:]]))
+    with pytest.raises(DatasetLayoutError, match="evaluation_status one of train, query, gallery"):
+        INDEXES["inshop"](case.root)
+
+
+@pytest.mark.parametrize("name", ["cars196", "sop", "inshop"])
+def test_download_without_a_stable_url(name, tmp_path):
+    with pytest.raises(DatasetLayoutError, match=f"{name}: the upstream has no stable download URL; get it by hand"):
+        INDEXES[name](tmp_path, download=True)
+
+
+def test_manifest_parquet_with_split_and_query_gallery(tmp_path):
+    paths = [tmp_path / "img" / f"{i}.png" for i in range(6)]
+    for i, path in enumerate(paths):
+        write_image(path, (40 * i, 0, 0))
+    table = pd.DataFrame(
+        {
+            "path": [f"img/{i}.png" for i in range(6)],
+            "label": [30, 30, 10, 10, 20, 20],  # test classes sort between the training classes
+            "split": ["train", "train", "test", "test", "train", "train"],
+            "is_query": [0, 0, 1, 0, 0, 0],
+            "is_gallery": [0, 0, 0, 1, 0, 0],
+        }
+    )
+    table.to_parquet(tmp_path / "m.parquet")
+    index = INDEXES["manifest"](tmp_path / "m.parquet")
+    assert index.paths == paths and index.labels.tolist() == [2, 2, 0, 0, 1, 1]
+    assert index.split.tolist() == table["split"].tolist()
+    assert index.is_query.tolist() == [False, False, True, False, False, False]
+    assert index.is_gallery.tolist() == [False, False, False, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.drop(columns="label"), "column label is missing or has empty values"),
+        (
+            lambda t: t.assign(split=["train", "val", "test", "test"]),
+            "column split has value 'val'; allowed: train, test",
+        ),
+        (lambda t: t.assign(is_query=[0, 0, 1, 0]), "column is_query without its partner"),
+        (lambda t: t.assign(is_query=[1, 0, 0, 0], is_gallery=[0] * 4), "column is_query is true on a train row"),
+        (lambda t: t.assign(is_query=[0, 0, 2, 0], is_gallery=[0] * 4), "column is_query must be true/false or 1/0"),
+    ],
+)
+def test_manifest_errors(change, message, tmp_path):
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png", GREEN)
+    table = pd.DataFrame({"path": [f"{i}.png" for i in range(4)], "label": ["a", "a", "b", "b"]})
+    change(table).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(DatasetLayoutError, match=f"manifest: {tmp_path / 'm.csv'}: {message}"):
+        INDEXES["manifest"](tmp_path / "m.csv")
+
+
+def test_manifest_needs_csv_or_parquet(tmp_path):
+    (tmp_path / "m.json").write_text("{}")
+    with pytest.raises(DatasetLayoutError, match="is not a .csv or .parquet file"):
+        INDEXES["manifest"](tmp_path / "m.json")
+
+
+def test_image_folder_with_train_and_test_folders(tmp_path):
+    for split, classes in (("train", ["zebra", "yak"]), ("test", ["ant", "bee", "cat"])):
+        for name in classes:
+            for k in range(2):
+                write_image(tmp_path / split / name / f"{k}.png", GREEN)
+    index = INDEXES["image_folder"](tmp_path)
+    assert len(index.paths) == 10
+    label = {
+        path.relative_to(tmp_path).parts[:2]: int(lab) for path, lab in zip(index.paths, index.labels, strict=True)
+    }
+    assert label == {
+        ("train", "yak"): 0,
+        ("train", "zebra"): 1,
+        ("test", "ant"): 2,
+        ("test", "bee"): 3,
+        ("test", "cat"): 4,
+    }
+    assert index.split.tolist() == ["train"] * 4 + ["test"] * 6
+    write_image(tmp_path / "test" / "yak" / "0.png", GREEN)
+    with pytest.raises(DatasetLayoutError, match="class 'yak' is in both"):
+        INDEXES["image_folder"](tmp_path)
+
+
+def test_image_folder_needs_two_classes(tmp_path):
+    write_image(tmp_path / "only" / "0.png", GREEN)
+    with pytest.raises(DatasetLayoutError, match="no class folders with images for the train split"):
+        INDEXES["image_folder"](tmp_path)
+
+
+def serve(folder: Path) -> tuple[http.server.HTTPServer, str]:
+    """A loopback HTTP server for ``folder`` (torchvision's downloader cannot read file:// URLs)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    except OSError as error:
+        pytest.skip(f"cannot listen on 127.0.0.1 for the download test: {error}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_cub200_download(tmp_path, monkeypatch):
+    build_cub200(tmp_path / "upstream")
+    archive = tmp_path / "served" / "CUB_200_2011.tgz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "upstream" / "CUB_200_2011", arcname="CUB_200_2011")
+    server, url = serve(archive.parent)
+    try:
+        monkeypatch.setattr(cub200, "URL", f"{url}/CUB_200_2011.tgz")
+        monkeypatch.setattr(cub200, "MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+        index = INDEXES["cub200"](tmp_path / "data", download=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(index.paths) == 18 and index.paths[0].is_relative_to(tmp_path / "data" / "CUB_200_2011")
+    assert not (tmp_path / "data" / "CUB_200_2011.tgz").exists()  # the archive is removed once extracted
+    monkeypatch.setattr(cub200, "URL", "http://127.0.0.1:9/unreachable.tgz")  # present: no second download
+    assert INDEXES["cub200"](tmp_path / "data", download=True).paths == index.paths
+
+
+def index_of(folder: Path, colours: list[tuple[int, int, int]]) -> ImageIndex:
+    paths = [folder / f"{i}.png" for i in range(len(colours))]
+    for path, colour in zip(paths, colours, strict=True):
+        write_image(path, colour)
+    return ImageIndex(paths=paths, labels=np.arange(len(paths)), split=np.array(["train"] * len(paths)))
+
+
+def thirds(size: tuple[int, int]) -> Image.Image:
+    """Red, green and blue thirds along the longer side."""
+    image = Image.new("RGB", size, GREEN)
+    long = max(size)
+    for colour, box in ((RED, (0, long // 3)), (BLUE, (2 * long // 3, long))):
+        image.paste(colour, (box[0], 0, box[1], size[1]) if size[0] > size[1] else (0, box[0], size[0], box[1]))
+    return image
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_shorter_side_resize_and_center_crop(wide, tmp_path):
+    thirds((60, 30) if wide else (30, 60)).save(tmp_path / "0.png")
+    index = ImageIndex(paths=[tmp_path / "0.png"], labels=np.zeros(1, dtype=np.int64), split=np.array(["train"]))
+    x = load_images(index, size=15, cache_dir=tmp_path / "cache")[0].astype(int)
+    x = x if wide else x.transpose(0, 2, 1)  # columns run along the longer side
+    assert (x == x[:, :1, :]).all()  # every row alike: nothing of the short side was cropped
+    # 60×30 → 30×15, centre 15 columns = original columns 14..44: a little red, all green, a little blue.
+    assert x[0, 0, 0] > 150 > x[1, 0, 0] and x[2, 0, -1] > 150 > x[1, 0, -1]
+    assert (np.abs(x[:, :, 4:11] - np.array(GREEN)[:, None, None]) <= 2).all()
+
+
+def test_cache_is_reused_and_keyed(tmp_path, monkeypatch):
+    index = index_of(tmp_path / "img", [RED, GREEN, BLUE])
+    cache = tmp_path / "cache"
+    first = load_images(index, size=6, cache_dir=cache)
+    assert isinstance(first, np.memmap) and not first.flags.writeable
+    [file] = cache.glob("*.npy")
+    mtime = file.stat().st_mtime_ns
+
+    def no_decode(path, size):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(images, "_decode", no_decode)
+    again = load_images(index, size=6, cache_dir=cache)
+    assert np.array_equal(again, first) and file.stat().st_mtime_ns == mtime and len(list(cache.glob("*.npy"))) == 1
+    monkeypatch.undo()
+    assert load_images(index, size=4, cache_dir=cache).shape == (3, 3, 4, 4)  # another size: another file
+    write_image(index.paths[1], BLUE)
+    os.utime(index.paths[1], ns=(mtime + 10**9, mtime + 10**9))  # a changed image: another file
+    assert load_images(index, size=6, cache_dir=cache)[1, 2].min() == BLUE[2]
+    assert len(list(cache.glob("*.npy"))) == 3
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", None])
+def test_unreadable_image(content, tmp_path):
+    index = index_of(tmp_path / "img", [RED, GREEN, BLUE])
+    bad = index.paths[1]
+    if content is None:  # a truncated PNG: the header is fine, the pixel data stops half-way
+        noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(bad)
+        content = bad.read_bytes()[: bad.stat().st_size // 2]
+    bad.write_bytes(content)
+    cache = tmp_path / "cache"
+    with pytest.raises(UnreadableImageError) as error:
+        load_images(index, size=6, cache_dir=cache, workers=2)
+    assert str(error.value).startswith(f"{bad}: cannot read image (") and "\n" not in str(error.value)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # no cache, no temp file
+
+
+def load_in_child(index: ImageIndex, cache: Path, barrier, results) -> None:
+    barrier.wait()
+    pixels = load_images(index, size=6, cache_dir=cache, workers=2)
+    results.put((pixels.filename, pixels.sum()))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_concurrent_callers_decode_once(tmp_path, monkeypatch):
+    index = index_of(tmp_path / "img", [RED, GREEN, BLUE, RED])
+    log, decode = tmp_path / "decoded.log", images._decode
+
+    def slow_logged_decode(path, size):
+        with open(log, "a") as file:
+            file.write(f"{path}\n")
+        time.sleep(0.1)  # long enough for the other process to reach the lock
+        return decode(path, size)
+
+    monkeypatch.setattr(images, "_decode", slow_logged_decode)  # inherited by the forked children
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    children = [
+        context.Process(target=load_in_child, args=(index, tmp_path / "cache", barrier, results)) for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    outcomes = [results.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    assert all(child.exitcode == 0 for child in children)
+    assert outcomes[0] == outcomes[1] and len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert len(log.read_text().splitlines()) == len(index.paths)  # decoded once, not once per caller
