@@ -1,4 +1,4 @@
-"""m-per-class batches and tensor augmentation."""
+"""m-per-class batches."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from study.data.samplers import MPerClassSampler
-from study.data.transforms import eval_transform, train_transform
 
 
 def test_every_batch_has_batch_size_over_m_classes_with_m_each():
@@ -40,17 +38,3 @@ def test_sampler_errors():
         MPerClassSampler(np.arange(10), 4, 18, 0)
     with pytest.raises(ValueError, match="needs 4 classes but the data has 3"):
         MPerClassSampler(np.repeat(np.arange(3), 5), 4, 16, 0)
-
-
-def test_train_transform_is_a_flipped_or_shifted_crop():
-    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    plain = eval_transform(images)
-    assert plain.shape == images.shape and abs(plain.mean()) < 1.5
-    out = train_transform(images, torch.Generator().manual_seed(0), pad=0)
-    flipped = [torch.equal(o, p.flip(-1)) and not torch.equal(o, p) for o, p in zip(out, plain, strict=True)]
-    assert all(torch.equal(o, p) or f for o, p, f in zip(out, plain, flipped, strict=True)) and 0 < sum(flipped) < 16
-    shifted = train_transform(images, torch.Generator().manual_seed(0), pad=2)
-    padded = torch.nn.functional.pad(plain, (2, 2, 2, 2))
-    for o, p in zip(shifted, padded, strict=True):  # every output is an 8×8 window of the padded image, maybe flipped
-        windows = [p[:, r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
-        assert any(torch.equal(o, w) or torch.equal(o, w.flip(-1)) for w in windows)

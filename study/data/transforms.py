@@ -1,26 +1,158 @@
-"""Batch augmentation on tensors (CPU or GPU): random crop with padding + horizontal flip, then normalise."""
+"""Batch augmentation on uint8 image tensors (CPU or GPU), seeded by a CPU ``torch.Generator``.
+
+Two regimes:
+
+- ``crop=None`` (small images, e.g. the embedded 32-px dataset): random crop with
+  zero padding + horizontal flip, at the input size.
+- ``crop=int`` (images decoded once at a fixed size S, e.g. 256): training takes a
+  per-sample RandomResizedCrop to crop×crop + horizontal flip, evaluation the
+  central crop×crop (for S=256, crop=224 that is the usual Resize(256) + CenterCrop(224)).
+
+Every op is batched on the images' device; random numbers are drawn on the CPU
+from ``generator`` (only a few per image) and then moved, so a seed gives the same
+augmentation on any device. The output is float, normalised with the ImageNet mean and std.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before its central fallback
 
 
-def eval_transform(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) → float, normalised with the ImageNet mean and std."""
-    x = images.float().div_(255)
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or float-in-[0, 255] (B, 3, H, W) → float, normalised with the ImageNet mean and std."""
+    x = images.float().div_(255) if images.dtype == torch.uint8 else images / 255
     return (x - MEAN.to(x.device)) / STD.to(x.device)
 
 
-def train_transform(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Per-sample random crop (zero padding of ``pad`` px) and horizontal flip, seeded by ``generator``."""
+def eval_transform(images: torch.Tensor, crop: int | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → normalised float; with ``crop``, the central crop×crop first (torchvision's CenterCrop
+    placement: offsets rounded from (size - crop) / 2)."""
+    if crop is None:
+        return normalize(images)
+    h, w = images.shape[-2:]
+    _check_crop(crop, h, w)
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return normalize(images[..., top : top + crop, left : left + crop])
+
+
+def train_transform(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    pad: int = 2,
+    crop: int | None = None,
+    scale: tuple[float, float] = (0.16, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Random crop + horizontal flip per sample, then normalise; deterministic for the state of ``generator``.
+
+    ``crop=None``: a random H×W window of the image zero-padded by ``pad`` px (``scale``/``ratio`` unused).
+    ``crop=int``: RandomResizedCrop to crop×crop with boxes from :func:`sample_crop_boxes` (``pad`` unused).
+    """
+    if crop is None:
+        return _pad_crop_flip(images, generator, pad)
+    b, _, h, w = images.shape
+    if crop <= 0:
+        raise ValueError(f"crop must be a positive size, got {crop}")
+    boxes = sample_crop_boxes(b, h, w, generator, scale, ratio)
+    flips = torch.rand(b, generator=generator) < 0.5
+    return normalize(crop_and_resize(images.float(), boxes, crop, flips))
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.16, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """``n`` RandomResizedCrop boxes as int64 (top, left, height, width) rows, torchvision's rule vectorised.
+
+    Per box: up to 10 attempts of an area fraction uniform in ``scale`` and an aspect ratio (w/h) log-uniform in
+    ``ratio``, sides rounded; the first attempt that fits the image is placed uniformly at random. If none fits,
+    the central fallback: the whole image, cut to the nearest bound of ``ratio`` when its own ratio is outside.
+    All attempts are drawn for every box (a fixed number of draws per call), so boxes differ from torchvision's
+    for the same seed but follow the same distribution.
+    """
+    area = torch.empty(n, ATTEMPTS).uniform_(scale[0], scale[1], generator=generator) * (height * width)
+    log_ratio = torch.empty(n, ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().round().long()
+    h = (area / aspect).sqrt().round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first attempt that fits (0 when none does)
+    h, w, found = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], fits.any(dim=1)
+    fallback_h, fallback_w = _central_fallback(height, width, ratio)
+    h = torch.where(found, h, fallback_h)
+    w = torch.where(found, w, fallback_w)
+    position = torch.rand(n, 2, generator=generator)
+    top = torch.where(found, _uniform_offset(position[:, 0], height - h), (height - h) // 2)
+    left = torch.where(found, _uniform_offset(position[:, 1], width - w), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def crop_and_resize(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flips: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float (B, C, H, W) and one (top, left, height, width) box per image → (B, C, size, size), in one batched op;
+    ``flips`` (bool, B) mirrors the chosen images horizontally.
+
+    One ``grid_sample`` at the coordinates of a bilinear resize of each box (half-pixel centres, clamped to the
+    box's edge pixels, no antialiasing), which is ``resized_crop(..., antialias=False)``: pixels outside a box never
+    leak in. Without antialias a downscale aliases, but here it is at most S / crop (256 / 224 ≈ 1.14): negligible.
+    """
+    _, _, height, width = images.shape
+    top, left, h, w = boxes.to(device=images.device, dtype=images.dtype).unbind(1)
+    ys = top[:, None] + _resize_coordinates(h, size)  # (B, size) source rows, in pixels
+    xs = left[:, None] + _resize_coordinates(w, size)
+    if flips is not None:
+        xs = torch.where(flips.to(images.device)[:, None], xs.flip(1), xs)
+    # grid_sample with align_corners=True maps -1 and 1 to the centres of the first and last pixels.
+    xs, ys = 2 * xs / max(width - 1, 1) - 1, 2 * ys / max(height - 1, 1) - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _resize_coordinates(length: torch.Tensor, size: int) -> torch.Tensor:
+    """Where each of ``size`` output pixels samples a box of ``length`` px (per row): PyTorch's bilinear rule
+    (dst + 0.5) · length / size − 0.5, clamped to [0, length − 1] as when the box is cropped out first."""
+    steps = (torch.arange(size, device=length.device, dtype=length.dtype) + 0.5) / size
+    return torch.minimum((steps * length[:, None] - 0.5).clamp(min=0), length[:, None] - 1)
+
+
+def _central_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """torchvision's box when no attempt fits: the whole image, or its centre cut to the nearest allowed ratio."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
+def _uniform_offset(u: torch.Tensor, max_offset: torch.Tensor) -> torch.Tensor:
+    """An integer uniform in [0, max_offset] per row from u uniform in [0, 1) (clamped: u·(m+1) can round up)."""
+    return torch.minimum((u * (max_offset + 1)).long(), max_offset.clamp(min=0))
+
+
+def _check_crop(crop: int, height: int, width: int) -> None:
+    if not 0 < crop <= min(height, width):  # evaluation never upsamples: images are decoded at S ≥ crop
+        raise ValueError(f"crop {crop} must be between 1 and the image size {height}×{width}")
+
+
+def _pad_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
+    """Per-sample random crop (zero padding of ``pad`` px) and horizontal flip at the input size."""
     b, _, h, w = images.shape
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
     flips = torch.rand(b, generator=generator) < 0.5
-    x = F.pad(eval_transform(images), (pad, pad, pad, pad))
+    x = F.pad(normalize(images), (pad, pad, pad, pad))
     rows = (offsets[:, 0, None] + torch.arange(h)).to(x.device)
     cols = (offsets[:, 1, None] + torch.arange(w)).to(x.device)
     cols = torch.where(flips.to(x.device)[:, None], cols.flip(1), cols)

@@ -1,0 +1,133 @@
+"""Tensor augmentation: pad-crop-flip for small images, batched RandomResizedCrop / center crop for decoded ones.
+
+torchvision is the oracle: its ``resized_crop`` (bilinear, no antialias) for the resize, its
+``RandomResizedCrop.get_params`` for the box distribution and fallback, its ``center_crop`` for evaluation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+from study.data.transforms import crop_and_resize, eval_transform, normalize, sample_crop_boxes, train_transform
+
+SCALE, RATIO = (0.16, 1.0), (3 / 4, 4 / 3)
+
+
+def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_train_transform_is_a_flipped_or_shifted_crop():
+    images = _images(16, 8, 8)
+    plain = eval_transform(images)
+    assert plain.shape == images.shape and abs(plain.mean()) < 1.5
+    out = train_transform(images, torch.Generator().manual_seed(0), pad=0)
+    flipped = [torch.equal(o, p.flip(-1)) and not torch.equal(o, p) for o, p in zip(out, plain, strict=True)]
+    assert all(torch.equal(o, p) or f for o, p, f in zip(out, plain, flipped, strict=True)) and 0 < sum(flipped) < 16
+    shifted = train_transform(images, torch.Generator().manual_seed(0), pad=2)
+    padded = torch.nn.functional.pad(plain, (2, 2, 2, 2))
+    for o, p in zip(shifted, padded, strict=True):  # every output is an 8×8 window of the padded image, maybe flipped
+        windows = [p[:, r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
+        assert any(torch.equal(o, w) or torch.equal(o, w.flip(-1)) for w in windows)
+
+
+@pytest.mark.parametrize(("h", "w", "crop"), [(256, 256, 224), (255, 250, 224), (40, 41, 1)])
+def test_eval_crop_is_torchvisions_center_crop(h, w, crop):
+    images = _images(3, h, w)
+    out = eval_transform(images, crop)
+    assert out.shape == (3, 3, crop, crop) and out.dtype == torch.float32
+    torch.testing.assert_close(out, normalize(TF.center_crop(images, [crop, crop])), rtol=0, atol=0)
+    if (h, w) == (256, 256):  # Resize(256) + CenterCrop(224): 16 px off every side
+        torch.testing.assert_close(out, eval_transform(images[..., 16:240, 16:240]), rtol=0, atol=0)
+
+
+def test_eval_crop_larger_than_the_images_is_an_error():
+    with pytest.raises(ValueError, match="crop 300 must be between 1 and the image size 256×256"):
+        eval_transform(_images(1, 256, 256), 300)
+
+
+@pytest.mark.parametrize(
+    "box",  # (top, left, height, width): upscale, downscale, non-square, whole image, one pixel, edge strips
+    [(10, 20, 100, 130), (0, 0, 256, 256), (5, 7, 250, 200), (3, 4, 30, 17), (9, 9, 1, 1), (255, 100, 1, 156)],
+)
+def test_batched_crop_is_torchvisions_resized_crop(box):
+    images = _images(2, 256, 256).float()
+    out = crop_and_resize(images, torch.tensor([box, box]), 224, flips=torch.tensor([False, True]))
+    expected = TF.resized_crop(images, *box, [224, 224], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    torch.testing.assert_close(out[0], expected[0], rtol=0, atol=0.02)  # on a 0–255 scale
+    torch.testing.assert_close(out[1], expected[1].flip(-1), rtol=0, atol=0.02)
+
+
+def test_each_image_gets_its_own_box():
+    images = _images(3, 64, 48).float()
+    boxes = torch.tensor([[0, 0, 64, 48], [10, 5, 20, 30], [40, 30, 24, 18]])
+    out = crop_and_resize(images, boxes, 16)
+    for image, box, o in zip(images, boxes.tolist(), out, strict=True):
+        expected = TF.resized_crop(image, *box, [16, 16], antialias=False)
+        torch.testing.assert_close(o, expected, rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize(("height", "width"), [(256, 256), (200, 300)])
+def test_crop_boxes_respect_the_scale_and_ratio_bounds(height, width):
+    boxes = sample_crop_boxes(20_000, height, width, torch.Generator().manual_seed(0), SCALE, RATIO)
+    assert boxes.shape == (20_000, 4) and boxes.dtype == torch.int64
+    top, left, h, w = boxes.T.double()
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    # sides are rounded to whole pixels: the bounds hold for the unrounded sides, within half a pixel each
+    assert ((h + 0.5) * (w + 0.5) >= SCALE[0] * height * width).all()
+    assert ((h - 0.5) * (w - 0.5) <= SCALE[1] * height * width).all()
+    assert ((w + 0.5) / (h - 0.5) >= RATIO[0]).all() and ((w - 0.5) / (h + 0.5) <= RATIO[1]).all()
+    fraction = h * w / (height * width)
+    assert fraction.min() < 0.17 and fraction.max() > 0.85  # the whole range is used (on 200×300 a 4:3 box ≤ 0.89)
+
+
+def test_crop_boxes_follow_torchvisions_distribution():
+    ours = sample_crop_boxes(4000, 256, 256, torch.Generator().manual_seed(0), SCALE, RATIO).double()
+    torch.manual_seed(0)  # get_params draws from the global generator
+    image = torch.empty(3, 256, 256)
+    theirs = torch.tensor([RandomResizedCrop.get_params(image, list(SCALE), list(RATIO)) for _ in range(4000)])
+    torch.testing.assert_close(ours.mean(0), theirs.double().mean(0), rtol=0, atol=4.0)  # standard errors ~1 px
+    torch.testing.assert_close(ours.std(0), theirs.double().std(0), rtol=0, atol=4.0)
+
+
+@pytest.mark.parametrize(("height", "width"), [(256, 256), (100, 300), (300, 100), (120, 150)])
+def test_crop_boxes_fall_back_to_torchvisions_central_crop(height, width):
+    impossible = (2.0, 3.0)  # more than the image's area: no attempt fits
+    boxes = sample_crop_boxes(5, height, width, torch.Generator().manual_seed(0), impossible, RATIO)
+    expected = RandomResizedCrop.get_params(torch.empty(3, height, width), list(impossible), list(RATIO))
+    assert boxes.tolist() == [list(expected)] * 5
+
+
+def test_train_crop_is_a_normalised_resize_maybe_flipped():
+    images = _images(8, 40, 40)
+    out = train_transform(images, torch.Generator().manual_seed(0), crop=24, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert out.shape == (8, 3, 24, 24) and out.dtype == torch.float32
+    resized = normalize(TF.resize(images.float(), [24, 24], antialias=False))  # the box is the whole image
+    flipped = [(o - r.flip(-1)).abs().max() < 1e-3 for o, r in zip(out, resized, strict=True)]
+    kept = [(o - r).abs().max() < 1e-3 for o, r in zip(out, resized, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 0 < sum(flipped) < 8
+
+
+def test_train_crop_flips_about_half_the_images():
+    ramp = torch.arange(32, dtype=torch.uint8).expand(2000, 3, 32, 32)  # brighter to the right, unless flipped
+    out = train_transform(ramp, torch.Generator().manual_seed(0), crop=16)
+    flipped = out[:, 0, :, 0].mean(1) > out[:, 0, :, -1].mean(1)
+    assert 0.45 < flipped.float().mean() < 0.55
+
+
+def test_train_crop_is_deterministic_for_a_seed():
+    images = _images(6, 64, 64)
+    first = train_transform(images, torch.Generator().manual_seed(3), crop=32)
+    assert torch.equal(first, train_transform(images, torch.Generator().manual_seed(3), crop=32))
+    assert not torch.equal(first, train_transform(images, torch.Generator().manual_seed(4), crop=32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_train_crop_on_the_gpu_matches_the_cpu():
+    images = _images(16, 256, 256)
+    cpu = train_transform(images, torch.Generator().manual_seed(0), crop=224)
+    gpu = train_transform(images.cuda(), torch.Generator().manual_seed(0), crop=224)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
