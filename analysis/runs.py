@@ -15,7 +15,7 @@ class StudyNotFoundError(LookupError):
 def load_study(name: str, tracking_uri: str | None = None) -> tuple[str, pd.DataFrame]:
     """The latest run of study ``name``: (objective metric, one row per child run).
 
-    Columns: ``run_id``, ``run_name``, ``loss``, ``stage``, ``state``, one column per
+    Columns: ``run_id``, ``run_name``, ``loss``, ``stage``, ``state``, ``mode``, one column per
     metric (its last logged value) and one ``param.<name>`` column per hyperparameter.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -50,4 +50,7 @@ def load_study(name: str, tracking_uri: str | None = None) -> tuple[str, pd.Data
         }
         for run in children
     ]
-    return parent.data.tags[TAG_OBJECTIVE], pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # feature mode (frozen trunk, trained head) is labelled in every table
+    frame["mode"] = parent.data.params.get("train.mode", "finetune")
+    return parent.data.tags[TAG_OBJECTIVE], frame

@@ -21,7 +21,7 @@ def _fail(message: str) -> None:
 def write_table(study_name: str, tracking_uri: str | None, out: Storage) -> str:
     """Rebuild the comparison table from MLflow; write results.csv and results.md; return the Markdown."""
     from analysis.runs import load_study
-    from analysis.tables import comparison_table, to_markdown
+    from analysis.tables import comparison_table, final_table, final_to_markdown, to_markdown
 
     objective, runs = load_study(study_name, tracking_uri)
     table = comparison_table(runs, objective)
@@ -31,6 +31,13 @@ def write_table(study_name: str, tracking_uri: str | None, out: Storage) -> str:
         + "\n"
     )
     out.child("results.csv").write_text(table.to_csv(index=False))
+    final = final_table(runs, objective)
+    if len(final) > 1:  # more than the untrained network: the final stage ran
+        markdown += (
+            "\nFinal stage: each loss's best configuration retrained per seed, tested once on the test "
+            "classes (mean ± 95% CI over seeds).\n\n" + final_to_markdown(final) + "\n"
+        )
+        out.child("final.csv").write_text(final.to_csv(index=False))
     out.child("results.md").write_text(markdown)
     return markdown
 

@@ -16,7 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from study.data import DATASETS, dataset_options
+from study.data import DATASETS, dataset_options, index_dataset
+from study.data.images import DatasetLayoutError
 from study.losses import LOSSES
 from study.search_space import SearchSpace, describe_validation_error, load_search_space
 from study.storage import Storage
@@ -38,12 +39,15 @@ class DatasetConfig(_Strict):
     root: Path | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    folds: int | None = Field(None, ge=2)  # k class-disjoint validation folds instead of val_fraction
+    image_size: int = Field(256, ge=16)  # image datasets: decoded once to this size (shorter side, center crop)
+    cache_dir: Path | None = None  # where decoded images are cached; default ~/.cache/dml-study
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
         if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
         return name
 
 
@@ -51,6 +55,8 @@ class ModelConfig(_Strict):
     backbone: str = "resnet10t"
     pretrained: bool | Literal["hub"] | Path = False
     embedding_dim: int = Field(64, ge=2)
+    pooling: Literal["avg", "max", "avgmax", "token"] = "avg"  # token: ViT/DeiT class token
+    freeze_bn: bool = False  # BatchNorm keeps its pretrained statistics and affine parameters
 
 
 class TrainConfig(_Strict):
@@ -62,6 +68,22 @@ class TrainConfig(_Strict):
     loss_lr_mult: float = Field(1.0, gt=0.0)
     eval_batch_size: int = Field(256, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # finetune: the whole network trains on augmented images; features: the frozen trunk runs once,
+    # its features are cached and trials train only the embedding head and the loss (cheap, broad searches)
+    mode: Literal["finetune", "features"] = "finetune"
+    crop_size: int | None = Field(None, ge=8)  # random resized crop (train) / center crop (eval); None: pad-crop
+    warmup_epochs: int = Field(0, ge=0)  # first epochs with the trunk frozen (Proxy Anchor's recipe)
+    grad_clip: float | None = Field(None, gt=0.0)  # clip every gradient value to ±grad_clip
+    amp: bool = False  # bf16 autocast on CUDA (losses compute in float32 regardless)
+    channels_last: bool = False  # CUDA CNNs: channels-last memory format
+
+
+class FinalConfig(_Strict):
+    """After the search: each loss's best configuration retrained ``seeds`` times (per fold with
+    folds) on the training classes and evaluated once on the test classes."""
+
+    seeds: int = Field(3, ge=0)  # 0: no final stage
+    epochs: int | None = Field(None, ge=1)  # default: train.epochs
 
 
 class SearchConfig(_Strict):
@@ -105,6 +127,7 @@ class StudyConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     search: SearchConfig
+    final: FinalConfig = FinalConfig()
     resources: Resources = Resources()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -172,6 +195,12 @@ def parse_study(text: str, path: str, overrides: list[str] = (), space_dir: Path
                 f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
                 f"train.m_per_class ({cfg.train.m_per_class})"
             )
+        if cfg.train.warmup_epochs >= cfg.train.epochs:
+            raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must be below train.epochs")
+        if cfg.dataset.name != "synthetic" and (cfg.train.crop_size or 0) > cfg.dataset.image_size:
+            raise ConfigError(
+                f"train.crop_size ({cfg.train.crop_size}) must not exceed dataset.image_size ({cfg.dataset.image_size})"
+            )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     search_spaces(cfg)  # every loss's space must load and fit the loss; errors name the space file
@@ -184,7 +213,12 @@ def _check_dataset(ds: DatasetConfig) -> None:
         if key not in allowed:
             raise ConfigError(f"dataset.options.{key}: unknown option; allowed: {', '.join(allowed)}")
     if ds.root is not None and not ds.root.exists():
-        raise ConfigError(f"dataset.root: folder {ds.root} does not exist")
+        raise ConfigError(f"dataset.root: {ds.root} does not exist")
+    if ds.name != "synthetic":  # read the index files now: a wrong folder fails before any trial
+        try:
+            index_dataset(ds.name, ds.root, **ds.options)
+        except (DatasetLayoutError, ValueError) as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 def _check_model(model: ModelConfig) -> None:

@@ -32,23 +32,29 @@ def _use_gpu(use_gpu: bool | None) -> bool:
     return faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
 
 
-def knn(embeddings: np.ndarray, k: int, use_gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn(
+    embeddings: np.ndarray, k: int, use_gpu: bool | None = None, database: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest neighbours of every sample among the *other* samples, by inner product.
 
     Returns (similarities, indices), both N×k, best first. Searches k+1 and removes the
     query's own index wherever it landed (with duplicate embeddings it need not be first);
     where it is absent from the k+1 results, the last column is dropped instead.
+    With a ``database`` (a gallery), the samples are queries against it and nothing is excluded.
     """
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n = len(x)
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k must be between 1 and N-1 = {n - 1}, got {k}")
+    base = x if database is None else np.ascontiguousarray(database, dtype=np.float32)
+    n, exclude = len(x), int(database is None)
+    if not 1 <= k <= len(base) - exclude:
+        raise ValueError(f"k must be between 1 and {len(base) - exclude}, got {k}")
     index = faiss.IndexFlatIP(x.shape[1])
     if _use_gpu(use_gpu) and k + 1 <= _GPU_MAX_K:
         resources = faiss.StandardGpuResources()  # must outlive the GPU index
         index = faiss.index_cpu_to_gpu(resources, 0, index)
-    index.add(x)
-    sims, idx = index.search(x, k + 1)
+    index.add(base)
+    sims, idx = index.search(x, k + exclude)
+    if not exclude:
+        return sims, idx
     is_self = idx == np.arange(n)[:, None]
     drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
     keep = np.ones_like(is_self)
@@ -65,17 +71,25 @@ def recall_at_k(knn_labels: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -
     return {f"recall_at_{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def map_at_r(knn_labels: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:
+def map_at_r(
+    knn_labels: np.ndarray, labels: np.ndarray, gallery_labels: np.ndarray | None = None
+) -> tuple[float, float, int]:
     """(MAP@R, R-Precision, number of queries left out because R = 0), Musgrave et al. 2020.
 
     For a query with R other samples of its class, MAP@R = (1/R) Σ_{i≤R} P(i)·rel(i) and
     R-Precision = (1/R) Σ_{i≤R} rel(i), over its neighbours sorted by similarity; both are
     averaged over the queries with R > 0 (NaN if there are none). ``knn_labels`` must have
-    at least max R columns.
+    at least max R columns. With ``gallery_labels`` (query/gallery protocols) R is the number of
+    gallery samples of the query's class.
     """
     labels = np.asarray(labels)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    r = counts[inverse] - 1
+    if gallery_labels is None:
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        r = counts[inverse] - 1
+    else:
+        classes, counts = np.unique(gallery_labels, return_counts=True)
+        pos = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
+        r = np.where(classes[pos] == labels, counts[pos], 0)
     valid = r > 0
     n_left_out = int((~valid).sum())
     if not valid.any():
@@ -120,11 +134,13 @@ def evaluate(
     ks: Sequence[int] = (1, 2, 4, 8),
     seed: int = 0,
     use_gpu: bool | None = None,
+    gallery: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Recall@k for each k, MAP@R, R-Precision, the R = 0 count and NMI, as MLflow-safe names.
 
     ``embeddings`` (N×d) must already be L2-normalised; they are not normalised here.
-    ``use_gpu=None`` uses a GPU when faiss sees one.
+    ``use_gpu=None`` uses a GPU when faiss sees one. With ``gallery`` = (embeddings, labels) the
+    samples are queries retrieved from the gallery (In-Shop); NMI then clusters queries and gallery.
     """
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
@@ -136,12 +152,17 @@ def evaluate(
         raise ValueError(f"need at least 2 samples to evaluate retrieval, got {len(labels)}")
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks!r}")
-    max_r = int(np.unique(labels, return_counts=True)[1].max()) - 1
-    k = min(len(labels) - 1, max(max(ks), max_r))
-    _, idx = knn(embeddings, k, use_gpu)
-    knn_labels = labels[idx]
+    base, base_labels = (embeddings, labels) if gallery is None else (np.asarray(gallery[0]), np.asarray(gallery[1]))
+    exclude = int(gallery is None)
+    max_r = int(np.unique(base_labels, return_counts=True)[1].max()) - exclude
+    k = min(len(base_labels) - exclude, max(max(ks), max_r))
+    _, idx = knn(embeddings, k, use_gpu, database=None if gallery is None else base)
+    knn_labels = base_labels[idx]
     result = recall_at_k(knn_labels, labels, ks)
-    result["map_at_r"], result["r_precision"], left_out = map_at_r(knn_labels, labels)
+    result["map_at_r"], result["r_precision"], left_out = map_at_r(
+        knn_labels, labels, None if gallery is None else base_labels
+    )
     result["queries_without_positives"] = float(left_out)
-    result["nmi"] = nmi(embeddings, labels, seed, use_gpu)
+    everything = embeddings if gallery is None else np.concatenate([embeddings, base])
+    result["nmi"] = nmi(everything, labels if gallery is None else np.concatenate([labels, base_labels]), seed, use_gpu)
     return result

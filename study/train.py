@@ -14,21 +14,22 @@ results as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from study import metrics
-from study.config import DatasetConfig, StudyConfig, TrainConfig
+from study.config import StudyConfig, TrainConfig
 from study.data import create_dataset
 from study.data.samplers import MPerClassSampler
-from study.data.splits import class_split
+from study.data.splits import validation_folds
 from study.data.transforms import eval_transform, train_transform
 from study.losses import create_loss
 from study.models import EmbeddingNet
@@ -58,20 +59,47 @@ def load_state(folder: Storage | None) -> dict | None:
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A dataset in memory (uint8 images) with its class-disjoint split indices."""
+    """A dataset ready for trials. ``inputs``: uint8 images (N, 3, S, S) — a tensor, or a read-only
+    memory map of the image cache — or, in feature mode, the frozen trunk's float32 features (N, F)."""
 
-    images: torch.Tensor
+    inputs: torch.Tensor | np.ndarray
     labels: np.ndarray
-    splits: dict[str, np.ndarray]
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (training, validation) indices per fold
+    trainval: np.ndarray  # every training class: what the final stage trains on without folds
+    test: np.ndarray  # test classes (the queries, with a gallery)
+    gallery: np.ndarray | None = None  # query/gallery protocols (In-Shop)
+    features: bool = False
 
-    def subset(self, split: str) -> tuple[torch.Tensor, np.ndarray]:
-        idx = np.array(self.splits[split])  # a writable copy: Ray hands out read-only arrays
-        return self.images[idx], self.labels[idx]
+
+def prepare_data(study: StudyConfig) -> PreparedData:
+    """The study's dataset, its validation folds and test split; in feature mode, trunk features."""
+    ds_cfg = study.dataset
+    ds = create_dataset(
+        ds_cfg.name, ds_cfg.root, decode_size=ds_cfg.image_size, cache_dir=ds_cfg.cache_dir, **ds_cfg.options
+    )
+    folds = validation_folds(ds.labels, ds.split, val_fraction=ds_cfg.val_fraction, folds=ds_cfg.folds, seed=study.seed)
+    queries = ds.split == "test" if ds.is_query is None else ds.is_query
+    data = PreparedData(
+        inputs=ds.images,
+        labels=np.asarray(ds.labels),
+        folds=folds,
+        trainval=np.flatnonzero(ds.split == "train"),
+        test=np.flatnonzero(queries),
+        gallery=None if ds.is_gallery is None else np.flatnonzero(ds.is_gallery),
+    )
+    if study.train.mode == "features":
+        data = replace(data, inputs=extract_features(study, data), features=True)
+    return data
 
 
-def prepare_data(cfg: DatasetConfig, seed: int) -> PreparedData:
-    images, labels = create_dataset(cfg.name, root=cfg.root, **cfg.options)
-    return PreparedData(images, labels, class_split(labels, cfg.val_fraction, seed))
+@functools.lru_cache(maxsize=1)
+def _load_data(study_json: str) -> PreparedData:
+    return prepare_data(StudyConfig.model_validate_json(study_json))
+
+
+def load_data(study: StudyConfig) -> PreparedData:
+    """:func:`prepare_data`, once per process: a worker running trial after trial keeps it."""
+    return _load_data(study.model_dump_json())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,33 +108,169 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _rows(inputs: torch.Tensor | np.ndarray, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[torch.as_tensor(idx, device=inputs.device)]
+    return torch.from_numpy(inputs[np.asarray(idx)])  # a memory map: reads just these rows
+
+
+def _on_device(inputs: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor | np.ndarray:
+    """On a GPU, every input goes to its memory once (the cached mode: no per-step decoding or
+    host-to-device copies); on the CPU, a memory map stays one and batches are read from it."""
+    if device.type == "cpu":
+        return inputs
+    out = torch.empty(tuple(inputs.shape), dtype=torch.as_tensor(inputs[:1]).dtype, device=device)
+    for start in range(0, len(inputs), 4096):  # in chunks: never a second full copy in host memory
+        out[start : start + 4096] = torch.as_tensor(np.asarray(inputs[start : start + 4096])).to(device)
+    return out
+
+
+def _autocast(train: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.amp and device.type == "cuda")
+
+
 @torch.no_grad()
-def embed(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+def embed(
+    model: EmbeddingNet, data: PreparedData, inputs, idx: np.ndarray, train: TrainConfig, device: torch.device
+) -> np.ndarray:
+    """L2-normalised embeddings of samples ``idx`` (evaluation transform: center crop)."""
     model.eval()
-    out = [
-        model(eval_transform(images[i : i + batch_size].to(device))).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
+    out = []
+    for start in range(0, len(idx), train.eval_batch_size):
+        x = _rows(inputs, idx[start : start + train.eval_batch_size]).to(device)
+        with _autocast(train, device):
+            if data.features:
+                out.append(model.embed_features(x).float().cpu())
+            else:
+                out.append(model(_eval_input(x, train)).float().cpu())
     return torch.cat(out).numpy()
 
 
-def evaluate_model(
-    model: nn.Module, data: PreparedData, split: str, train: TrainConfig, device: torch.device, seed: int
+def _eval_input(x: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+    x = eval_transform(x, crop=train.crop_size)
+    return x.contiguous(memory_format=torch.channels_last) if train.channels_last else x
+
+
+@torch.no_grad()
+def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor:
+    """The frozen (pretrained) trunk's pooled features of every image, once, for feature mode."""
+    device = resolve_device(study.train.device)
+    model = build_model(study, study.seed).to(device).eval()
+    inputs, out = data.inputs, []
+    for start in range(0, len(inputs), study.train.eval_batch_size):
+        x = _rows(inputs, np.arange(start, min(start + study.train.eval_batch_size, len(inputs)))).to(device)
+        with _autocast(study.train, device):
+            out.append(model.features(_eval_input(x, study.train)).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_split(
+    model: EmbeddingNet, data: PreparedData, inputs, split: np.ndarray, train: TrainConfig, device, seed: int
 ) -> dict[str, float]:
-    images, labels = data.subset(split)
-    return metrics.evaluate(embed(model, images, train.eval_batch_size, device), labels, seed=seed)
+    """Retrieval metrics of samples ``split`` among themselves (validation, or test without a gallery)."""
+    return metrics.evaluate(embed(model, data, inputs, split, train, device), data.labels[split], seed=seed)
+
+
+def evaluate_test(
+    model: EmbeddingNet, data: PreparedData, inputs, train: TrainConfig, device, seed: int
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Test metrics (queries against the gallery where the protocol has one) and the embeddings."""
+    saved = {"test": embed(model, data, inputs, data.test, train, device), "test_labels": data.labels[data.test]}
+    gallery = None
+    if data.gallery is not None:
+        saved |= {"gallery": embed(model, data, inputs, data.gallery, train, device)}
+        saved["gallery_labels"] = data.labels[data.gallery]
+        gallery = (saved["gallery"], saved["gallery_labels"])
+    return metrics.evaluate(saved["test"], saved["test_labels"], seed=seed, gallery=gallery), saved
 
 
 def build_model(study: StudyConfig, seed: int) -> EmbeddingNet:
     torch.manual_seed(seed)
-    return EmbeddingNet(study.model.backbone, study.model.embedding_dim, study.model.pretrained)
+    m = study.model
+    model = EmbeddingNet(m.backbone, m.embedding_dim, m.pretrained, pooling=m.pooling, freeze_bn=m.freeze_bn)
+    return model.to(memory_format=torch.channels_last) if study.train.channels_last else model
 
 
-def evaluate_untrained(study: StudyConfig, data: PreparedData, split: str = "val") -> dict[str, float]:
-    """The baseline row: the same network, initialised with the study seed, never trained."""
+def evaluate_untrained(study: StudyConfig, data: PreparedData) -> tuple[dict[str, float], dict[str, float]]:
+    """The baseline: the network initialised with the study seed, never trained. Returns its
+    validation metrics (mean over folds) and its test metrics."""
     device = resolve_device(study.train.device)
     model = build_model(study, study.seed).to(device)
-    return evaluate_model(model, data, split, study.train, device, study.seed)
+    inputs = _on_device(data.inputs, device)
+    val = _mean([evaluate_split(model, data, inputs, v, study.train, device, study.seed) for _, v in data.folds])
+    return val, evaluate_test(model, data, inputs, study.train, device, study.seed)[0]
+
+
+def _mean(results: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+class Learner:
+    """One network learning one loss on the training classes ``fit`` (indices into the data)."""
+
+    def __init__(
+        self,
+        study: StudyConfig,
+        loss_name: str,
+        loss_params: dict,
+        train: TrainConfig,
+        data: PreparedData,
+        fit: np.ndarray,
+        seed: int,
+        device: torch.device,
+    ):
+        self.fit, self.train, self.data, self.device, self.loss_name = fit, train, data, device, loss_name
+        classes, labels = np.unique(data.labels[fit], return_inverse=True)  # 0..C-1 for proxy losses
+        self.labels = torch.as_tensor(labels, device=device)
+        self.model = build_model(study, seed).to(device)
+        self.loss_fn = create_loss(loss_name, len(classes), study.model.embedding_dim, **loss_params).to(device)
+        trained = self.model.head if data.features else self.model  # feature mode: the trunk ran once
+        self.optimizer = _optimizer(trained, self.loss_fn, train)
+        self.sampler = MPerClassSampler(labels, train.m_per_class, train.batch_size, seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def train_epoch(self, epoch: int, inputs) -> float:
+        """One epoch; the trunk stays frozen during the first ``warmup_epochs``. Returns the mean loss."""
+        self.sampler.set_epoch(epoch)
+        self.model.train()
+        self.model.set_trunk_trainable(not self.data.features and epoch > self.train.warmup_epochs)
+        fit = torch.as_tensor(self.fit)
+        losses = []
+        for batch in self.sampler:
+            idx = torch.as_tensor(batch)
+            x = _rows(inputs, fit[idx].numpy()).to(self.device)
+            with _autocast(self.train, self.device):
+                if self.data.features:
+                    out = self.model.embed_features(x)
+                else:
+                    x = train_transform(x, self.generator, crop=self.train.crop_size)
+                    if self.train.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    out = self.model(x)
+            loss = self.loss_fn(out.float(), self.labels[idx.to(self.device)])
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"{self.loss_name}: training loss is {loss.item()} at epoch {epoch}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_value_(self.model.parameters(), self.train.grad_clip)
+            self.optimizer.step()
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
 
 
 def _optimizer(model: nn.Module, loss: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -115,6 +279,49 @@ def _optimizer(model: nn.Module, loss: nn.Module, train: TrainConfig) -> torch.o
     if loss_params:  # proxies / centers learn in their own group with a larger lr
         groups.append({"params": loss_params, "lr": train.lr * train.loss_lr_mult})
     return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+
+
+def _fit(
+    learners: list[Learner],
+    epochs: int,
+    inputs,
+    evaluate: Callable[[int], dict[str, float]],
+    report: Callable[[dict], None] | None,
+    checkpoint_dir: Storage | None,
+) -> list[dict]:
+    """Train ``learners`` side by side for ``epochs``, ``evaluate(epoch)`` after each epoch; with a
+    ``checkpoint_dir``, resume from and save to it. Returns every epoch's result."""
+    history: list[dict] = []
+    state = load_state(checkpoint_dir)
+    if state is not None:  # continue a crashed, retried or resumed trial
+        for learner, learner_state in zip(learners, state["learners"], strict=True):
+            learner.load_state_dict(learner_state)
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        for result in history:  # the scheduler and the tracker see every epoch again
+            if report is not None:
+                report(dict(result))
+    for epoch in range(len(history) + 1, epochs + 1):
+        start = time.perf_counter()
+        train_loss = float(np.mean([learner.train_epoch(epoch, inputs) for learner in learners]))
+        result = evaluate(epoch)
+        result.update(epoch=epoch, train_loss=train_loss, epoch_seconds=time.perf_counter() - start)
+        history.append(result)
+        if checkpoint_dir is not None:
+            learner_states = [learner.state_dict() for learner in learners]
+            state = {"learners": learner_states, "torch_rng": torch.get_rng_state(), "history": history}
+            save_state(checkpoint_dir, state)
+        if report is not None:
+            report(dict(result))
+    return history
+
+
+def _setup(study: StudyConfig, train: TrainConfig | None, data: PreparedData | None):
+    train = train or study.train
+    torch.set_num_threads(max(1, int(study.resources.cpu)))
+    device = resolve_device(train.device)
+    data = data or load_data(study)
+    return train, device, data, _on_device(data.inputs, device)
 
 
 def run_trial(
@@ -128,71 +335,57 @@ def run_trial(
     seed: int | None = None,
     checkpoint_dir: Storage | None = None,
 ) -> dict[str, float]:
-    """Train ``loss_name`` with ``loss_params``; returns the last epoch's validation metrics."""
-    train = train or study.train
+    """A search trial: ``loss_name`` with ``loss_params`` trained on each fold's training classes;
+    after every epoch the validation metrics, averaged over the folds, are reported. Returns the last."""
+    train, device, data, inputs = _setup(study, train, data)
     seed = study.seed if seed is None else seed
-    torch.set_num_threads(max(1, int(study.resources.cpu)))
-    device = resolve_device(train.device)
-    data = data or prepare_data(study.dataset, study.seed)
+    learners = [Learner(study, loss_name, loss_params, train, data, fit, seed, device) for fit, _ in data.folds]
 
-    images, raw_labels = data.subset("train")
-    classes, labels = np.unique(raw_labels, return_inverse=True)  # 0..C-1 for proxy losses
-    labels_t = torch.as_tensor(labels)
-    model = build_model(study, seed).to(device)
-    loss_fn = create_loss(loss_name, len(classes), study.model.embedding_dim, **loss_params).to(device)
-    optimizer = _optimizer(model, loss_fn, train)
-    sampler = MPerClassSampler(labels, train.m_per_class, train.batch_size, seed)
-    generator = torch.Generator().manual_seed(seed)
-
-    history: list[dict] = []
-    state = load_state(checkpoint_dir)
-    if state is not None:  # continue a crashed, retried or resumed trial
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history = state["history"]
-        for result in history:  # the scheduler and the tracker see every epoch again
-            if report is not None:
-                report(dict(result))
-
-    result: dict[str, float] = history[-1] if history else {}
-    for epoch in range(len(history) + 1, train.epochs + 1):
-        start = time.perf_counter()
-        sampler.set_epoch(epoch)
-        model.train()
-        losses = []
-        for batch in sampler:
-            idx = torch.as_tensor(batch)
-            x = train_transform(images[idx], generator).to(device)
-            loss = loss_fn(model(x), labels_t[idx].to(device))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"{loss_name}: training loss is {loss.item()} at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        result = evaluate_model(model, data, "val", train, device, seed)
-        result.update(epoch=epoch, train_loss=float(np.mean(losses)), epoch_seconds=time.perf_counter() - start)
-        if hasattr(loss_fn, "trial_metrics"):  # e.g. SoftTriple's effective centers per class
-            result.update(loss_fn.trial_metrics())
+    def validate(epoch: int) -> dict[str, float]:
+        results = []
+        for learner, (_, val) in zip(learners, data.folds, strict=True):
+            result = evaluate_split(learner.model, data, inputs, val, train, device, seed)
+            if hasattr(learner.loss_fn, "trial_metrics"):  # e.g. SoftTriple's effective centers per class
+                result.update(learner.loss_fn.trial_metrics())
+            results.append(result)
+        result = _mean(results)
         if not math.isfinite(result["map_at_r"]):
             raise NonFiniteLossError(f"{loss_name}: validation metrics are not finite at epoch {epoch}")
-        history.append(result)
-        if checkpoint_dir is not None:
-            save_state(checkpoint_dir, _state(model, loss_fn, optimizer, generator, history))
-        if report is not None:
-            report(dict(result))
-    return result
+        return result
+
+    return _fit(learners, train.epochs, inputs, validate, report, checkpoint_dir)[-1]
 
 
-def _state(model: nn.Module, loss: nn.Module, optimizer, generator: torch.Generator, history: list[dict]) -> dict:
-    return {
-        "model": model.state_dict(),
-        "loss": loss.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "history": history,
-    }
+def run_final(
+    study: StudyConfig,
+    loss_name: str,
+    loss_params: dict,
+    train: TrainConfig | None = None,
+    *,
+    seed: int,
+    fold: int | None = None,
+    data: PreparedData | None = None,
+    report: Callable[[dict], None] | None = None,
+    checkpoint_dir: Storage | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A final-stage run: trained on every training class (or fold ``fold``'s training classes),
+    evaluated once, after the last epoch, on the test classes. Returns the test metrics (also in
+    the last reported result) and the test embeddings (``test``, ``test_labels``, ``gallery``…)."""
+    train, device, data, inputs = _setup(study, train, data)
+    fit = data.trainval if fold is None else data.folds[fold][0]
+    learner = Learner(study, loss_name, loss_params, train, data, fit, seed, device)
+    saved: dict[str, np.ndarray] = {}
+
+    def test_once(epoch: int) -> dict[str, float]:
+        if epoch < train.epochs:
+            return {}
+        result, embeddings = evaluate_test(learner.model, data, inputs, train, device, seed)
+        saved.update(embeddings)
+        if hasattr(learner.loss_fn, "trial_metrics"):
+            result.update(learner.loss_fn.trial_metrics())
+        return result
+
+    history = _fit([learner], train.epochs, inputs, test_once, report, checkpoint_dir)
+    if not saved:  # every epoch was in the checkpoint: evaluate the restored model
+        history[-1] |= test_once(train.epochs)
+    return dict(history[-1]), saved

@@ -14,11 +14,13 @@ to Ray again; they continue from their last epoch.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import optuna
 import ray
 import yaml
@@ -28,23 +30,18 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from study import metrics
 from study.config import StudyConfig, TrainConfig, search_spaces
 from study.losses import loss_hyperparameters
 from study.search_space import SearchSpace
 from study.storage import Storage
-from study.tracking import StudyTracker, resolve_tracking_uri
-from study.train import (
-    NonFiniteLossError,
-    PreparedData,
-    evaluate_untrained,
-    load_state,
-    prepare_data,
-    run_trial,
-)
+from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
+from study.train import NonFiniteLossError, evaluate_untrained, load_data, load_state, run_final, run_trial
 
 # What Ray adds to every result; everything else a trial reports is a metric of the trial.
 NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag"}
-NUMBER = "optuna_trial"  # config key: the trial's Optuna number
+NUMBER = "optuna_trial"  # config key of a search trial: its Optuna number
+FINAL = "final"  # config key of a final-stage run: {"seed": …, "fold": …}
 ERROR = "error"  # result key of a trial that stopped on a non-finite loss
 PARENT_RUN_FILE = "mlflow_run_id"  # in the study folder: the study's parent MLflow run
 
@@ -96,13 +93,16 @@ def resolve_trial(study: StudyConfig, space: SearchSpace, config: dict) -> tuple
 
 
 class TrackingCallback(tune.Callback):
-    """Mirrors each trial of one loss into its MLflow child run (runs on the driver)."""
+    """Mirrors each trial of one loss, search or final stage, into its MLflow child run (on the driver)."""
 
-    def __init__(self, tracker: StudyTracker, space: SearchSpace, cfg: StudyConfig, say: Callable[[str], None]):
+    def __init__(
+        self, tracker: StudyTracker, space: SearchSpace, cfg: StudyConfig, say: Callable[[str], None], epochs: int
+    ):
         self.tracker, self.space, self.loss, self.cfg, self.say = tracker, space, space.loss, cfg, say
+        self.epochs = epochs
 
     def _key(self, trial) -> str:
-        return trial_key(self.loss, trial.config[NUMBER])
+        return config_key(self.loss, trial.config)
 
     def _start(self, trial) -> None:
         loss_kwargs, train = resolve_trial(self.cfg, self.space, trial.config)
@@ -112,9 +112,13 @@ class TrackingCallback(tune.Callback):
             "train": train.model_dump(mode="json"),
             **self.cfg.model_dump(mode="json", include={"seed", "dataset", "model", "resources"}),
         }
-        params = {k: v for k, v in self.space.from_optuna(trial.config).items() if k != NUMBER}
-        name = f"{self.loss}-{trial.config[NUMBER]}"
-        self.tracker.start_trial(self._key(trial), self.loss, "search", params, name, resolved)
+        params = self.space.from_optuna({k: v for k, v in trial.config.items() if k not in (NUMBER, FINAL)})
+        final = trial.config.get(FINAL)
+        if final:  # the seed and fold of a final-stage run are parameters too
+            params |= {k: v for k, v in final.items() if v is not None}
+            resolved |= final
+        name = self._key(trial).replace("/", "-")
+        self.tracker.start_trial(self._key(trial), self.loss, "final" if final else "search", params, name, resolved)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._start(trial)
@@ -123,14 +127,13 @@ class TrackingCallback(tune.Callback):
         if ERROR in result:  # the trial's final word: a non-finite loss; told at completion
             return
         self.tracker.log_metrics(self._key(trial), _metrics(result), step=int(result["epoch"]))
-        self.say(
-            f"  {self._key(trial)} epoch {result['epoch']}: "
-            f"{self.cfg.search.objective}={result[self.cfg.search.objective]:.4f}"
-        )
+        value = result.get(self.cfg.search.objective)
+        shown = f"{self.cfg.search.objective}={value:.4f}" if value is not None else f"loss={result['train_loss']:.4f}"
+        self.say(f"  {self._key(trial)} epoch {result['epoch']}: {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        state = trial_state(result, False, self.cfg.train.epochs, self.cfg.search.objective)
+        state = trial_state(result, False, self.epochs, self.cfg.search.objective)
         self._end(trial, state, error=result.get(ERROR))
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -142,7 +145,7 @@ class TrackingCallback(tune.Callback):
     def _end(self, trial, state: str, error: str | None) -> None:
         self.tracker.end_trial(self._key(trial), state, error=error)
         # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
-        checkpoint_of(self.cfg.storage, self.loss, trial.config[NUMBER]).delete()
+        checkpoint_of(self.cfg.storage, self._key(trial)).delete()
         self.say(f"  {self._key(trial)}: {state}")
 
 
@@ -156,26 +159,77 @@ def _metrics(result: dict) -> dict[str, float]:
 
 
 def trial_key(loss: str, number: int) -> str:
-    """A trial's key in MLflow (tag) and on disk: the loss and its Optuna trial number."""
+    """A search trial's key in MLflow (tag) and on disk: the loss and its Optuna trial number."""
     return f"{loss}/{number}"
 
 
-def checkpoint_of(storage: Storage, loss: str, number: int) -> Storage:
-    return storage.child("checkpoints", loss, str(number))
+def final_key(loss: str, seed: int, fold: int | None) -> str:
+    """A final-stage run's key: ``<loss>/final/s<seed>`` (``-f<fold>`` with folds)."""
+    return f"{loss}/final/s{seed}" + ("" if fold is None else f"-f{fold}")
 
 
-def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, data: PreparedData, storage: Storage) -> None:
+def config_key(loss: str, config: dict) -> str:
+    final = config.get(FINAL)
+    return final_key(loss, final["seed"], final["fold"]) if final else trial_key(loss, config[NUMBER])
+
+
+def checkpoint_of(storage: Storage, key: str) -> Storage:
+    return storage.child("checkpoints", *key.split("/"))
+
+
+def embeddings_of(storage: Storage, key: str) -> Storage:
+    """Where a final-stage run's test embeddings are kept (``.npz``): for ensembles and plots."""
+    return storage.child("embeddings", *key.split("/")[:-1], key.split("/")[-1] + ".npz")
+
+
+def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, storage: Storage) -> None:
     loss_kwargs, train = resolve_trial(study, space, config)
-    folder = checkpoint_of(storage, space.loss, config[NUMBER])  # resolved on the driver: workers run elsewhere
+    key = config_key(space.loss, config)
+    folder = checkpoint_of(storage, key)  # resolved on the driver: workers run elsewhere
     try:
-        run_trial(study, space.loss, loss_kwargs, train, data=data, report=tune.report, checkpoint_dir=folder)
+        if FINAL not in config:
+            run_trial(study, space.loss, loss_kwargs, train, report=tune.report, checkpoint_dir=folder)
+            return
+        final = config[FINAL]
+        train = train.model_copy(update={"epochs": study.final.epochs or train.epochs})
+        _, saved = run_final(
+            study,
+            space.loss,
+            loss_kwargs,
+            train,
+            seed=final["seed"],
+            fold=final["fold"],
+            report=tune.report,
+            checkpoint_dir=folder,
+        )
+        buffer = io.BytesIO()
+        np.savez(buffer, **saved)
+        embeddings_of(storage, key).write_bytes(buffer.getvalue())
     except NonFiniteLossError as exc:  # a diverged trial is not retried: FAIL at once, with the reason
         tune.report({study.search.objective: float("nan"), ERROR: f"{type(exc).__name__}: {exc}"})
 
 
-def _tune_loss(
-    cfg: StudyConfig, space: SearchSpace, data: PreparedData, tracker: StudyTracker, say: Callable[[str], None]
-) -> None:
+def _tuner(cfg: StudyConfig, space: SearchSpace, tracker, say, epochs: int, name: str, **tune_config) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, study=cfg, space=space, storage=cfg.storage),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_config.pop("param_space", None),
+        tune_config=tune.TuneConfig(reuse_actors=True, **tune_config),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=cfg.storage.child("ray").root,
+            storage_filesystem=cfg.storage.fs,
+            verbose=0,
+            callbacks=[TrackingCallback(tracker, space, cfg, say, epochs)],
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
+        ),
+    )
+
+
+def _tune_loss(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Callable[[str], None]) -> None:
     storage = cfg.storage
     optuna_storage = _optuna_storage(cfg)
     study_name = f"{cfg.name}.{space.loss}"
@@ -202,34 +256,81 @@ def _tune_loss(
         grace_period=cfg.search.grace_period,
         reduction_factor=cfg.search.reduction_factor,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, study=cfg, space=space, data=data, storage=storage),
-        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
-    )
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            metric=cfg.search.objective,
-            mode="max",
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent),
-            scheduler=scheduler,
-            num_samples=remaining,
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=space.loss,
-            storage_path=storage.child("ray").root,
-            storage_filesystem=storage.fs,
-            verbose=0,
-            callbacks=[TrackingCallback(tracker, space, cfg, say)],
-            failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
-        ),
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
+    tuner = _tuner(
+        cfg,
+        space,
+        tracker,
+        say,
+        cfg.train.epochs,
+        space.loss,
+        metric=cfg.search.objective,
+        mode="max",
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=remaining,
     )
     tuner.fit()
     # A pruned trial's worker may still write one more epoch after the callback deleted its folder.
     for trial in _optuna_trials(optuna_storage, study_name):
         if trial.state.is_finished():
-            checkpoint_of(storage, space.loss, trial.number).delete()
+            checkpoint_of(storage, trial_key(space.loss, trial.number)).delete()
+
+
+def final_seeds(cfg: StudyConfig) -> list[int]:
+    """The final stage's seeds: never the search's own seed."""
+    return [cfg.seed + 1 + i for i in range(cfg.final.seeds)]
+
+
+def _final_stage(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Callable[[str], None]) -> None:
+    """Retrain the loss's best configuration with each seed (per fold) and test it once; then, with
+    folds, evaluate each seed's concatenated-embedding ensemble of its fold models."""
+    trials = [t for t in _optuna_trials(_optuna_storage(cfg), f"{cfg.name}.{space.loss}") if t.state.name == "COMPLETE"]
+    if not trials or not cfg.final.seeds:
+        say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
+        return
+    best = max(trials, key=lambda t: t.value)
+    folds = [None] if cfg.dataset.folds is None else list(range(cfg.dataset.folds))
+    runs = [{"seed": s, "fold": f} for s in final_seeds(cfg) for f in folds]
+    todo = [r for r in runs if _state(tracker, final_key(space.loss, r["seed"], r["fold"])) != "COMPLETE"]
+    epochs = cfg.final.epochs or cfg.train.epochs
+    say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(runs)} runs to train")
+    if todo:
+        param_space = {**best.params, FINAL: tune.grid_search(todo)}
+        _tuner(cfg, space, tracker, say, epochs, f"{space.loss}-final", param_space=param_space).fit()
+    if cfg.dataset.folds is not None:
+        for seed in final_seeds(cfg):
+            _ensemble(cfg, space.loss, seed, folds, tracker, say)
+
+
+def _state(tracker: StudyTracker, key: str) -> str | None:
+    run = tracker.find_trial(key)
+    return None if run is None else run.data.tags.get(TAG_STATE)
+
+
+def _ensemble(cfg: StudyConfig, loss: str, seed: int, folds: list[int], tracker, say) -> None:
+    """Reality Check's ensemble: the fold models' test embeddings concatenated (each block unit-norm,
+    the whole scaled back to unit norm), evaluated like one model's."""
+    key = f"{loss}/ensemble/s{seed}"
+    if _state(tracker, key) == "COMPLETE":
+        return
+    parts = []
+    for fold in folds:
+        path = embeddings_of(cfg.storage, final_key(loss, seed, fold))
+        if not path.exists():
+            say(f"  {key}: fold {fold} has no test embeddings (its run failed), no ensemble")
+            return
+        parts.append(np.load(io.BytesIO(path.read_bytes())))
+    scale = 1 / math.sqrt(len(parts))
+    test = np.concatenate([p["test"] for p in parts], axis=1) * scale
+    gallery = None
+    if "gallery" in parts[0]:
+        gallery = (np.concatenate([p["gallery"] for p in parts], axis=1) * scale, parts[0]["gallery_labels"])
+    result = metrics.evaluate(test, parts[0]["test_labels"], seed=seed, gallery=gallery)
+    tracker.start_trial(key, loss, "ensemble", {"seed": seed, "folds": len(folds)}, key.replace("/", "-"))
+    tracker.log_metrics(key, result, step=0)
+    tracker.end_trial(key, "COMPLETE")
+    say(f"  {key}: {cfg.search.objective}={result[cfg.search.objective]:.4f}")
 
 
 def _optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
@@ -257,7 +358,7 @@ def _close_finished_runs(
         if run is None or run.info.status != "RUNNING":
             continue
         tracker.start_trial(key, loss, "search", {}, run.info.run_name)
-        state = load_state(checkpoint_of(cfg.storage, loss, trial.number))
+        state = load_state(checkpoint_of(cfg.storage, key))
         for result in state["history"] if state else []:
             tracker.log_metrics(key, _metrics(result), step=int(result["epoch"]))
         tracker.end_trial(key, trial.state.name)
@@ -282,6 +383,23 @@ def _init_ray() -> None:
     ray.init(address=address or "local", include_dashboard=False, logging_level="warning", **local)
 
 
+def _untrained(study: StudyConfig) -> tuple[dict, dict]:
+    return evaluate_untrained(study, load_data(study))
+
+
+def _baseline(cfg: StudyConfig, tracker: StudyTracker, say: Callable[[str], None]) -> None:
+    """The untrained network's validation metrics (mean over folds) and test metrics (``test_<metric>``),
+    evaluated by a Ray task with a trial's resources: the driver may have no GPU."""
+    if _state(tracker, "baseline") == "COMPLETE":
+        return
+    task = ray.remote(_untrained).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
+    val, test = ray.get(task.remote(cfg))
+    tracker.start_trial("baseline", "untrained", "baseline", {}, "untrained")
+    tracker.log_metrics("baseline", val | {f"test_{k}": v for k, v in test.items()}, step=0)
+    tracker.end_trial("baseline", "COMPLETE")
+    say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
+
+
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool = False) -> StudyTracker:
     """Run every loss's search; the study folder gets config.yaml, the Optuna journal, checkpoints and
     Ray results. With ``resume`` the study in that folder continues: finished trials are kept,
@@ -301,15 +419,11 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print, resume: bool
         storage.child(PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
     failed = True
     try:
-        data = prepare_data(cfg.dataset, cfg.seed)
-        tracker.start_trial("baseline", "untrained", "baseline", {}, "untrained")
-        if tracker.find_trial("baseline").info.status == "RUNNING":
-            baseline = evaluate_untrained(cfg, data)
-            tracker.log_metrics("baseline", baseline, step=0)
-            tracker.end_trial("baseline", "COMPLETE")
-            say(f"untrained baseline: {cfg.search.objective}={baseline[cfg.search.objective]:.4f}")
+        _baseline(cfg, tracker, say)
         for space in spaces.values():
-            _tune_loss(cfg, space, data, tracker, say)
+            _tune_loss(cfg, space, tracker, say)
+        for space in spaces.values():
+            _final_stage(cfg, space, tracker, say)
         failed = False
     finally:
         tracker.finish(failed=failed)

@@ -27,6 +27,7 @@ TINY_STUDY = {
         "objective": "map_at_r",
         "max_concurrent": 2,
     },
+    "final": {"seeds": 0},  # the final stage has its own end-to-end test
     "resources": {"cpu": 1, "gpu": 0},
 }
 

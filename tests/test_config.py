@@ -97,11 +97,22 @@ def test_existing_study_folder_is_never_overwritten_silently(workdir):
     assert marker.read_text() == "x"
 
 
-def test_every_preset_validates():
+def test_every_preset_validates(tmp_path):
+    """Image-dataset presets need only the data path (checked here on a fixture tree in that layout)."""
+    from tests.test_data_datasets import FIXTURES
+
     presets = [p for p in (REPO / "search_spaces").glob("*.yaml") if "name" in (yaml.safe_load(p.read_text()) or {})]
-    assert presets, "no study presets found"
+    assert {"quickstart.yaml", "cub200.yaml", "cars196.yaml", "sop.yaml", "inshop.yaml"} <= {p.name for p in presets}
     for preset in presets:
+        dataset = yaml.safe_load(preset.read_text())["dataset"]["name"]
+        overrides = []
+        if dataset != "synthetic":
+            with pytest.raises(ConfigError, match=f"dataset.root: the {dataset} dataset needs the folder it is in"):
+                load_study(preset)
+            overrides = [f"dataset.root={FIXTURES[dataset](tmp_path / dataset).root}"]
         try:
-            load_study(preset)
+            cfg = load_study(preset, overrides)
         except ConfigError as exc:  # pragma: no cover - the message is the point
             pytest.fail(f"{preset.name}: {exc}")
+        if dataset != "synthetic":
+            assert (cfg.train.crop_size, cfg.dataset.image_size, cfg.model.pretrained) == (224, 256, "hub")

@@ -8,7 +8,6 @@ import torch
 
 from study import metrics
 from study.data import create_dataset, dataset_options
-from study.data.splits import class_split
 from study.data.synthetic import _glyphs, make_synthetic
 
 
@@ -42,9 +41,10 @@ def test_glyphs_are_pairwise_distinct():
 def test_hard_on_raw_pixels():
     # Nearest neighbours on raw pixels of the test classes: far from a trained network (about 0.4–0.5
     # Recall@1 on validation classes after the quickstart's 3 epochs), though above chance (0.02).
-    images, labels = create_dataset("synthetic")
-    test = class_split(labels, 0.3, 0)["test"]
-    x = images[test].float().reshape(len(test), -1).numpy()
+    ds = create_dataset("synthetic")
+    test, labels = np.flatnonzero(ds.split == "test"), ds.labels
+    assert set(labels[test]) == set(range(50, 100))  # the second half of the classes
+    x = ds.images[test].float().reshape(len(test), -1).numpy()
     x -= x.mean(1, keepdims=True)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     recall = metrics.evaluate(x.astype(np.float32), labels[test], use_gpu=False)["recall_at_1"]
@@ -55,7 +55,10 @@ def test_options_and_errors():
     assert dataset_options("synthetic") == [
         "num_classes", "samples_per_class", "image_size", "min_modes", "max_modes", "seed"
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="unknown dataset 'cub'; allowed: synthetic"):
+    with pytest.raises(
+        ValueError,
+        match="unknown dataset 'cub'; allowed: synthetic, cub200, cars196, sop, inshop, manifest, image_folder",
+    ):
         create_dataset("cub")
     with pytest.raises(ValueError, match="dataset.options.colour: unknown option; allowed: num_classes"):
         create_dataset("synthetic", colour=3)

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
 
+import numpy as np
+import pytest
+import torch
+
+from study import metrics
 from study.config import SEARCHABLE_TRAIN, load_study
+from study.data.transforms import eval_transform
 from study.losses import LOSSES, MultiSimilarityLoss
 from study.search_space import load_search_space
 from study.storage import Storage
-from study.train import NonFiniteLossError, evaluate_untrained, prepare_data, run_trial
+from study.train import (
+    Learner,
+    NonFiniteLossError,
+    build_model,
+    evaluate_untrained,
+    prepare_data,
+    run_final,
+    run_trial,
+)
 from tests.conftest import REPO, TINY_STUDY, write_study
 
 
@@ -23,7 +37,7 @@ def study(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(study):
-    return prepare_data(study.dataset, study.seed)
+    return prepare_data(study)
 
 
 def _without_timing(metrics: dict) -> dict:
@@ -44,7 +58,7 @@ def test_trial_is_deterministic_and_reports_each_epoch(study, data):
 def quickstart(tmp_path_factory):
     """The embedded dataset at its default size with the quickstart's training settings."""
     study = load_study(REPO / "search_spaces" / "quickstart.yaml", ["train.epochs=2"])
-    return study, prepare_data(study.dataset, study.seed)
+    return study, prepare_data(study)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -54,7 +68,7 @@ def test_two_epochs_of_every_loss_beat_the_untrained_network(quickstart, loss):
     space = load_search_space(REPO / "search_spaces" / f"{loss}.yaml", SEARCHABLE_TRAIN)
     loss_kwargs, overrides = space.split(space.defaults())
     trained = run_trial(study, loss, loss_kwargs, study.train.model_copy(update=overrides), data=data)
-    untrained = evaluate_untrained(study, data)
+    untrained, _ = evaluate_untrained(study, data)
     assert trained["recall_at_1"] > untrained["recall_at_1"] + 0.03, (trained, untrained)
     assert trained["map_at_r"] > untrained["map_at_r"], (trained, untrained)
 
@@ -97,3 +111,65 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(study,
     assert [r["epoch"] for r in reports] == [1, 2, 3]  # epoch 1 re-reported from the checkpoint
     assert _without_timing(resumed) == _without_timing(whole)  # margin also draws from torch's global RNG
     assert not list((tmp_path / "b").glob(".*.tmp"))
+
+
+def test_with_folds_a_trial_trains_one_network_per_fold_and_reports_their_mean(study, data):
+    folded = study.model_copy(update={"dataset": study.dataset.model_copy(update={"folds": 3})})
+    data3 = prepare_data(folded)
+    assert len(data3.folds) == 3
+    reports = []
+    result = run_trial(folded, "multi_similarity", {}, data=data3, report=reports.append)
+    per_fold = [run_trial(folded, "multi_similarity", {}, data=replace(data3, folds=[f])) for f in data3.folds]
+    for key in ("recall_at_1", "map_at_r", "nmi"):
+        assert result[key] == pytest.approx(np.mean([r[key] for r in per_fold]), abs=1e-12)
+    assert [r["epoch"] for r in reports] == [1, 2]
+
+
+def test_final_run_tests_once_on_the_test_classes_and_returns_the_embeddings(study, data, tmp_path):
+    reports = []
+    result, saved = run_final(study, "multi_similarity", {}, seed=1, data=data, report=reports.append)
+    assert "recall_at_1" not in reports[0] and reports[-1]["recall_at_1"] == result["recall_at_1"]
+    assert saved["test"].shape == (len(data.test), study.model.embedding_dim)
+    assert set(saved["test_labels"]) == set(data.labels[data.test])
+    assert not set(data.labels[data.test]) & set(data.labels[data.trainval])  # class-disjoint
+    assert result == pytest.approx(metrics.evaluate(saved["test"], saved["test_labels"], seed=1) | result)
+    # resumed from a complete checkpoint: the same model, tested again, same numbers
+    folder = Storage.at(tmp_path / "final")
+    first, _ = run_final(study, "multi_similarity", {}, seed=1, data=data, checkpoint_dir=folder)
+    again, saved_again = run_final(study, "multi_similarity", {}, seed=1, data=data, checkpoint_dir=folder)
+    assert _without_timing(again) == _without_timing(first) and len(saved_again["test"]) == len(data.test)
+
+
+def test_feature_mode_trains_the_head_on_cached_trunk_features(study, data, tmp_path):
+    # A "pretrained" trunk: two epochs of multi-similarity, saved as a local weights file.
+    learner = Learner(study, "multi_similarity", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
+    for epoch in (1, 2):
+        learner.train_epoch(epoch, data.inputs)
+    torch.save(learner.model.trunk.state_dict(), tmp_path / "trunk.pt")
+    features = study.model_copy(
+        update={
+            "model": study.model.model_copy(update={"pretrained": tmp_path / "trunk.pt"}),
+            "train": study.train.model_copy(update={"mode": "features", "epochs": 10}),
+        }
+    )
+    cached = prepare_data(features)
+    assert cached.features and cached.inputs.dtype == torch.float32 and cached.inputs.ndim == 2
+    trunk = build_model(features, features.seed).trunk.eval()
+    with torch.no_grad():
+        assert torch.allclose(cached.inputs[:4], trunk(eval_transform(data.inputs[:4])), atol=1e-5)
+    untrained, _ = evaluate_untrained(features, cached)  # the trained trunk under a random head
+    trained = run_trial(features, "multi_similarity", {}, data=cached)
+    assert trained["map_at_r"] > untrained["map_at_r"] + 0.01, (trained, untrained)
+
+
+def test_warmup_epochs_keep_the_trunk_frozen(study, data):
+    train = study.train.model_copy(update={"epochs": 2, "warmup_epochs": 1, "grad_clip": 10.0})
+    learner = Learner(study, "multi_similarity", {}, train, data, data.folds[0][0], 0, torch.device("cpu"))
+    trunk = {k: v.clone() for k, v in learner.model.trunk.state_dict().items() if v.is_floating_point()}
+    head = learner.model.head.weight.clone()
+    learner.train_epoch(1, data.inputs)
+    after = learner.model.trunk.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in trunk.items() if "running" not in k)
+    assert not torch.equal(learner.model.head.weight, head)
+    learner.train_epoch(2, data.inputs)
+    assert any(not torch.equal(learner.model.trunk.state_dict()[k], v) for k, v in trunk.items())

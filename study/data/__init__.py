@@ -1,36 +1,65 @@
-"""Datasets (``DATASETS`` registry), class-disjoint splits, m-per-class sampling, batch transforms.
+"""Datasets: the embedded synthetic one and the image benchmarks, class-disjoint splits, sampling.
 
-A dataset builder is called as ``builder(root, **options)`` and returns
-``(images, labels, *extras)``: the images as one uint8 tensor (N, 3, H, W), the
-integer class labels (N,), then anything dataset-specific (e.g. sub-mode ids).
+:func:`create_dataset` returns a :class:`Dataset`: uint8 images (N, 3, S, S), class labels, the
+official train/test split and, for query/gallery protocols, the query and gallery masks. The
+synthetic dataset is generated in memory; the image datasets (``study/data/loaders.py``) are read
+from the official layout in ``root`` and decoded once into a cache file that is memory-mapped.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from study.data.images import ImageIndex, load_images
+from study.data.loaders import INDEXES
+from study.data.splits import first_half_split
 from study.data.synthetic import make_synthetic
 
-DATASETS: dict[str, Callable[..., tuple]] = {"synthetic": make_synthetic}
+DATASETS = ("synthetic", *INDEXES)
+DEFAULT_CACHE = Path.home() / ".cache" / "dml-study"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    images: torch.Tensor | np.ndarray  # uint8 (N, 3, S, S); a read-only memory map for image datasets
+    labels: np.ndarray  # int64 class ids (N,)
+    split: np.ndarray  # "train" | "test" (N,), the official split
+    is_query: np.ndarray | None = None  # query/gallery protocols (In-Shop): masks over all N
+    is_gallery: np.ndarray | None = None
 
 
 def dataset_options(name: str) -> list[str]:
-    """The options dataset ``name`` accepts (its builder's keyword arguments)."""
+    """The ``dataset.options`` dataset ``name`` accepts (its builder's keyword arguments)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
-    return [p for p in inspect.signature(DATASETS[name]).parameters if p != "root"]
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    builder = make_synthetic if name == "synthetic" else INDEXES[name]
+    return [p for p in inspect.signature(builder).parameters if p != "root"]
 
 
-def create_dataset(name: str, root: str | Path | None = None, **options) -> tuple[torch.Tensor, np.ndarray]:
-    """Build dataset ``name``: (uint8 images, labels). Unknown names and options raise ValueError."""
+def index_dataset(name: str, root: str | Path | None, **options) -> ImageIndex:
+    """Read an image dataset's index files: fast, and raises DatasetLayoutError on a wrong folder."""
+    if root is None:
+        raise ValueError(f"dataset.root: the {name} dataset needs the folder it is in")
+    return INDEXES[name](Path(root), **options)
+
+
+def create_dataset(
+    name: str, root: str | Path | None = None, *, decode_size: int = 256, cache_dir: Path | None = None, **options
+) -> Dataset:
+    """Build dataset ``name``. Image datasets are decoded once to ``decode_size`` px (shorter side
+    resized, center crop) into ``cache_dir``. Unknown names and options raise ValueError."""
     allowed = dataset_options(name)
     unknown = [key for key in options if key not in allowed]
     if unknown:
         raise ValueError(f"dataset.options.{unknown[0]}: unknown option; allowed: {', '.join(allowed)}")
-    images, labels, *_ = DATASETS[name](root, **options)
-    return images, labels
+    if name == "synthetic":
+        images, labels, _ = make_synthetic(root, **options)
+        return Dataset(images, labels, first_half_split(labels))
+    index = index_dataset(name, root, **options)
+    images = load_images(index, decode_size, Path(cache_dir or DEFAULT_CACHE))
+    return Dataset(images, index.labels, index.split, index.is_query, index.is_gallery)

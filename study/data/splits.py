@@ -1,7 +1,11 @@
-"""Class-disjoint splits (DESIGN.md §8): first half of the classes for training, second half for test.
+"""Class-disjoint splits (DESIGN.md §8): the official train/test split, validation classes carved
+out of the training classes.
 
-Validation classes are a seeded random ``val_fraction`` of the training half;
-hyperparameters are chosen on them, and test classes are never seen during the search.
+Hyperparameters are chosen on validation classes only; test classes are never seen during the
+search. Validation is either a seeded random ``val_fraction`` of the training classes, or ``folds``
+class-disjoint folds as in the Reality Check protocol (Musgrave et al. 2020): the sorted training
+classes cut into ``folds`` contiguous blocks; fold f validates on block f and trains on the others.
+The fold blocks do not depend on the seed, so every study on a dataset uses the same folds.
 """
 
 from __future__ import annotations
@@ -9,20 +13,36 @@ from __future__ import annotations
 import numpy as np
 
 
-def class_split(labels: np.ndarray, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Sample indices of the "train", "val" and "test" classes (sorted class ids split in half)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+def first_half_split(labels: np.ndarray) -> np.ndarray:
+    """The standard DML split where a dataset has no other: sorted classes, first half "train"."""
     classes = np.unique(labels)
-    train_half, test = classes[: len(classes) // 2], classes[len(classes) // 2 :]
-    n_val = round(len(train_half) * val_fraction)
-    if n_val < 2 or len(train_half) - n_val < 2:
-        raise ValueError(
-            f"{len(classes)} classes with val_fraction {val_fraction} leave {len(train_half) - n_val} training "
-            f"and {n_val} validation classes; each needs at least 2"
-        )
-    val = np.random.default_rng(seed).choice(train_half, size=n_val, replace=False)
-    train = np.setdiff1d(train_half, val)
-    return {
-        name: np.flatnonzero(np.isin(labels, part)) for name, part in (("train", train), ("val", val), ("test", test))
-    }
+    return np.where(np.isin(labels, classes[: len(classes) // 2]), "train", "test")
+
+
+def validation_folds(
+    labels: np.ndarray, split: np.ndarray, *, val_fraction: float, folds: int | None, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train indices, validation indices) per fold, both within the official "train" split.
+
+    With ``folds`` None: one fold, ``val_fraction`` of the training classes drawn with ``seed``.
+    """
+    train_classes = np.unique(labels[split == "train"])
+    if folds is None:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        n_val = round(len(train_classes) * val_fraction)
+        blocks = [np.random.default_rng(seed).choice(train_classes, size=n_val, replace=False)]
+    else:
+        if folds < 2:
+            raise ValueError(f"folds must be at least 2, got {folds}")
+        blocks = np.array_split(train_classes, folds)
+    result = []
+    for val in blocks:
+        fit = np.setdiff1d(train_classes, val)
+        if len(val) < 2 or len(fit) < 2:
+            raise ValueError(
+                f"{len(train_classes)} training classes leave {len(fit)} training and {len(val)} validation "
+                "classes in a fold; each needs at least 2"
+            )
+        result.append((np.flatnonzero(np.isin(labels, fit)), np.flatnonzero(np.isin(labels, val))))
+    return result

@@ -1,0 +1,93 @@
+"""The protocol end to end on an image dataset in CUB-200-2011's layout: decode-once cache, k
+validation folds for the search, then the final stage (seeds × folds on the training classes,
+tested once on the test classes) with its concatenated-embedding ensembles and mean ± CI table."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from study.cli import app
+from study.tracking import TAG_STAGE, TAG_STATE, TAG_TRIAL
+from tests.conftest import TINY_STUDY, write_study
+
+runner = CliRunner()
+
+
+def cub_tree(root, classes: int = 12, per_class: int = 6, seed: int = 0) -> None:
+    """CUB's layout (images.txt, image_class_labels.txt, images/): a colour per class, jittered;
+    classes 1.. and 101.. (CUB's test classes are 101–200)."""
+    rng = np.random.default_rng(seed)
+    top = root / "CUB_200_2011"
+    ids, labels = [], []
+    for c in [*range(1, classes // 2 + 1), *range(101, 101 + classes // 2)]:
+        folder = top / "images" / f"{c:03d}.class"
+        folder.mkdir(parents=True)
+        colour = rng.integers(90, 166, 3)  # close colours under heavy noise: not trivially separable
+        for i in range(per_class):
+            pixels = np.clip(colour + rng.normal(0, 70, (24, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
+            ids.append(f"{len(ids) + 1} {c:03d}.class/{i}.jpg")
+            labels.append(f"{len(labels) + 1} {c}")
+    (top / "images.txt").write_text("\n".join(ids) + "\n")
+    (top / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+
+
+def test_folds_final_stage_and_ensemble(workdir, ray_instance):
+    # 12 classes: 1–6 train (3 folds of 2 validation classes), 101–106 test
+    cub_tree(workdir / "data", classes=12)
+    path = write_study(
+        workdir,
+        dataset={"name": "cub200", "root": str(workdir / "data"), "folds": 3, "image_size": 20,
+                 "cache_dir": str(workdir / "cache")},
+        train={"epochs": 2, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
+        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2},
+        final={"seeds": 2},
+    )  # fmt: skip
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert len(list((workdir / "cache").glob("*.npy"))) == 1  # decoded once for every trial
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], "tags.`dml_study.role` = 'trial'")
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags[TAG_STAGE], []).append(run)
+    assert len(by_stage["search"]) == 2
+    finals = [r for r in by_stage["final"] if r.data.tags[TAG_TRIAL].startswith("multi_similarity/")]
+    assert sorted(r.data.tags[TAG_TRIAL] for r in finals) == [
+        f"multi_similarity/final/s{s}-f{f}" for s in (1, 2) for f in range(3)
+    ]  # seeds 1, 2 (never the search's seed 0), per fold
+    assert all(r.data.tags[TAG_STATE] == "COMPLETE" for r in finals + by_stage["ensemble"])
+    assert len(by_stage["ensemble"]) == 2
+
+    # Each final run is tested once, after its last epoch, on the 6 test classes (36 images).
+    run = finals[0]
+    history = client.get_metric_history(run.info.run_id, "recall_at_1")
+    assert [m.step for m in history] == [2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    # the search trials never saw a test class: their configs train and validate on classes 1–6 only
+    study_dir = workdir / "runs" / "tiny"
+    saved = np.load(io.BytesIO((study_dir / "embeddings/multi_similarity/final/s1-f0.npz").read_bytes()))
+    assert saved["test"].shape == (36, 16) and set(saved["test_labels"]) == set(range(101, 107))
+    # the ensemble of seed 1 concatenates its three fold models
+    ensemble = next(r for r in by_stage["ensemble"] if r.data.tags[TAG_TRIAL].endswith("s1"))
+    assert ensemble.data.params["folds"] == "3"
+
+    final = pd.read_csv(study_dir / "final.csv")
+    ms = final.set_index("loss").loc["multi_similarity"]
+    assert (ms.seeds, ms.runs) == (2, 6)
+    per_seed = [
+        np.mean([r.data.metrics["map_at_r"] for r in finals if f"/s{s}-" in r.data.tags[TAG_TRIAL]]) for s in (1, 2)
+    ]
+    assert np.isclose(ms.map_at_r, np.mean(per_seed))
+    assert np.isclose(ms.map_at_r_ci, 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2), rtol=1e-3)
+    assert "multi_similarity (ensemble)" in set(final["loss"]) and "untrained" in set(final["loss"])
+    assert " ± " in (study_dir / "results.md").read_text()
+    assert not (study_dir / "checkpoints").exists() or not any((study_dir / "checkpoints").rglob("*.pt"))
