@@ -103,7 +103,8 @@ def final_to_markdown(table: pd.DataFrame) -> str:
     shown = table[["loss", "seeds", "runs"]].copy()
     for metric in METRICS:
         shown[metric] = [
-            f"{m:.4f}" + ("" if np.isnan(c) else f" ± {c:.4f}") for m, c in zip(table[metric], table[f"{metric}_ci"])
+            f"{m:.4f}" + ("" if np.isnan(c) else f" ± {c:.4f}")
+            for m, c in zip(table[metric], table[f"{metric}_ci"], strict=True)
         ]
     shown["mode"] = table["mode"]
     return shown.to_markdown(index=False)
