@@ -118,12 +118,15 @@ def _check_tracking(cfg) -> None:
 
 def _run(cfg, resume: bool) -> None:
     from study.tracking import resolve_tracking_uri
+    from study.data.images import UnreadableImageError
     from study.tune import RayAddressError, run_study
 
     try:
         run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
     except RayAddressError as exc:  # raised before anything is written
         _fail(str(exc))
+    except UnreadableImageError as exc:  # found by the baseline, before any trial; fix it, then --resume
+        _fail(f"{exc}; fix or remove it, then run again with --resume")
     typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.storage))
     typer.echo(f"results: {cfg.storage}/results.md, results.csv; browse the runs with `mlflow ui`")
 

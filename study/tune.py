@@ -32,6 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study import metrics
 from study.config import StudyConfig, TrainConfig, search_spaces
+from study.data.images import UnreadableImageError
 from study.losses import loss_hyperparameters
 from study.search_space import SearchSpace
 from study.storage import Storage
@@ -393,7 +394,12 @@ def _baseline(cfg: StudyConfig, tracker: StudyTracker, say: Callable[[str], None
     if _state(tracker, "baseline") == "COMPLETE":
         return
     task = ray.remote(_untrained).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
-    val, test = ray.get(task.remote(cfg))
+    try:  # the first to read the images: an unreadable one stops the study, named, before any trial
+        val, test = ray.get(task.remote(cfg))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UnreadableImageError):
+            raise exc.cause from None
+        raise
     tracker.start_trial("baseline", "untrained", "baseline", {}, "untrained")
     tracker.log_metrics("baseline", val | {f"test_{k}": v for k, v in test.items()}, step=0)
     tracker.end_trial("baseline", "COMPLETE")

@@ -91,3 +91,32 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     assert "multi_similarity (ensemble)" in set(final["loss"]) and "untrained" in set(final["loss"])
     assert " ± " in (study_dir / "results.md").read_text()
     assert not (study_dir / "checkpoints").exists() or not any((study_dir / "checkpoints").rglob("*.pt"))
+
+
+def test_an_unreadable_image_stops_the_study_naming_it(workdir, ray_instance):
+    cub_tree(workdir / "data", classes=8, per_class=4)
+    broken = workdir / "data" / "CUB_200_2011" / "images" / "102.class" / "1.jpg"
+    broken.write_bytes(b"not a jpeg")
+    path = write_study(
+        workdir,
+        dataset={"name": "cub200", "root": str(workdir / "data"), "val_fraction": 0.5, "image_size": 16,
+                 "cache_dir": str(workdir / "cache")},
+        train={"epochs": 1, "batch_size": 4, "m_per_class": 2},
+    )  # fmt: skip
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith(f"dml-study: {broken}: cannot read image") and "--resume" in message
+    assert "Traceback" not in result.output
+    assert not list((workdir / "cache").glob("*.npy"))  # nothing half-written
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tiny").experiment_id])
+    assert [r.data.tags["dml_study.role"] for r in runs] == ["study"]  # no trial started, none lost
+
+
+def test_a_wrong_dataset_folder_fails_before_anything_starts(workdir):
+    (workdir / "data").mkdir()
+    path = write_study(workdir, dataset={"name": "cub200", "root": str(workdir / "data")})
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "images.txt" in result.output and "CUB_200_2011" in result.output
+    assert not (workdir / "runs").exists()
