@@ -1,9 +1,18 @@
 """One trial as a plain function, no Ray and no MLflow: build → fit → evaluate.
 
-``run_trial`` trains one loss with one set of hyperparameters on the training
-classes and evaluates on the validation classes after every epoch, handing
-each epoch's metrics to ``report`` (Ray Tune's ``tune.report`` when run as a
-trial, anything else in tests). Seeded and deterministic on the CPU.
+``run_trial`` (the search) trains one loss with one set of hyperparameters on
+the training classes of each validation fold — one :class:`Learner` per fold,
+side by side — and evaluates on the validation classes after every epoch,
+handing each epoch's metrics (mean over folds) to ``report`` (Ray Tune's
+``tune.report`` when run as a trial, anything else in tests). ``run_final``
+(the final stage) trains once on every training class (or one fold's) and
+tests once, after the last epoch, on the test classes. Seeded and
+deterministic on the CPU.
+
+Data: images stay uint8 until a batch is drawn; on a GPU the whole set is
+moved to GPU memory once per trial and augmented there. In feature mode the
+frozen trunk's features are computed once per process and only the embedding
+head and the loss train.
 
 With a ``checkpoint_dir`` the trial saves its whole state after every epoch
 (model, loss parameters, optimizer, random generators, the metrics so far) and,
