@@ -1,24 +1,28 @@
-"""Read a study back from MLflow into one tidy DataFrame (one row per trial run)."""
+"""Read studies back from MLflow into tidy pandas frames (never imports torch).
+
+:func:`load_runs`: one row per trial run and stage (baseline, search, final, ensemble) of one or
+several studies, with the loss, every hyperparameter (``param.<name>``), every metric's last value,
+state, wall time and resources. :func:`load_history`: every metric at every epoch, one row each.
+"""
 
 from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from study.tracking import TAG_LOSS, TAG_OBJECTIVE, TAG_ROLE, TAG_STAGE, TAG_STATE
+from study.tracking import TAG_LOSS, TAG_OBJECTIVE, TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
 
 
 class StudyNotFoundError(LookupError):
     """No study of that name in the tracking store."""
 
 
-def load_study(name: str, tracking_uri: str | None = None) -> tuple[str, pd.DataFrame]:
-    """The latest run of study ``name``: (objective metric, one row per child run).
-
-    Columns: ``run_id``, ``run_name``, ``loss``, ``stage``, ``state``, ``mode``, one column per
-    metric (its last logged value) and one ``param.<name>`` column per hyperparameter.
-    """
-    client = MlflowClient(tracking_uri=tracking_uri)
+def find_parent(client: MlflowClient, name: str):
+    """The latest parent run of study ``name`` (its MLflow experiment)."""
     experiment = client.get_experiment_by_name(name)
     parents = (
         client.search_runs(
@@ -32,25 +36,85 @@ def load_study(name: str, tracking_uri: str | None = None) -> tuple[str, pd.Data
     )
     if not parents:
         raise StudyNotFoundError(f"no study named {name!r} in the tracking store {client.tracking_uri}")
-    parent = parents[0]
-    children = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-        max_results=50_000,
-    )
-    rows = [
-        {
-            "run_id": run.info.run_id,
-            "run_name": run.info.run_name,
-            "loss": run.data.tags.get(TAG_LOSS),
-            "stage": run.data.tags.get(TAG_STAGE),
-            "state": run.data.tags.get(TAG_STATE, "RUNNING"),
-            **run.data.metrics,
-            **{f"param.{k}": v for k, v in run.data.params.items()},
-        }
-        for run in children
-    ]
-    frame = pd.DataFrame(rows)
-    # feature mode (frozen trunk, trained head) is labelled in every table
-    frame["mode"] = parent.data.params.get("train.mode", "finetune")
-    return parent.data.tags[TAG_OBJECTIVE], frame
+    return parents[0]
+
+
+def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per child run of each study's latest parent run.
+
+    Columns: ``study``, ``dataset``, ``objective``, ``mode`` (finetune / features), ``run_id``,
+    ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state``, ``wall_seconds``,
+    ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
+    value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    frames = []
+    for name in [studies] if isinstance(studies, str) else studies:
+        parent = find_parent(client, name)
+        p = parent.data.params
+        children = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            max_results=50_000,
+        )
+        rows = [
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "trial": run.data.tags.get(TAG_TRIAL),
+                "loss": run.data.tags.get(TAG_LOSS),
+                "stage": run.data.tags.get(TAG_STAGE),
+                "state": run.data.tags.get(TAG_STATE, "RUNNING"),
+                "wall_seconds": ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000,
+                **run.data.metrics,
+                **{f"param.{k}": v for k, v in run.data.params.items()},
+            }
+            for run in children
+        ]
+        frame = pd.DataFrame(rows)
+        frame.insert(0, "study", name)
+        frame.insert(1, "dataset", p.get("dataset.name", ""))
+        frame.insert(2, "objective", parent.data.tags[TAG_OBJECTIVE])
+        frame.insert(3, "mode", p.get("train.mode", "finetune"))  # feature mode is labelled in every table
+        frame["cpu"] = float(p.get("resources.cpu", 1))
+        frame["gpu"] = float(p.get("resources.gpu", 0))
+        frame["cpu_hours"] = frame["wall_seconds"] * frame["cpu"] / 3600
+        frame["gpu_hours"] = frame["wall_seconds"] * frame["gpu"] / 3600
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_study(name: str, tracking_uri: str | None = None) -> tuple[str, pd.DataFrame]:
+    """The latest run of study ``name``: (objective metric, :func:`load_runs` frame)."""
+    runs = load_runs(name, tracking_uri)
+    return runs["objective"].iloc[0], runs
+
+
+def load_history(runs: pd.DataFrame, tracking_uri: str | None = None) -> pd.DataFrame:
+    """Every metric of every run at every epoch: columns ``run_id``, ``study``, ``loss``, ``stage``,
+    ``trial``, ``epoch`` (MLflow's step), ``metric``, ``value``."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    metric_columns = [c for c in runs.columns if c not in _NOT_METRICS and not c.startswith("param.")]
+    rows = []
+    for run in runs.itertuples(index=False):
+        for metric in metric_columns:
+            if pd.isna(getattr(run, metric, float("nan"))):
+                continue
+            for m in client.get_metric_history(run.run_id, metric):
+                rows.append((run.run_id, run.study, run.loss, run.stage, run.trial, m.step, metric, m.value))
+    columns = ["run_id", "study", "loss", "stage", "trial", "epoch", "metric", "value"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["run_id", "metric", "epoch"], ignore_index=True)
+
+
+def load_parent_config(name: str, tracking_uri: str | None = None) -> dict:
+    """The study's resolved configuration, as logged on its parent run (``config.json``)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = find_parent(client, name)
+    with tempfile.TemporaryDirectory() as folder:
+        return json.loads(Path(client.download_artifacts(parent.info.run_id, "config.json", folder)).read_text())
+
+
+_NOT_METRICS = {
+    "study", "dataset", "objective", "mode", "run_id", "run_name", "trial", "loss", "stage", "state",
+    "wall_seconds", "cpu", "gpu", "cpu_hours", "gpu_hours",
+}  # fmt: skip
