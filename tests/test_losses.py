@@ -187,6 +187,24 @@ def test_multi_similarity_matches_plain_loop_in_float64(hp):
     assert_same_value_and_grads(loss(x, labels), expected, [x])
 
 
+@pytest.mark.parametrize("positive", ["all", "easy"])
+def test_multi_similarity_without_mining_keeps_every_pair(positive):
+    """The paper's ablation: no pair mining — the plain loop with a margin no similarity can beat
+    (no singleton class: the loop's mining drops a singleton's negatives, having no positive)."""
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 1, 0])
+    x = _unit(len(labels), dim=3, seed=1, dtype=torch.float64).requires_grad_()
+    loss = create_loss("multi_similarity", 5, 3, mining=False, positive=positive)
+    expected, kept = ms_reference(x, labels, epsilon=2.0, positive=positive)
+    if positive == "all":
+        assert len(kept) == len(labels) * (len(labels) - 1)  # every ordered pair
+    assert_same_value_and_grads(loss(x, labels), expected, [x])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 1, 0])  # where mining drops pairs
+    x = _unit(len(labels), dim=3, seed=1, dtype=torch.float64)
+    kept = [int(sum(m.sum() for m in create_loss("multi_similarity", 5, 3, mining=on).mine(x @ x.T, labels)))
+            for on in (True, False)]  # fmt: skip
+    assert kept[0] < kept[1] == len(labels) * (len(labels) - 1)
+
+
 def test_multi_similarity_without_kept_pairs_is_exactly_zero():
     emb, labels = EDGE_BATCHES["all_same_class"]
     value, (grad,) = _grads(create_loss("multi_similarity", 1, DIM), emb, labels)

@@ -42,7 +42,8 @@ class MultiSimilarityLoss(nn.Module):
     (β = 50; 40 in the authors' config) weight positives and negatives, ``base`` (λ = 0.5)
     is the similarity margin, ``epsilon`` (ε = 0.1) the mining margin. ``positive="easy"``
     (easy positive sampling, ``pairs.py``) mines as above, then keeps of each anchor's
-    positives only its most similar one.
+    positives only its most similar one. ``mining=False`` keeps every pair (the paper's ablation
+    of its pair mining; the same as ε ≥ 2 on unit vectors).
     ``num_classes`` and ``embedding_dim`` are ignored (registry convention).
     """
 
@@ -56,11 +57,12 @@ class MultiSimilarityLoss(nn.Module):
         base: float = 0.5,
         epsilon: float = 0.1,
         positive: str = "all",
+        mining: bool = True,
     ):
         super().__init__()
         check_positive(positive)
         self.alpha, self.beta, self.base, self.epsilon = alpha, beta, base, epsilon
-        self.positive = positive
+        self.positive, self.mining = positive, mining
 
     def mine(self, sim: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean B×B masks (kept positives, kept negatives) for the similarity matrix ``sim``."""
@@ -68,10 +70,10 @@ class MultiSimilarityLoss(nn.Module):
         pos, neg = pair_masks(sim, labels, "all")
         min_pos = sim.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
         max_neg = sim.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
-        keep_pos = pos & (sim - self.epsilon < max_neg)
+        keep_pos = pos & (sim - self.epsilon < max_neg) if self.mining else pos
         if self.positive == "easy":
             keep_pos &= pair_masks(sim, labels, "easy")[0]
-        return keep_pos, neg & (sim + self.epsilon > min_pos)
+        return keep_pos, neg & (sim + self.epsilon > min_pos) if self.mining else neg
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean MS loss of a batch of unit-norm ``embeddings`` (B×d) with integer ``labels`` (B)."""
@@ -86,4 +88,4 @@ class MultiSimilarityLoss(nn.Module):
 
     def extra_repr(self) -> str:
         hp = f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}"
-        return f"{hp}, positive={self.positive}"
+        return f"{hp}, positive={self.positive}, mining={self.mining}"
