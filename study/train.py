@@ -78,6 +78,10 @@ class PreparedData:
     test: np.ndarray  # test classes (the queries, with a gallery)
     gallery: np.ndarray | None = None  # query/gallery protocols (In-Shop)
     features: bool = False
+    ks: tuple[int, ...] = (1, 2, 4, 8)  # Recall@K as the dataset's papers report it
+
+
+RECALL_KS = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}  # default: 1, 2, 4, 8 (DESIGN.md §6)
 
 
 def prepare_data(study: StudyConfig) -> PreparedData:
@@ -95,6 +99,7 @@ def prepare_data(study: StudyConfig) -> PreparedData:
         trainval=np.flatnonzero(ds.split == "train"),
         test=np.flatnonzero(queries),
         gallery=None if ds.is_gallery is None else np.flatnonzero(ds.is_gallery),
+        ks=RECALL_KS.get(ds_cfg.name, (1, 2, 4, 8)),
     )
     if study.train.mode == "features":
         data = replace(data, inputs=extract_features(study, data), features=True)
@@ -177,7 +182,8 @@ def evaluate_split(
     model: EmbeddingNet, data: PreparedData, inputs, split: np.ndarray, train: TrainConfig, device, seed: int
 ) -> dict[str, float]:
     """Retrieval metrics of samples ``split`` among themselves (validation, or test without a gallery)."""
-    return metrics.evaluate(embed(model, data, inputs, split, train, device), data.labels[split], seed=seed)
+    embeddings = embed(model, data, inputs, split, train, device)
+    return metrics.evaluate(embeddings, data.labels[split], ks=data.ks, seed=seed)
 
 
 def evaluate_test(
@@ -185,12 +191,13 @@ def evaluate_test(
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Test metrics (queries against the gallery where the protocol has one) and the embeddings."""
     saved = {"test": embed(model, data, inputs, data.test, train, device), "test_labels": data.labels[data.test]}
+    saved["ks"] = np.array(data.ks)
     gallery = None
     if data.gallery is not None:
         saved |= {"gallery": embed(model, data, inputs, data.gallery, train, device)}
         saved["gallery_labels"] = data.labels[data.gallery]
         gallery = (saved["gallery"], saved["gallery_labels"])
-    return metrics.evaluate(saved["test"], saved["test_labels"], seed=seed, gallery=gallery), saved
+    return metrics.evaluate(saved["test"], saved["test_labels"], ks=data.ks, seed=seed, gallery=gallery), saved
 
 
 def build_model(study: StudyConfig, seed: int) -> EmbeddingNet:

@@ -327,7 +327,7 @@ def _ensemble(cfg: StudyConfig, loss: str, seed: int, folds: list[int], tracker,
     gallery = None
     if "gallery" in parts[0]:
         gallery = (np.concatenate([p["gallery"] for p in parts], axis=1) * scale, parts[0]["gallery_labels"])
-    result = metrics.evaluate(test, parts[0]["test_labels"], seed=seed, gallery=gallery)
+    result = metrics.evaluate(test, parts[0]["test_labels"], ks=parts[0]["ks"].tolist(), seed=seed, gallery=gallery)
     tracker.start_trial(key, loss, "ensemble", {"seed": seed, "folds": len(folds)}, key.replace("/", "-"))
     tracker.log_metrics(key, result, step=0)
     tracker.end_trial(key, "COMPLETE")
