@@ -1,29 +1,67 @@
-"""Comparison tables: one row per loss (its best trial) plus the untrained baseline."""
+"""Comparison tables: the search (best trial per loss, validation classes) and the final stage (test
+classes, mean ± 95% CI over seeds, a significance test against the best loss), with the CPU- and
+GPU-hours each loss cost, exported as CSV, Markdown, LaTeX and HTML with the best value per column
+marked."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-METRICS = ["recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi", "map_at_r", "r_precision"]
+from study.storage import Storage
+
+FIXED_METRICS = ["nmi", "map_at_r", "r_precision"]
 # What losses report about their own parameters (trial_metrics()): SoftTriple, Proxy Anchor.
 LOSS_METRICS = ["effective_centers", "proxy_abs_cos"]
+_COST_COLUMNS = ["cpu_hours", "gpu_hours"]
+COUNTS = ["trials", "complete", "pruned", "failed", "seeds", "runs"]
+ALPHA = 0.05  # significance level of the test against the best loss
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """``recall_at_<k>`` in increasing k (the dataset's Ks), then NMI, MAP@R and R-Precision."""
+    recalls = sorted(
+        (c for c in runs.columns if re.fullmatch(r"recall_at_\d+", c)), key=lambda c: int(c.rsplit("_", 1)[1])
+    )
+    return recalls + FIXED_METRICS
+
+
+def _groups(runs: pd.DataFrame) -> list[str]:
+    """Rows per loss, and per dataset when several studies are combined."""
+    return ["study", "loss"] if "study" in runs and runs["study"].nunique() > 1 else ["loss"]
+
+
+def _cost(runs: pd.DataFrame, keys: list[str]) -> dict[tuple, dict[str, float]]:
+    """CPU- and GPU-hours per loss (keyed like ``groupby(keys)``), every stage included: the budget
+    each loss really took."""
+    columns = [c for c in ("cpu_hours", "gpu_hours") if c in runs]
+    if not columns:
+        return {}
+    return {key: group[columns].sum().to_dict() for key, group in runs.groupby(keys)}
+
+
+def _mode(runs: pd.DataFrame) -> str:
+    return runs["mode"].iloc[0] if "mode" in runs and len(runs) else "finetune"
 
 
 def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     """Best COMPLETE search trial per loss by ``objective`` (validation classes), then the baseline.
 
-    Columns: loss, trials, complete, pruned, failed, the metrics, and the best
-    trial's hyperparameters and loss metrics (``LOSS_METRICS``) as ``name=value`` text.
+    Columns: loss, trials, complete, pruned, failed, the metrics, the best trial's hyperparameters and
+    loss metrics (``LOSS_METRICS``) as ``name=value`` text, cpu_hours, gpu_hours, mode.
     """
+    metrics = metric_columns(runs)
     params = sorted(c for c in runs.columns if c.startswith("param."))
+    keys = _groups(runs)
+    cost = _cost(runs, keys)
     rows = []
     search = runs[runs["stage"] == "search"]
-    for loss, group in search.groupby("loss", sort=False):
+    for key, group in search.groupby(keys, sort=False):
         complete = group[group["state"] == "COMPLETE"]
-        row = {
-            "loss": loss,
+        row = dict(zip(keys, key, strict=True)) | {
             "trials": len(group),
             "complete": len(complete),
             "pruned": int((group["state"] == "PRUNED").sum()),
@@ -31,19 +69,22 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         }
         if len(complete):
             best = complete.loc[complete[objective].idxmax()]
-            row |= {m: best.get(m) for m in METRICS}
+            row |= {m: best.get(m) for m in metrics}
             row["hyperparameters"] = ", ".join(
                 f"{p.removeprefix('param.')}={_short(best[p])}" for p in params if pd.notna(best[p])
             )
             row["loss metrics"] = ", ".join(
                 f"{m}={_short(best[m])}" for m in LOSS_METRICS if m in best and pd.notna(best[m])
             )
+        row |= cost.get(key, {})
         rows.append(row)
     for _, base in runs[runs["stage"] == "baseline"].iterrows():
-        rows.append({"loss": "untrained", "trials": 0} | {m: base.get(m) for m in METRICS})
-    columns = ["loss", "trials", "complete", "pruned", "failed", *METRICS, "hyperparameters", "loss metrics"]
-    table = pd.DataFrame(rows, columns=columns)
-    table["mode"] = runs["mode"].iloc[0] if "mode" in runs and len(runs) else "finetune"
+        rows.append(
+            {k: base.get(k) for k in keys} | {"loss": "untrained", "trials": 0} | {m: base.get(m) for m in metrics}
+        )
+    columns = [*keys, "trials", "complete", "pruned", "failed", *metrics, "hyperparameters", "loss metrics"]
+    table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
+    table["mode"] = _mode(runs)
     return table.sort_values(objective, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -54,37 +95,56 @@ def _short(value: str) -> str:
         return value
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """Metrics to 4 decimals, counts as integers, blanks where a value does not apply."""
-    counts = ["trials", "complete", "pruned", "failed"]
-    shown = table.astype({c: "Int64" for c in counts}).astype(object)
-    return shown.where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")
-
-
 def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     """The final stage on the test classes: per loss, each metric's mean over seeds and the half-width
     of its 95% confidence interval (Student's t; NaN with one seed). With folds, a seed's value is the
     mean over its fold models, and each loss has a second row for the concatenated-embedding ensemble.
+    ``p_vs_best``: Welch's t-test of the loss's per-seed ``objective`` against the best loss's.
 
-    Columns: loss, seeds, runs, ``<metric>`` and ``<metric>_ci`` for each metric, mode (finetune / features).
+    Columns: loss, seeds, runs, ``<metric>`` and ``<metric>_ci`` for each metric, p_vs_best,
+    cpu_hours, gpu_hours, mode (finetune / features).
     """
-    rows = []
+    metrics = metric_columns(runs)
+    keys = _groups(runs)
+    cost = _cost(runs, keys)
+    rows, samples = [], {}
     done = runs[runs["state"] == "COMPLETE"]
     for stage, suffix in (("final", ""), ("ensemble", " (ensemble)")):
-        for loss, group in done[done["stage"] == stage].groupby("loss", sort=False):
-            seeds = group["param.seed"] if "param.seed" in group else pd.Series(0, index=group.index)
-            per_seed = group.groupby(seeds.fillna("0"))[METRICS].mean()
-            row = {"loss": f"{loss}{suffix}", "seeds": len(per_seed), "runs": len(group)}
-            for metric in METRICS:
+        for key, group in done[done["stage"] == stage].groupby(keys, sort=False):
+            seeds = group["param.seed"] if "param.seed" in group else pd.Series("0", index=group.index)
+            per_seed = group.groupby(seeds.fillna("0"))[metrics].mean()
+            row = dict(zip(keys, key, strict=True)) | {"seeds": len(per_seed), "runs": len(group)}
+            row["loss"] += suffix
+            for metric in metrics:
                 row[metric], row[f"{metric}_ci"] = mean_ci(per_seed[metric].to_numpy())
+            if stage == "final":
+                row |= cost.get(key, {})
+            samples[tuple(row[k] for k in keys)] = per_seed[objective].to_numpy()
             rows.append(row)
     for _, base in runs[runs["stage"] == "baseline"].iterrows():  # the untrained network, tested once
         if f"test_{objective}" in base and pd.notna(base[f"test_{objective}"]):
-            rows.append({"loss": "untrained", "seeds": 1, "runs": 1} | {m: base[f"test_{m}"] for m in METRICS})
-    columns = ["loss", "seeds", "runs", *[c for m in METRICS for c in (m, f"{m}_ci")]]
-    table = pd.DataFrame(rows, columns=columns)
-    table["mode"] = runs["mode"].iloc[0] if "mode" in runs and len(runs) else "finetune"
+            untrained = {k: base.get(k) for k in keys} | {"loss": "untrained", "seeds": 1, "runs": 1}
+            rows.append(untrained | {m: base.get(f"test_{m}") for m in metrics})
+    columns = [*keys, "seeds", "runs", *[c for m in metrics for c in (m, f"{m}_ci")]]
+    table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
+    table.insert(len(columns), "p_vs_best", _p_vs_best(table, samples, keys, objective))
+    table["mode"] = _mode(runs)
     return table.sort_values(objective, ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _p_vs_best(table: pd.DataFrame, samples: dict, keys: list[str], objective: str) -> list[float]:
+    """Welch's t-test p-value of each row's per-seed objective against the best row's (per dataset);
+    NaN for the best row itself and where either side has fewer than two seeds."""
+    p_values = []
+    for _, row in table.iterrows():
+        same = table if len(keys) == 1 else table[table["study"] == row["study"]]
+        best = same.loc[same[objective].idxmax()]
+        mine, theirs = samples.get(tuple(row[k] for k in keys)), samples.get(tuple(best[k] for k in keys))
+        if row["loss"] == best["loss"] or mine is None or theirs is None or min(len(mine), len(theirs)) < 2:
+            p_values.append(float("nan"))
+        else:
+            p_values.append(float(stats.ttest_ind(mine, theirs, equal_var=False).pvalue))
+    return p_values
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -98,13 +158,71 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean()), float(stats.t.ppf((1 + level) / 2, len(values) - 1) * sem)
 
 
-def final_to_markdown(table: pd.DataFrame) -> str:
-    """Each metric as ``mean ± ci`` (just the mean with one seed)."""
-    shown = table[["loss", "seeds", "runs"]].copy()
-    for metric in METRICS:
-        shown[metric] = [
-            f"{m:.4f}" + ("" if np.isnan(c) else f" ± {c:.4f}")
-            for m, c in zip(table[metric], table[f"{metric}_ci"], strict=True)
-        ]
-    shown["mode"] = table["mode"]
-    return shown.to_markdown(index=False)
+def formatted(table: pd.DataFrame, bold: tuple[str, str] = ("**", "**")) -> pd.DataFrame:
+    """The table as text: metrics to 4 decimals (``mean ± ci`` where a CI column exists), the best
+    value of each metric column wrapped in ``bold`` (per dataset), counts as integers, hours to 3
+    significant digits, p-values with a ``*`` below ``ALPHA``, blanks where a value does not apply."""
+    metrics = [c for c in table.columns if c in metric_columns(table)]
+    keys = ["study"] if "study" in table and "study" in table.columns[:1] else []
+    shown = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        if column.endswith("_ci"):
+            continue
+        values = table[column]
+        if column in metrics:
+            ci = table.get(f"{column}_ci")
+            text = [
+                "" if pd.isna(v) else f"{v:.4f}" + ("" if ci is None or pd.isna(ci[i]) else f" ± {ci[i]:.4f}")
+                for i, v in values.items()
+            ]
+            best = table.groupby(keys)[column].transform("max") if keys else values.max()
+            is_best = (values == best) & values.notna() & (table["loss"] != "untrained")
+            shown[column] = [f"{bold[0]}{t}{bold[1]}" if b else t for t, b in zip(text, is_best, strict=True)]
+        elif column in COUNTS:
+            shown[column] = ["" if pd.isna(v) else str(int(v)) for v in values]
+        elif column in ("cpu_hours", "gpu_hours"):
+            shown[column] = ["" if pd.isna(v) else f"{v:.3g}" for v in values]
+        elif column == "p_vs_best":
+            shown[column] = ["" if pd.isna(v) else f"{v:.3f}" + (" *" if v < ALPHA else "") for v in values]
+        else:
+            shown[column] = ["" if pd.isna(v) else str(v) for v in values]
+    return shown
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Markdown with the best value per metric in bold."""
+    return formatted(table).to_markdown(index=False)
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A booktabs LaTeX tabular with the best value per metric in ``\\textbf``."""
+    shown = formatted(table, bold=("\\textbf{", "}"))
+    escaped = shown.map(lambda s: s if s.startswith("\\textbf") else _latex_escape(s))
+    escaped.columns = [_latex_escape(c) for c in shown.columns]
+    return escaped.to_latex(index=False, escape=False).replace(" ± ", " $\\pm$ ")
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"([&%$#_{}])", r"\\\1", text)
+
+
+def to_html(table: pd.DataFrame) -> str:
+    """An HTML table with the best value per metric in ``<strong>``."""
+    shown = formatted(table, bold=("\0b", "\0/b"))
+    html = shown.to_html(index=False, escape=True, border=0, classes="results")
+    return html.replace("\0b", "<strong>").replace("\0/b", "</strong>")
+
+
+def export(table: pd.DataFrame, folder: Storage, name: str) -> list[Storage]:
+    """Write ``<name>.csv`` (full precision), ``.md``, ``.tex`` and ``.html`` into ``folder``."""
+    files = {
+        "csv": table.to_csv(index=False),
+        "md": to_markdown(table) + "\n",
+        "tex": to_latex(table),
+        "html": to_html(table),
+    }
+    written = []
+    for suffix, text in files.items():
+        written.append(folder.child(f"{name}.{suffix}"))
+        written[-1].write_text(text)
+    return written

@@ -19,25 +19,27 @@ def _fail(message: str) -> None:
 
 
 def write_table(study_name: str, tracking_uri: str | None, out: Storage) -> str:
-    """Rebuild the comparison table from MLflow; write results.csv and results.md; return the Markdown."""
+    """Rebuild the comparison tables from MLflow; write results.* (search) and final.* (final stage)
+    as CSV, Markdown, LaTeX and HTML; return both as Markdown."""
     from analysis.runs import load_study
-    from analysis.tables import comparison_table, final_table, final_to_markdown, to_markdown
+    from analysis.tables import comparison_table, export, final_table, to_markdown
 
     objective, runs = load_study(study_name, tracking_uri)
     table = comparison_table(runs, objective)
+    export(table, out, "results")
     markdown = (
         f"Study `{study_name}`: best trial per loss on the validation classes (objective: {objective}).\n\n"
         + to_markdown(table)
         + "\n"
     )
-    out.child("results.csv").write_text(table.to_csv(index=False))
     final = final_table(runs, objective)
-    if len(final) > 1:  # more than the untrained network: the final stage ran
+    if (final["loss"] != "untrained").any():  # the final stage ran
+        export(final, out, "final")
         markdown += (
             "\nFinal stage: each loss's best configuration retrained per seed, tested once on the test "
-            "classes (mean ± 95% CI over seeds).\n\n" + final_to_markdown(final) + "\n"
+            "classes (mean ± 95% CI over seeds; p_vs_best: Welch's t-test against the best loss, * below 0.05)."
+            "\n\n" + to_markdown(final) + "\n"
         )
-        out.child("final.csv").write_text(final.to_csv(index=False))
     out.child("results.md").write_text(markdown)
     return markdown
 
@@ -117,8 +119,8 @@ def _check_tracking(cfg) -> None:
 
 
 def _run(cfg, resume: bool) -> None:
-    from study.tracking import resolve_tracking_uri
     from study.data.images import UnreadableImageError
+    from study.tracking import resolve_tracking_uri
     from study.tune import RayAddressError, run_study
 
     try:
