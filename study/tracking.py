@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -154,6 +155,12 @@ class StudyTracker:
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if isinstance(v, (int, float))]
         self.client.log_batch(self._runs[key], metrics=batch)
         self._last_step[key] = step
+
+    def log_file(self, key: str, name: str, data: bytes) -> None:
+        """Attach ``data`` to trial ``key``'s run as the artifact ``name``."""
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / name).write_bytes(data)
+            self.client.log_artifact(self._runs[key], str(Path(folder) / name))
 
     def end_trial(self, key: str, state: str, error: str | None = None) -> None:
         run_id = self._runs[key]

@@ -144,6 +144,9 @@ class TrackingCallback(tune.Callback):
         self._end(trial, "FAIL", error=trace)
 
     def _end(self, trial, state: str, error: str | None) -> None:
+        embeddings = embeddings_of(self.cfg.storage, self._key(trial))
+        if FINAL in trial.config and embeddings.exists():  # for the report's projection of test embeddings
+            self.tracker.log_file(self._key(trial), "embeddings.npz", embeddings.read_bytes())
         self.tracker.end_trial(self._key(trial), state, error=error)
         # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
         checkpoint_of(self.cfg.storage, self._key(trial)).delete()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pytest
+from scipy import stats
 
-from analysis.tables import METRICS, comparison_table, to_markdown
+from analysis.tables import comparison_table, final_table, formatted, metric_columns, to_latex, to_markdown
+
+METRICS = ["recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi", "map_at_r", "r_precision"]
 
 
 def _run(loss, stage, state, map_at_r, **params):
@@ -34,7 +39,7 @@ def test_best_complete_trial_per_loss_and_baseline_row():
     assert table.iloc[1].hyperparameters == "temperature=0.05" and table.iloc[1]["loss metrics"] == ""
     assert table.iloc[2].map_at_r == 0.05
     md = to_markdown(table)
-    assert "| ms " in md and "0.5000" in md and "alpha=3.25" in md
+    assert "| ms " in md and "**0.5000**" in md and "alpha=3.25" in md  # the best value is marked
 
 
 def test_loss_without_complete_trial_still_listed():
@@ -42,3 +47,39 @@ def test_loss_without_complete_trial_still_listed():
     table = comparison_table(runs, "map_at_r")
     ms = table[table["loss"] == "ms"].iloc[0]
     assert ms.failed == 1 and pd.isna(ms.map_at_r)
+
+
+def test_metric_columns_follow_the_datasets_ks():
+    runs = pd.DataFrame(columns=["recall_at_100", "recall_at_1", "recall_at_10", "nmi", "map_at_r", "r_precision"])
+    assert metric_columns(runs) == ["recall_at_1", "recall_at_10", "recall_at_100", "nmi", "map_at_r", "r_precision"]
+
+
+def _final(loss, seed, value, fold=None, stage="final"):
+    row = {"loss": loss, "stage": stage, "state": "COMPLETE", "param.seed": str(seed), "cpu_hours": 0.5,
+           "gpu_hours": 0.25, **{m: value for m in METRICS}}  # fmt: skip
+    return row | ({"param.fold": str(fold)} if fold is not None else {})
+
+
+def test_final_table_mean_ci_significance_and_cost():
+    best, other = [0.50, 0.52, 0.54], [0.30, 0.31, 0.29]
+    rows = [_final("ms", s, v) for s, v in zip((1, 2, 3), best, strict=True)]
+    rows += [_final("ns", s, v - 0.01, fold=0) for s, v in zip((1, 2, 3), other, strict=True)]
+    rows += [_final("ns", s, v + 0.01, fold=1) for s, v in zip((1, 2, 3), other, strict=True)]  # folds average out
+    rows += [_final("ns", s, 0.4, stage="ensemble") for s in (1, 2, 3)]
+    rows += [{"loss": "ns", "stage": "final", "state": "FAIL", "param.seed": "4", "cpu_hours": 1.0, "gpu_hours": 1.0}]
+    rows += [{"loss": "untrained", "stage": "baseline", "state": "COMPLETE", "test_map_at_r": 0.05,
+              **{f"test_{m}": 0.05 for m in METRICS}}]  # fmt: skip
+    table = final_table(pd.DataFrame(rows), "map_at_r").set_index("loss")
+    ms, ns = table.loc["ms"], table.loc["ns"]
+    assert (ms.seeds, ms.runs, ns.seeds, ns.runs) == (3, 3, 3, 6)
+    assert ms.map_at_r == pytest.approx(0.52) and ns.map_at_r == pytest.approx(0.30)
+    assert ms.map_at_r_ci == pytest.approx(stats.t.ppf(0.975, 2) * np.std(best, ddof=1) / np.sqrt(3))
+    assert np.isnan(ms.p_vs_best)  # the best itself
+    assert ns.p_vs_best == pytest.approx(stats.ttest_ind(other, best, equal_var=False).pvalue)
+    assert ns.cpu_hours == pytest.approx(5.5) and ns.gpu_hours == pytest.approx(3.25)  # every run counts, failed too
+    assert table.loc["ns (ensemble)"].map_at_r == pytest.approx(0.4) and table.loc["untrained"].map_at_r == 0.05
+    shown = formatted(table.reset_index()).set_index("loss")
+    assert shown.loc["ms", "map_at_r"].startswith("**0.5200 ± ") and shown.loc["ns", "p_vs_best"].endswith(" *")
+    assert shown.loc["untrained", "map_at_r"] == "0.0500"
+    latex = to_latex(table.reset_index())
+    assert "\\textbf{0.5200 $\\pm$" in latex and "ns (ensemble)" in latex and "map\\_at\\_r" in latex

@@ -76,6 +76,9 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     study_dir = workdir / "runs" / "tiny"
     saved = np.load(io.BytesIO((study_dir / "embeddings/multi_similarity/final/s1-f0.npz").read_bytes()))
     assert saved["test"].shape == (36, 16) and set(saved["test_labels"]) == set(range(101, 107))
+    # ... and the same embeddings are an artifact of its MLflow run (the report projects them)
+    s1f0 = next(r for r in finals if r.data.tags[TAG_TRIAL].endswith("s1-f0"))
+    assert [a.path for a in client.list_artifacts(s1f0.info.run_id)] == ["config.json", "embeddings.npz"]
     # the ensemble of seed 1 concatenates its three fold models
     ensemble = next(r for r in by_stage["ensemble"] if r.data.tags[TAG_TRIAL].endswith("s1"))
     assert ensemble.data.params["folds"] == "3"
