@@ -131,6 +131,7 @@ def _run(cfg, resume: bool) -> None:
         _fail(f"{exc}; fix or remove it, then run again with --resume")
     typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.storage))
     typer.echo(f"results: {cfg.storage}/results.md, results.csv; browse the runs with `mlflow ui`")
+    typer.echo(f"the HTML report (tables, plots, hyperparameter analysis): dml-study report {cfg.name}")
 
 
 @app.command()
@@ -139,15 +140,19 @@ def report(
     tracking_uri: Annotated[str | None, typer.Option(help="Default: $MLFLOW_TRACKING_URI, else MLflow's")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder or URI (default: runs/<study>)")] = None,
 ) -> None:
-    """Rebuild a study's comparison table from MLflow alone."""
+    """Rebuild a study's tables and its HTML report from MLflow alone; log them to its parent run."""
     from analysis.runs import StudyNotFoundError
+    from analysis.study_report import ARTIFACTS, write_report
     from study.tracking import resolve_tracking_uri
 
     try:
         uri = tracking_uri or resolve_tracking_uri(None)
-        typer.echo(write_table(study, uri, Storage.at(out or f"runs/{study}")))
+        folder = Storage.at(out or f"runs/{study}")
+        typer.echo(write_table(study, uri, folder))
+        html = write_report(study, uri, folder)
     except StudyNotFoundError as exc:
         _fail(str(exc))
+    typer.echo(f"report: {html} (also in MLflow: the study's parent run, artifacts {ARTIFACTS}/)")
 
 
 def main() -> None:

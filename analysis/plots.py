@@ -1,0 +1,343 @@
+"""Figures for a study report, drawn from the :func:`analysis.runs.load_runs` / :func:`load_history` frames.
+
+Each function takes DataFrames (or arrays) and returns a :class:`matplotlib.figure.Figure` on the Agg
+canvas: no pyplot, no global state, nothing to close. Every loss keeps one colour in every figure
+(:func:`loss_colours`, sorted loss order). :func:`save_figure`, :func:`figure_to_svg` and
+:func:`figure_to_png_base64` are the I/O edge. One study per frame: filter ``runs[runs.study == name]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
+from matplotlib.transforms import ScaledTranslation
+from sklearn.decomposition import PCA
+
+from analysis.tables import mean_ci
+
+WIDTH = 10.0  # inches: one report column
+BASELINE = "untrained"  # the baseline row's loss; drawn grey, never takes a palette colour
+BASELINE_COLOUR = "#000000"
+_GREYS = {"tab10": {7}, "tab20": {14, 15}}  # left out of the palette: grey reads as "faded" or as the baseline
+MAX_CLASSES = 20  # classes shown in an embedding projection (tab20 has 20 distinct colours)
+DPI = 120
+_RECALL = re.compile(r"recall_at_(\d+)")
+_NAMES = {"map_at_r": "MAP@R", "r_precision": "R-Precision", "nmi": "NMI", "train_loss": "training loss"}
+
+
+def loss_colours(losses) -> dict[str, str]:
+    """One hex colour per loss, in sorted loss order: tab10 without its grey for up to 9 losses, tab20
+    without its greys beyond (cycling past 18); the ``untrained`` baseline is black."""
+    names = sorted({str(loss) for loss in losses if pd.notna(loss)} - {BASELINE})
+    name = "tab10" if len(names) <= 9 else "tab20"
+    cmap = colormaps[name]
+    palette = [to_hex(cmap(i)) for i in range(cmap.N) if i not in _GREYS[name]]
+    return {loss: palette[i % len(palette)] for i, loss in enumerate(names)} | {BASELINE: BASELINE_COLOUR}
+
+
+def metric_label(metric: str) -> str:
+    """A readable axis label: ``recall_at_4`` → ``Recall@4``, ``map_at_r`` → ``MAP@R``."""
+    if match := _RECALL.fullmatch(metric.removeprefix("test_")):
+        return f"Recall@{match[1]}"
+    return _NAMES.get(metric, metric.replace("_", " "))
+
+
+def optimization_history(runs: pd.DataFrame, objective: str) -> Figure:
+    """Per loss, the objective of each search trial in Optuna order: COMPLETE filled, PRUNED hollow
+    (their value when stopped), and the best COMPLETE value so far as a step line."""
+    search, colours = _search(runs), _colours(runs)
+    losses = sorted(search["loss"].unique())
+    fig, axes = _grid(len(losses), row_height=2.4, sharey=True)
+    for ax, loss in zip(axes, losses, strict=True):
+        trials, colour = search[search["loss"] == loss], colours[loss]
+        done = trials[(trials["state"] == "COMPLETE") & trials[objective].notna()]
+        pruned = trials[(trials["state"] == "PRUNED") & trials[objective].notna()]
+        ax.plot(pruned["number"], pruned[objective], "o", mfc="none", mec=colour, mew=1.3, label="pruned")
+        ax.plot(done["number"], done[objective], "o", color=colour, label="complete")
+        ax.plot(done["number"], done[objective].cummax(), color=colour, drawstyle="steps-post", label="best so far")
+        failed = int((trials["state"] == "FAIL").sum())
+        ax.set_title(f"{loss}" + (f" ({failed} failed)" if failed else ""), color=colour)
+        ax.set_xlabel("trial (Optuna number)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    _label_first_column(axes, metric_label(objective))
+    handles = [
+        Line2D([], [], marker="o", ls="", color="0.3", label="complete"),
+        Line2D([], [], marker="o", ls="", mfc="none", mec="0.3", label="pruned (value when stopped)"),
+        Line2D([], [], color="0.3", drawstyle="steps-post", label="best complete so far"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"Optimization history: {metric_label(objective)} of each search trial (validation classes)")
+    return fig
+
+
+def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figure:
+    """Recall@K against K per loss: the final stage on the test classes (mean over seeds, folds averaged
+    within a seed first, 95% CI error bars with ≥ 2 seeds); without a final stage, each loss's best COMPLETE
+    search trial by ``objective`` (default: the ``objective`` column) on the validation classes."""
+    colours = _colours(runs)
+    final = runs[(runs["stage"] == "final") & (runs["state"] == "COMPLETE")]
+    columns = _recall_columns(final if len(final) else runs)
+    if len(final):
+        curves = {loss: _seed_stats(group, columns) for loss, group in final.groupby("loss")}
+        where, prefix = "test classes, final stage", "test_"
+    else:
+        objective = objective or runs["objective"].iloc[0]
+        search = _search(runs)
+        curves = {}
+        for loss, group in search.groupby("loss"):
+            if (best := _best(group, objective)) is not None:
+                curves[loss] = (best[columns].to_numpy(float), np.full(len(columns), np.nan), 1)
+        where, prefix = "validation classes, best trial", ""
+    ks = np.array([int(_RECALL.fullmatch(c)[1]) for c in columns])
+    fig = _figure(WIDTH, 4.8)
+    ax = fig.subplots()
+    for i, loss in enumerate(sorted(curves)):
+        mean, ci, seeds = curves[loss]
+        ok = np.isfinite(mean)
+        # with CI bars, dodge each loss a few points sideways to keep them apart; the data x remain the Ks
+        dodge = (i - (len(curves) - 1) / 2) * 3 / 72 if len(final) else 0.0
+        shift = ax.transData + ScaledTranslation(dodge, 0, fig.dpi_scale_trans)
+        label = f"{loss} ({seeds} seed{'s' * (seeds != 1)})" if len(final) else loss
+        ax.plot(ks[ok], mean[ok], marker="o", ms=4, color=colours[loss], label=label, transform=shift)
+        ax.update_datalim(np.column_stack([ks[ok], mean[ok]]))  # a shifted line is left out of autoscaling
+        if seeds >= 2 and np.isfinite(ci[ok]).any():
+            bars = ax.errorbar(ks[ok], mean[ok], yerr=ci[ok], fmt="none", ecolor=colours[loss], capsize=2, lw=1)
+            bars.set_label(f"_ci {loss}")
+            for artist in bars.lines[1] + bars.lines[2]:
+                artist.set_transform(shift)
+    _draw_baseline(ax, runs, [prefix + c for c in columns], ks)
+    ax.autoscale_view()
+    ax.set_xscale("log", base=2 if all(k & (k - 1) == 0 for k in ks) else 10)
+    ax.xaxis.set_major_locator(FixedLocator(ks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel="K (neighbours retrieved)", ylabel="Recall@K")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize="small")
+    band = " (mean and 95% CI over seeds)" if len(final) else ""
+    ax.set_title(f"Recall@K — {where}{band}")
+    return fig
+
+
+def hyperparameter_slices(runs: pd.DataFrame, loss: str, objective: str) -> Figure | None:
+    """One panel per hyperparameter of ``loss`` that takes ≥ 2 values among its search trials with an
+    objective value: objective against the value (log x for positive values spanning ≥ 100×,
+    categories for non-numbers), COMPLETE filled, PRUNED hollow, the best COMPLETE trial a star.
+    None when nothing varies."""
+    search = _search(runs)
+    trials = search[(search["loss"] == loss) & search[objective].notna()]
+    params = [c for c in sorted(trials.columns) if c.startswith("param.") and trials[c].dropna().nunique() >= 2]
+    if not params:
+        return None
+    colour, best = _colours(runs)[loss], _best(trials, objective)
+    fig, axes = _grid(len(params), row_height=2.6, sharey=True)
+    for ax, param in zip(axes, params, strict=True):
+        shown = trials[trials[param].notna()]
+        x = _slice_axis(ax, shown[param])
+        done = (shown["state"] == "COMPLETE").to_numpy()
+        y = shown[objective].to_numpy(float)
+        ax.plot(x[~done], y[~done], "o", mfc="none", mec=colour, mew=1.3, label="pruned")
+        ax.plot(x[done], y[done], "o", color=colour, alpha=0.8, label="complete")
+        if best is not None and best.name in shown.index:
+            at = shown.index.get_loc(best.name)
+            ax.plot([x[at]], [y[at]], "*", ms=15, color=colour, mec="black", zorder=3, label="best")
+        ax.set_xlabel(param.removeprefix("param."))
+        ax.grid(alpha=0.3)
+    _label_first_column(axes, metric_label(objective))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"{loss}: {metric_label(objective)} against each hyperparameter ({len(trials)} search trials)")
+    return fig
+
+
+def learning_curves(runs: pd.DataFrame, history: pd.DataFrame, objective: str) -> Figure:
+    """Each loss's best COMPLETE search trial: ``objective`` per epoch (left) and its training loss (right;
+    log y when every value is positive and they span ≥ 20×, since losses live on very different scales)."""
+    search, colours = _search(runs), _colours(runs)
+    fig = _figure(WIDTH, 4.4)
+    ax_objective, ax_train = fig.subplots(1, 2)
+    train_values = []
+    for loss, group in sorted(search.groupby("loss")):
+        if (best := _best(group, objective)) is None:
+            continue
+        curves = history[history["run_id"] == best["run_id"]]
+        for ax, metric in ((ax_objective, objective), (ax_train, "train_loss")):
+            curve = curves[curves["metric"] == metric].sort_values("epoch")
+            label = f"{loss} (trial {int(best['number'])})" if ax is ax_objective else None
+            ax.plot(curve["epoch"], curve["value"], marker="o", ms=3, color=colours[loss], label=label)
+        train_values.extend(curves.loc[curves["metric"] == "train_loss", "value"])
+    values = np.asarray(train_values, float)
+    if len(values) and values.min() > 0 and values.max() / values.min() >= 20:
+        ax_train.set_yscale("log")
+    for ax, metric, title in (
+        (ax_objective, objective, f"{metric_label(objective)} (validation classes)"),
+        (ax_train, "train_loss", "training loss" + (" (log scale)" if ax_train.get_yscale() == "log" else "")),
+    ):
+        ax.set(xlabel="epoch", ylabel=metric_label(metric), title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize="small")
+    fig.suptitle("Learning curves of each loss's best complete search trial")
+    return fig
+
+
+def embedding_projection(
+    embeddings: dict[str, tuple[np.ndarray, np.ndarray]], colours: dict[str, str] | None = None
+) -> Figure:
+    """Per loss (test embeddings N×d, labels N): a 2-D PCA of all the embeddings, drawn for the
+    ``MAX_CLASSES`` most frequent classes only (ties: smaller label first), coloured by class.
+    ``colours``: the loss colours of the other figures (default: :func:`loss_colours` of the keys)."""
+    colours = colours or loss_colours(embeddings)
+    losses = sorted(embeddings)
+    fig, axes = _grid(len(losses), row_height=3.3)
+    cmap = colormaps["tab20"]
+    for ax, loss in zip(axes, losses, strict=True):
+        vectors, labels = np.asarray(embeddings[loss][0], float), np.asarray(embeddings[loss][1])
+        pca = PCA(n_components=2).fit(vectors)
+        points = pca.transform(vectors)
+        classes = _most_frequent(labels, MAX_CLASSES)
+        index = {c: i for i, c in enumerate(classes)}
+        mask = np.isin(labels, classes)
+        class_colours = [cmap(index[label] % cmap.N) for label in labels[mask]]
+        ax.scatter(points[mask, 0], points[mask, 1], c=class_colours, s=6, alpha=0.75, lw=0, rasterized=True)
+        total = len(np.unique(labels))
+        shown = f"{len(classes)} most frequent of {total} classes" if total > len(classes) else f"all {total} classes"
+        variance = pca.explained_variance_ratio_
+        title = f"{loss}\nexplained variance PC1 {variance[0]:.1%}, PC2 {variance[1]:.1%}\n{shown}"
+        ax.set_title(title, color=colours.get(loss, "black"), fontsize="small")
+        ax.set(xlabel="PC1", ylabel="PC2")
+        ax.tick_params(labelsize="x-small")
+    fig.suptitle("Test embeddings: 2-D PCA per loss, points coloured by class")
+    return fig
+
+
+def save_figure(fig: Figure, folder: Path, name: str) -> list[Path]:
+    """Write ``<name>.png`` (dpi 120) and ``<name>.svg`` into ``folder`` (created); return both paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    for path in paths:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return paths
+
+
+def figure_to_svg(fig: Figure) -> str:
+    """The figure as SVG text to inline in HTML: starts at ``<svg`` (XML prolog and DOCTYPE dropped)."""
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]
+
+
+def figure_to_png_base64(fig: Figure) -> str:
+    """The figure as a base64 PNG (dpi 120), for ``<img src="data:image/png;base64,…">``."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # explicit Agg canvas: rendering never goes through pyplot
+    return fig
+
+
+def _grid(n: int, *, row_height: float, ncols: int = 3, sharey: bool = False) -> tuple[Figure, list]:
+    """Small multiples: ``n`` axes, up to ``ncols`` a row; unused cells removed."""
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig = _figure(WIDTH, row_height * nrows + 0.9)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False, sharey=sharey).ravel())
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    return fig, axes[:n]
+
+
+def _label_first_column(axes: list, label: str) -> None:
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(label)
+
+
+def _colours(runs: pd.DataFrame) -> dict[str, str]:
+    """Colours from every loss of the study, so one loss has the same colour in every figure."""
+    return loss_colours(runs["loss"].unique())
+
+
+def _search(runs: pd.DataFrame) -> pd.DataFrame:
+    """The search trials in Optuna order, with their Optuna ``number`` (from ``<loss>/<n>`` or ``<loss>-<n>``)."""
+    search = runs[runs["stage"] == "search"].copy()
+    key = search["trial"] if "trial" in search else search["run_name"]
+    search["number"] = pd.to_numeric(key.astype(str).str.extract(r"(\d+)$")[0])
+    return search.sort_values(["loss", "number"], kind="stable")
+
+
+def _best(trials: pd.DataFrame, objective: str) -> pd.Series | None:
+    """The COMPLETE trial with the highest ``objective`` (as :func:`analysis.tables.comparison_table`)."""
+    done = trials[(trials["state"] == "COMPLETE") & trials[objective].notna()]
+    return done.loc[done[objective].astype(float).idxmax()] if len(done) else None
+
+
+def _recall_columns(rows: pd.DataFrame) -> list[str]:
+    """The ``recall_at_<k>`` columns with a value in ``rows``, by K."""
+    columns = [c for c in rows.columns if _RECALL.fullmatch(c) and rows[c].notna().any()]
+    return sorted(columns, key=lambda c: int(_RECALL.fullmatch(c)[1]))
+
+
+def _seed_stats(group: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per column, the mean over seeds and its 95% CI half-width (folds averaged within a seed first)."""
+    seeds = group["param.seed"].fillna("0") if "param.seed" in group else pd.Series("0", index=group.index)
+    per_seed = group.groupby(seeds)[columns].mean()
+    stats = np.array([mean_ci(per_seed[c].to_numpy(float)) for c in columns]).reshape(-1, 2)
+    return stats[:, 0], stats[:, 1], len(per_seed)
+
+
+def _draw_baseline(ax, runs: pd.DataFrame, columns: list[str], ks: np.ndarray) -> None:
+    """The untrained network's Recall@K as a grey dashed reference, where the baseline logged it."""
+    for _, base in runs[runs["stage"] == "baseline"].iterrows():
+        values = np.array([base.get(c, np.nan) for c in columns], float)
+        if np.isfinite(values).any():
+            ok = np.isfinite(values)
+            ax.plot(ks[ok], values[ok], "--", marker=".", color=BASELINE_COLOUR, label=BASELINE)
+
+
+def _slice_axis(ax, values: pd.Series) -> np.ndarray:
+    """x positions of a hyperparameter's values: floats (log axis when positive and spanning ≥ 100×),
+    else category positions labelled with the sorted categories."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        x = numbers.to_numpy(float)
+        positive = x[x > 0]
+        if len(positive) and x.min() >= 0 and positive.max() / positive.min() >= 100:
+            # a log axis; with zeros among the values (a switched-off term), symlog keeps them in view
+            if x.min() > 0:
+                ax.set_xscale("log")
+            else:
+                ax.set_xscale("symlog", linthresh=positive.min())
+        return x
+    categories = sorted(values.astype(str).unique())
+    ax.set_xticks(range(len(categories)), labels=categories)
+    ax.set_xlim(-0.5, len(categories) - 0.5)
+    return values.astype(str).map({c: i for i, c in enumerate(categories)}).to_numpy(float)
+
+
+def _most_frequent(labels: np.ndarray, limit: int) -> list:
+    classes, counts = np.unique(labels, return_counts=True)
+    order = np.lexsort((classes, -counts))  # by count descending, then label
+    return sorted(classes[order[:limit]].tolist())

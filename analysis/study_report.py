@@ -1,0 +1,154 @@
+"""A study's report from MLflow alone: tables, pictures, hyperparameter analysis and claims checks,
+as one self-contained HTML file plus the tables (CSV, Markdown, LaTeX, HTML) and figures (PNG, SVG),
+also logged as artifacts of the study's parent MLflow run (``report/``) so they open from the UI."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.tracking import MlflowClient
+
+from analysis import plots
+from analysis.claims import check_claims
+from analysis.hyper import importance, sensitivity
+from analysis.report import Section, environment_info, render_html
+from analysis.runs import find_parent, load_history, load_parent_config, load_runs
+from analysis.tables import comparison_table, export, final_table, formatted
+from study.storage import Storage
+
+ARTIFACTS = "report"  # folder of the parent run's artifacts
+
+
+def hyperparameter_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Importance and sensitivity of every searched loss, one frame each, with a ``loss`` column."""
+    losses = runs.loc[runs["stage"] == "search", "loss"].unique()
+    parts = [(loss, importance(runs, loss, objective), sensitivity(runs, loss, objective)) for loss in losses]
+    imp = [frame.assign(loss=loss) for loss, frame, _ in parts if len(frame)]
+    sens = [frame.assign(loss=loss) for loss, _, frame in parts if len(frame)]
+    columns_imp, columns_sens = ["loss", "param", "importance", "trials"], ["loss", "param", "best_value", "far_trials",
+                                                                            "drop", "relative_drop"]  # fmt: skip
+    return (
+        pd.concat(imp)[columns_imp] if imp else pd.DataFrame(columns=columns_imp),
+        pd.concat(sens)[columns_sens] if sens else pd.DataFrame(columns=columns_sens),
+    )
+
+
+def best_embeddings(runs: pd.DataFrame, objective: str, tracking_uri: str | None) -> dict:
+    """Per loss, the test embeddings (and labels) of its best final-stage run, where they were kept."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    final = runs[(runs["stage"] == "final") & (runs["state"] == "COMPLETE")].dropna(subset=[objective])
+    found = {}
+    for loss, group in final.groupby("loss"):
+        run_id = group.loc[group[objective].idxmax(), "run_id"]
+        if "embeddings.npz" not in {a.path for a in client.list_artifacts(run_id)}:
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            data = np.load(io.BytesIO(Path(client.download_artifacts(run_id, "embeddings.npz", folder)).read_bytes()))
+            found[loss] = (data["test"], data["test_labels"])
+    return found
+
+
+def build_report(name: str, tracking_uri: str | None, folder: Path) -> Path:
+    """Write ``report.html``, the tables and ``figures/`` for study ``name`` into ``folder``."""
+    runs = load_runs(name, tracking_uri)
+    objective = runs["objective"].iloc[0]
+    history = load_history(runs, tracking_uri)
+    config = load_parent_config(name, tracking_uri)
+    search, final = comparison_table(runs, objective), final_table(runs, objective)
+    imp, sens = hyperparameter_tables(runs, objective)
+    claims = check_claims(runs, objective)
+    storage = Storage.at(str(folder))
+    export(search, storage, "results")
+    tables = {"importance": imp, "sensitivity": sens, "claims": claims}
+    if (final["loss"] != "untrained").any():
+        export(final, storage, "final")
+    for table_name, table in tables.items():
+        export(table, storage, table_name)
+
+    colours = plots.loss_colours(sorted(runs["loss"].dropna().unique()))
+    figures = {"recall_at_k": plots.recall_at_k_curves(runs, objective)}
+    embeddings = best_embeddings(runs, objective, tracking_uri)
+    if embeddings:
+        figures["embeddings_pca"] = plots.embedding_projection(embeddings, colours)
+    figures["optimization_history"] = plots.optimization_history(runs, objective)
+    figures["learning_curves"] = plots.learning_curves(runs, history, objective)
+    slices = {}
+    for loss in sorted(runs.loc[runs["stage"] == "search", "loss"].unique()):
+        figure = plots.hyperparameter_slices(runs, loss, objective)
+        if figure is not None:
+            slices[loss] = figures[f"slices_{loss}"] = figure
+    for figure_name, figure in figures.items():
+        plots.save_figure(figure, folder / "figures", figure_name)
+
+    cost = runs[["cpu_hours", "gpu_hours"]].sum()
+    features = "FEATURE MODE: the trunk was frozen; only the embedding head and the loss trained. "
+    mode = features if runs["mode"].iloc[0] == "features" else ""
+    overview = (
+        f"Study {name} on {runs['dataset'].iloc[0]}: {len(runs[runs['stage'] == 'search'])} search trials over "
+        f"{runs.loc[runs['stage'] == 'search', 'loss'].nunique()} losses, objective {objective} on the validation "
+        f"classes; {len(runs[runs['stage'] == 'final'])} final-stage runs on the test classes. "
+        f"{mode}"
+        f"Cost: {cost['cpu_hours']:.2f} CPU-hours, {cost['gpu_hours']:.2f} GPU-hours (wall time × resources per trial)."
+        "\n\nBold: the best value of each column. Final-stage cells are mean ± 95% CI over seeds (Student's t); "
+        "p_vs_best is Welch's t-test of the loss's per-seed objective against the best loss's (* below 0.05)."
+    )  # fmt: skip
+    sections = [Section("Overview", overview)]
+    if (final["loss"] != "untrained").any():
+        sections.append(
+            Section(
+                "Final stage: test classes",
+                "Each loss's best configuration, retrained with several seeds and tested once.",
+                tables=[("Final stage (mean ± 95% CI over seeds)", formatted(final))],
+                figures=[("Recall@K on the test classes", figures["recall_at_k"])]
+                + ([("2-D PCA of the best model's test embeddings", figures["embeddings_pca"])] if embeddings else []),
+            )
+        )
+    sections.append(
+        Section(
+            "Search: validation classes",
+            "The best trial of each loss, chosen on the validation classes.",
+            tables=[("Best trial per loss", formatted(search))],
+            figures=[("Optimization history", figures["optimization_history"]),
+                     ("Learning curves of the best trials", figures["learning_curves"])],
+        )
+    )  # fmt: skip
+    sections.append(
+        Section(
+            "Hyperparameters",
+            "Importance: fANOVA on the COMPLETE search trials of each loss (sums to 1 per loss). Sensitivity: how "
+            "much the objective falls, on average, in trials whose value lies more than a quarter of the searched "
+            "range from the best trial's — a small drop means the loss is robust to that hyperparameter. With few "
+            "trials per loss both are rough: the trial counts are shown.",
+            tables=[("Importance", imp), ("Sensitivity", sens)],
+            figures=[(f"{loss}: objective against each hyperparameter", fig) for loss, fig in slices.items()],
+        )
+    )
+    sections.append(Section("The papers' claims on this study's data", tables=[("Claims", claims)]))
+    sections.append(Section("Configuration", code=yaml.safe_dump(config, sort_keys=False)))
+    environment = pd.DataFrame(environment_info().items(), columns=["component", "version"])
+    sections.append(
+        Section("Environment (where this report was built)", tables=[("Versions and machine", environment)])
+    )
+    subtitle = f"dml-study report, built {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    path = folder / "report.html"
+    path.write_text(render_html(f"Study {name}", sections, subtitle=subtitle))
+    return path
+
+
+def write_report(name: str, tracking_uri: str | None, out: Storage) -> Storage:
+    """Build the report, copy it to ``out`` (a folder or an object-store URI) and log it as the
+    parent run's ``report/`` artifacts. Returns where report.html went."""
+    with tempfile.TemporaryDirectory() as temp:
+        folder = Path(temp)
+        build_report(name, tracking_uri, folder)
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            out.child(*file.relative_to(folder).parts).write_bytes(file.read_bytes())
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.log_artifacts(find_parent(client, name).info.run_id, str(folder), ARTIFACTS)
+    return out.child("report.html")

@@ -1,0 +1,96 @@
+"""The study report end to end: a study with its final stage, `dml-study report`, the HTML opened in
+headless Chromium, the artifacts in MLflow, and the analysis notebook executed against the study."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from study.cli import app
+from tests.chromium import ensure_chromium, render
+from tests.conftest import REPO, TINY_STUDY, write_study
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, ray_instance):
+    """A tiny study with a final stage (2 seeds), run once for the tests of this module."""
+    folder = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    old = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(folder)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        search = {**TINY_STUDY["search"], "trials_per_loss": 4}
+        result = runner.invoke(app, ["run", str(write_study(folder, search=search, final={"seeds": 2}))])
+        assert result.exit_code == 0, result.output
+        report = runner.invoke(app, ["report", "tiny"])
+        assert report.exit_code == 0, report.output
+        yield folder, uri, report.output
+    finally:
+        os.chdir(old[0])
+        if old[1] is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old[1]
+
+
+def test_report_renders_in_chromium_with_every_table_and_image(study):
+    folder, _, output = study
+    out = folder / "runs" / "tiny"
+    html = out / "report.html"
+    assert f"report: {html}" in output.replace(str(folder) + "/", "") or "report.html" in output
+    page = html.read_text()
+    assert "<link" not in page and 'src="http' not in page  # self-contained
+    (folder / "chromium").mkdir(exist_ok=True)
+    shown = render(html, folder / "chromium", chromium=ensure_chromium())
+    assert shown["images"] >= 4 and shown["images_rendered"] == shown["images"]
+    final = pd.read_csv(out / "final.csv")
+    claims = pd.read_csv(out / "claims.csv")
+    # tables: final stage, search, importance, sensitivity, claims, environment
+    assert shown["tables"] == 6
+    assert shown["body_rows"][0] == len(final) and shown["body_rows"][4] == len(claims)
+    best = final.iloc[0]
+    assert f"{best.map_at_r:.4f} ± {best.map_at_r_ci:.4f}" in page  # the numbers are the study's
+    for name in ("recall_at_k", "optimization_history", "learning_curves", "embeddings_pca"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 0 and (out / "figures" / f"{name}.svg").exists()
+    for table in ("results", "final", "importance", "sensitivity", "claims"):
+        assert {p.suffix for p in out.glob(f"{table}.*")} == {".csv", ".md", ".tex", ".html"}
+
+
+def test_report_is_an_artifact_of_the_study_run(study):
+    _, uri, _ = study
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny")
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`dml_study.role` = 'study'")
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/final.tex", "report/claims.md", "report/figures"} <= files
+
+
+def test_notebook_rebuilds_the_tables_from_the_study(study, monkeypatch):
+    """The jupytext notebook, converted and executed by a real Jupyter kernel against the study."""
+    import jupytext
+    from nbclient import NotebookClient
+
+    folder, uri, _ = study
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DML_STUDY_NAME", "tiny")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the kernel imports the analysis package
+    notebook = jupytext.read(REPO / "analysis" / "notebooks" / "study.py")
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+    ).execute()
+    outputs = "".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    )
+    final = pd.read_csv(folder / "runs" / "tiny" / "final.csv")
+    assert f"{final.iloc[0].map_at_r:.4f} ± {final.iloc[0].map_at_r_ci:.4f}" in outputs  # the same table
+    assert "slices_multi_similarity" in outputs and "Easy positive sampling" in outputs
