@@ -301,7 +301,8 @@ def _final_stage(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, sa
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(runs)} runs to train")
     if todo:
         param_space = {**best.params, FINAL: tune.grid_search(todo)}
-        _tuner(cfg, space, tracker, say, epochs, f"{space.loss}-final", param_space=param_space).fit()
+        limit = {"max_concurrent_trials": cfg.search.max_concurrent}
+        _tuner(cfg, space, tracker, say, epochs, f"{space.loss}-final", param_space=param_space, **limit).fit()
     if cfg.dataset.folds is not None:
         for seed in final_seeds(cfg):
             _ensemble(cfg, space.loss, seed, folds, tracker, say)
