@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -145,6 +146,7 @@ def report(
     from analysis.study_report import ARTIFACTS, write_report
     from study.tracking import resolve_tracking_uri
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per download otherwise
     try:
         uri = tracking_uri or resolve_tracking_uri(None)
         folder = Storage.at(out or f"runs/{study}")

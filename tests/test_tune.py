@@ -95,6 +95,7 @@ def test_study_end_to_end(workdir, ray_instance):
             "base": float(run.data.params["base"]),
             "epsilon": 0.1,
             "positive": "all",
+            "mining": True,
         }
         assert resolved["train"]["epochs"] == 2 and resolved["model"]["backbone"] == "test_resnet"
     for run in by_loss["normalized_softmax"]:
