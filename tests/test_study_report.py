@@ -94,3 +94,22 @@ def test_notebook_rebuilds_the_tables_from_the_study(study, monkeypatch):
     final = pd.read_csv(folder / "runs" / "tiny" / "final.csv")
     assert f"{final.iloc[0].map_at_r:.4f} ± {final.iloc[0].map_at_r_ci:.4f}" in outputs  # the same table
     assert "slices_multi_similarity" in outputs and "Easy positive sampling" in outputs
+
+
+def test_load_runs_and_history_are_tidy(study):
+    from analysis.runs import load_history, load_runs
+
+    _, uri, _ = study
+    runs = load_runs(["tiny"], uri)
+    assert set(runs["stage"]) == {"baseline", "search", "final"} and (runs["study"] == "tiny").all()
+    assert len(runs[runs["stage"] == "search"]) == 8 and len(runs[runs["stage"] == "final"]) == 4  # 2 losses × 2 seeds
+    assert (runs["wall_seconds"] > 0).all() and (runs["cpu_hours"] == runs["wall_seconds"] / 3600).all()
+    assert (runs["gpu_hours"] == 0).all() and (runs["mode"] == "finetune").all()
+    assert {"param.alpha", "param.seed", "recall_at_1", "map_at_r"} <= set(runs.columns)
+    history = load_history(runs, uri)
+    client = MlflowClient(uri)
+    one = runs[runs["state"] == "COMPLETE"].iloc[0]
+    expected = [(m.step, m.value) for m in client.get_metric_history(one.run_id, "map_at_r")]
+    mine = history[(history["run_id"] == one.run_id) & (history["metric"] == "map_at_r")]
+    assert list(zip(mine["epoch"], mine["value"], strict=True)) == sorted(expected)
+    assert set(history["metric"]) >= {"map_at_r", "train_loss", "epoch_seconds"}
