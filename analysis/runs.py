@@ -84,12 +84,6 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
     return pd.concat(frames, ignore_index=True)
 
 
-def load_study(name: str, tracking_uri: str | None = None) -> tuple[str, pd.DataFrame]:
-    """The latest run of study ``name``: (objective metric, :func:`load_runs` frame)."""
-    runs = load_runs(name, tracking_uri)
-    return runs["objective"].iloc[0], runs
-
-
 def load_history(runs: pd.DataFrame, tracking_uri: str | None = None) -> pd.DataFrame:
     """Every metric of every run at every epoch: columns ``run_id``, ``study``, ``loss``, ``stage``,
     ``trial``, ``epoch`` (MLflow's step), ``metric``, ``value``."""

@@ -19,7 +19,7 @@ from analysis.claims import check_claims
 from analysis.hyper import importance, sensitivity
 from analysis.report import Section, environment_info, render_html
 from analysis.runs import find_parent, load_history, load_parent_config, load_runs
-from analysis.tables import comparison_table, export, final_table, formatted
+from analysis.tables import export, formatted, write_tables
 from study.storage import Storage
 
 ARTIFACTS = "report"  # folder of the parent run's artifacts
@@ -54,21 +54,18 @@ def best_embeddings(runs: pd.DataFrame, objective: str, tracking_uri: str | None
     return found
 
 
-def build_report(name: str, tracking_uri: str | None, folder: Path) -> Path:
-    """Write ``report.html``, the tables and ``figures/`` for study ``name`` into ``folder``."""
+def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
+    """Write ``report.html``, the tables and ``figures/`` for study ``name`` into ``folder``; return
+    the comparison tables as Markdown (``results.md``)."""
     runs = load_runs(name, tracking_uri)
     objective = runs["objective"].iloc[0]
     history = load_history(runs, tracking_uri)
     config = load_parent_config(name, tracking_uri)
-    search, final = comparison_table(runs, objective), final_table(runs, objective)
+    storage = Storage.at(str(folder))
+    markdown, search, final = write_tables(runs, storage)
     imp, sens = hyperparameter_tables(runs, objective)
     claims = check_claims(runs, objective)
-    storage = Storage.at(str(folder))
-    export(search, storage, "results")
-    tables = {"importance": imp, "sensitivity": sens, "claims": claims}
-    if (final["loss"] != "untrained").any():
-        export(final, storage, "final")
-    for table_name, table in tables.items():
+    for table_name, table in {"importance": imp, "sensitivity": sens, "claims": claims}.items():
         export(table, storage, table_name)
 
     colours = plots.loss_colours(sorted(runs["loss"].dropna().unique()))
@@ -136,19 +133,18 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> Path:
         Section("Environment (where this report was built)", tables=[("Versions and machine", environment)])
     )
     subtitle = f"dml-study report, built {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
-    path = folder / "report.html"
-    path.write_text(render_html(f"Study {name}", sections, subtitle=subtitle))
-    return path
+    (folder / "report.html").write_text(render_html(f"Study {name}", sections, subtitle=subtitle))
+    return markdown
 
 
-def write_report(name: str, tracking_uri: str | None, out: Storage) -> Storage:
+def write_report(name: str, tracking_uri: str | None, out: Storage) -> tuple[str, Storage]:
     """Build the report, copy it to ``out`` (a folder or an object-store URI) and log it as the
-    parent run's ``report/`` artifacts. Returns where report.html went."""
+    parent run's ``report/`` artifacts. Returns the tables as Markdown and where report.html went."""
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
-        build_report(name, tracking_uri, folder)
+        markdown = build_report(name, tracking_uri, folder)
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             out.child(*file.relative_to(folder).parts).write_bytes(file.read_bytes())
         client = MlflowClient(tracking_uri=tracking_uri)
         client.log_artifacts(find_parent(client, name).info.run_id, str(folder), ARTIFACTS)
-    return out.child("report.html")
+    return markdown, out.child("report.html")

@@ -226,3 +226,26 @@ def export(table: pd.DataFrame, folder: Storage, name: str) -> list[Storage]:
         written.append(folder.child(f"{name}.{suffix}"))
         written[-1].write_text(text)
     return written
+
+
+def write_tables(runs: pd.DataFrame, out: Storage) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """Export the search table as ``results.*`` and, once the final stage ran, the final table as
+    ``final.*``; ``results.md`` then holds both with their captions. Returns (that Markdown, the
+    search table, the final table)."""
+    name, objective = runs["study"].iloc[0], runs["objective"].iloc[0]
+    search, final = comparison_table(runs, objective), final_table(runs, objective)
+    export(search, out, "results")
+    markdown = (
+        f"Study `{name}`: best trial per loss on the validation classes (objective: {objective}).\n\n"
+        + to_markdown(search)
+        + "\n"
+    )
+    if (final["loss"] != "untrained").any():  # the final stage ran
+        export(final, out, "final")
+        markdown += (
+            "\nFinal stage: each loss's best configuration retrained per seed, tested once on the test "
+            "classes (mean ± 95% CI over seeds; p_vs_best: Welch's t-test against the best loss, * below 0.05)."
+            "\n\n" + to_markdown(final) + "\n"
+        )
+    out.child("results.md").write_text(markdown)
+    return markdown, search, final

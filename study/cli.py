@@ -19,32 +19,6 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def write_table(study_name: str, tracking_uri: str | None, out: Storage) -> str:
-    """Rebuild the comparison tables from MLflow; write results.* (search) and final.* (final stage)
-    as CSV, Markdown, LaTeX and HTML; return both as Markdown."""
-    from analysis.runs import load_study
-    from analysis.tables import comparison_table, export, final_table, to_markdown
-
-    objective, runs = load_study(study_name, tracking_uri)
-    table = comparison_table(runs, objective)
-    export(table, out, "results")
-    markdown = (
-        f"Study `{study_name}`: best trial per loss on the validation classes (objective: {objective}).\n\n"
-        + to_markdown(table)
-        + "\n"
-    )
-    final = final_table(runs, objective)
-    if (final["loss"] != "untrained").any():  # the final stage ran
-        export(final, out, "final")
-        markdown += (
-            "\nFinal stage: each loss's best configuration retrained per seed, tested once on the test "
-            "classes (mean ± 95% CI over seeds; p_vs_best: Welch's t-test against the best loss, * below 0.05)."
-            "\n\n" + to_markdown(final) + "\n"
-        )
-    out.child("results.md").write_text(markdown)
-    return markdown
-
-
 @app.command()
 def run(
     study_file: Annotated[Path, typer.Argument(help="Study YAML, e.g. search_spaces/quickstart.yaml")],
@@ -120,6 +94,8 @@ def _check_tracking(cfg) -> None:
 
 
 def _run(cfg, resume: bool) -> None:
+    from analysis.runs import load_runs
+    from analysis.tables import write_tables
     from study.data.images import UnreadableImageError
     from study.tracking import resolve_tracking_uri
     from study.tune import RayAddressError, run_study
@@ -130,7 +106,7 @@ def _run(cfg, resume: bool) -> None:
         _fail(str(exc))
     except UnreadableImageError as exc:  # found by the baseline, before any trial; fix it, then --resume
         _fail(f"{exc}; fix or remove it, then run again with --resume")
-    typer.echo(write_table(cfg.name, resolve_tracking_uri(cfg.tracking.uri), cfg.storage))
+    typer.echo(write_tables(load_runs(cfg.name, resolve_tracking_uri(cfg.tracking.uri)), cfg.storage)[0])
     typer.echo(f"results: {cfg.storage}/results.md, results.csv; browse the runs with `mlflow ui`")
     typer.echo(f"the HTML report (tables, plots, hyperparameter analysis): dml-study report {cfg.name}")
 
@@ -149,11 +125,10 @@ def report(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per download otherwise
     try:
         uri = tracking_uri or resolve_tracking_uri(None)
-        folder = Storage.at(out or f"runs/{study}")
-        typer.echo(write_table(study, uri, folder))
-        html = write_report(study, uri, folder)
+        markdown, html = write_report(study, uri, Storage.at(out or f"runs/{study}"))
     except StudyNotFoundError as exc:
         _fail(str(exc))
+    typer.echo(markdown)
     typer.echo(f"report: {html} (also in MLflow: the study's parent run, artifacts {ARTIFACTS}/)")
 
 

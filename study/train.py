@@ -144,38 +144,39 @@ def _autocast(train: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
+def _encode(encoder: Callable, inputs, idx: np.ndarray, train: TrainConfig, device: torch.device) -> torch.Tensor:
+    """``encoder`` applied to samples ``idx`` in batches of ``eval_batch_size``, gathered on the CPU."""
+    out = []
+    for start in range(0, len(idx), train.eval_batch_size):
+        x = _rows(inputs, idx[start : start + train.eval_batch_size]).to(device)
+        with _autocast(train, device):
+            out.append(encoder(x).float().cpu())
+    return torch.cat(out)
+
+
 def embed(
     model: EmbeddingNet, data: PreparedData, inputs, idx: np.ndarray, train: TrainConfig, device: torch.device
 ) -> np.ndarray:
     """L2-normalised embeddings of samples ``idx`` (evaluation transform: center crop)."""
     model.eval()
-    out = []
-    for start in range(0, len(idx), train.eval_batch_size):
-        x = _rows(inputs, idx[start : start + train.eval_batch_size]).to(device)
-        with _autocast(train, device):
-            if data.features:
-                out.append(model.embed_features(x).float().cpu())
-            else:
-                out.append(model(_eval_input(x, train)).float().cpu())
-    return torch.cat(out).numpy()
+    encoder = model.embed_features if data.features else lambda x: model(_eval_input(x, train))
+    return _encode(encoder, inputs, idx, train, device).numpy()
 
 
-def _eval_input(x: torch.Tensor, train: TrainConfig) -> torch.Tensor:
-    x = eval_transform(x, crop=train.crop_size)
+def _channels_last(x: torch.Tensor, train: TrainConfig) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if train.channels_last else x
 
 
-@torch.no_grad()
+def _eval_input(x: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+    return _channels_last(eval_transform(x, crop=train.crop_size), train)
+
+
 def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor:
     """The frozen (pretrained) trunk's pooled features of every image, once, for feature mode."""
     device = resolve_device(study.train.device)
     model = build_model(study, study.seed).to(device).eval()
-    inputs, out = data.inputs, []
-    for start in range(0, len(inputs), study.train.eval_batch_size):
-        x = _rows(inputs, np.arange(start, min(start + study.train.eval_batch_size, len(inputs)))).to(device)
-        with _autocast(study.train, device):
-            out.append(model.features(_eval_input(x, study.train)).float().cpu())
-    return torch.cat(out)
+    everything = np.arange(len(data.inputs))
+    return _encode(lambda x: model.features(_eval_input(x, study.train)), data.inputs, everything, study.train, device)
 
 
 def evaluate_split(
@@ -259,10 +260,9 @@ class Learner:
                 if self.data.features:
                     out = self.model.embed_features(x)
                 else:
-                    x = train_transform(x, self.generator, crop=self.train.crop_size)
-                    if self.train.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    out = self.model(x)
+                    out = self.model(
+                        _channels_last(train_transform(x, self.generator, crop=self.train.crop_size), self.train)
+                    )
             loss = self.loss_fn(out.float(), self.labels[idx.to(self.device)])
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"{self.loss_name}: training loss is {loss.item()} at epoch {epoch}")
@@ -273,6 +273,10 @@ class Learner:
             self.optimizer.step()
             losses.append(loss.item())
         return float(np.mean(losses))
+
+    def loss_metrics(self) -> dict[str, float]:
+        """What the loss reports about its own parameters (e.g. SoftTriple's effective centers)."""
+        return self.loss_fn.trial_metrics() if hasattr(self.loss_fn, "trial_metrics") else {}
 
     def state_dict(self) -> dict:
         return {
@@ -360,10 +364,9 @@ def run_trial(
     def validate(epoch: int) -> dict[str, float]:
         results = []
         for learner, (_, val) in zip(learners, data.folds, strict=True):
-            result = evaluate_split(learner.model, data, inputs, val, train, device, seed)
-            if hasattr(learner.loss_fn, "trial_metrics"):  # e.g. SoftTriple's effective centers per class
-                result.update(learner.loss_fn.trial_metrics())
-            results.append(result)
+            results.append(
+                evaluate_split(learner.model, data, inputs, val, train, device, seed) | learner.loss_metrics()
+            )
         result = _mean(results)
         if not math.isfinite(result["map_at_r"]):
             raise NonFiniteLossError(f"{loss_name}: validation metrics are not finite at epoch {epoch}")
@@ -397,9 +400,7 @@ def run_final(
             return {}
         result, embeddings = evaluate_test(learner.model, data, inputs, train, device, seed)
         saved.update(embeddings)
-        if hasattr(learner.loss_fn, "trial_metrics"):
-            result.update(learner.loss_fn.trial_metrics())
-        return result
+        return result | learner.loss_metrics()
 
     history = _fit([learner], train.epochs, inputs, test_once, report, checkpoint_dir)
     if not saved:  # every epoch was in the checkpoint: evaluate the restored model
