@@ -25,7 +25,7 @@ TAG_STUDY = "dml_study.study"
 TAG_OBJECTIVE = "dml_study.objective"
 TAG_TRIAL = "dml_study.trial"  # unique trial key within a study
 TAG_LOSS = "dml_study.loss"
-TAG_STAGE = "dml_study.stage"  # "baseline" | "search"
+TAG_STAGE = "dml_study.stage"  # "baseline" | "search" | "final" | "ensemble"
 TAG_STATE = "dml_study.state"  # "COMPLETE" | "PRUNED" | "FAIL"
 TAG_ERROR = "dml_study.error"
 
@@ -85,14 +85,13 @@ class StudyTracker:
             else self.client.create_experiment(name, artifact_location=_artifact_root(tracking_uri, name))
         )
         self.parent_id: str | None = None
-        self.objective: str | None = None
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}  # per trial: the last epoch already in MLflow
 
     def start(self, config: dict, objective: str) -> str:
         tags = {TAG_ROLE: "study", TAG_STUDY: self.name, TAG_OBJECTIVE: objective, MLFLOW_RUN_NAME: self.name}
         run = self.client.create_run(self.experiment_id, tags=tags)
-        self.parent_id, self.objective = run.info.run_id, objective
+        self.parent_id = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
         self.client.log_batch(self.parent_id, params=params)
         self.client.log_text(self.parent_id, json.dumps(config, indent=2, default=str), "config.json")
@@ -100,8 +99,7 @@ class StudyTracker:
 
     def resume(self, parent_id: str) -> None:
         """Continue the study's existing parent run (after its driver died)."""
-        run = self.client.get_run(parent_id)
-        self.parent_id, self.objective = parent_id, run.data.tags[TAG_OBJECTIVE]
+        self.parent_id = parent_id
         self.client.update_run(parent_id, status="RUNNING")
 
     def find_trial(self, key: str):
@@ -129,8 +127,9 @@ class StudyTracker:
         found = self.find_trial(key)
         if found:  # logged by an earlier driver of this study: never a second run, no epoch twice
             run_id = found.info.run_id
-            history = self.client.get_metric_history(run_id, self.objective)
-            self._last_step[key] = max((m.step for m in history), default=-1)
+            # every metric's history: a final run logs its test metrics at the last epoch only
+            steps = [m.step for name in found.data.metrics for m in self.client.get_metric_history(run_id, name)]
+            self._last_step[key] = max(steps, default=-1)
         else:
             tags = {
                 MLFLOW_PARENT_RUN_ID: self.parent_id,

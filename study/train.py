@@ -11,8 +11,8 @@ deterministic on the CPU.
 
 Data: images stay uint8 until a batch is drawn; on a GPU the whole set is
 moved to GPU memory once per trial and augmented there. In feature mode the
-frozen trunk's features are computed once per process and only the embedding
-head and the loss train.
+frozen trunk's features are computed once (kept next to the image cache) and
+only the embedding head and the loss train.
 
 With a ``checkpoint_dir`` the trial saves its whole state after every epoch
 (model, loss parameters, optimizer, random generators, the metrics so far) and,
@@ -24,19 +24,24 @@ results as an uninterrupted run.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from torch import nn
 
 from study import metrics
 from study.config import StudyConfig, TrainConfig
 from study.data import create_dataset
+from study.data.images import cached_file
 from study.data.samplers import MPerClassSampler
 from study.data.splits import validation_folds
 from study.data.transforms import eval_transform, train_transform
@@ -171,12 +176,50 @@ def _eval_input(x: torch.Tensor, train: TrainConfig) -> torch.Tensor:
     return _channels_last(eval_transform(x, crop=train.crop_size), train)
 
 
-def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor:
-    """The frozen (pretrained) trunk's pooled features of every image, once, for feature mode."""
+def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor | np.ndarray:
+    """The frozen trunk's pooled features of every image (center crop), for feature mode.
+
+    For an image dataset they are computed once and kept next to its image cache, in a file named
+    after the images and everything the trunk's output depends on (:func:`_trunk_key`): every trial,
+    worker, loss and later study with the same images and trunk memory-maps them. Synthetic data's
+    are computed once per process."""
+    if not isinstance(data.inputs, np.memmap):
+        return _trunk_features(study, data.inputs)
+    images = Path(data.inputs.filename)
+    target = images.with_name(f"features_{images.stem}_{_trunk_key(study)}.npy")
+
+    def write(temp: Path) -> None:
+        with temp.open("wb") as out:
+            np.save(out, _trunk_features(study, data.inputs).numpy())
+
+    return np.load(cached_file(target, write), mmap_mode="r")
+
+
+def _trunk_features(study: StudyConfig, inputs) -> torch.Tensor:
     device = resolve_device(study.train.device)
     model = build_model(study, study.seed).to(device).eval()
-    everything = np.arange(len(data.inputs))
-    return _encode(lambda x: model.features(_eval_input(x, study.train)), data.inputs, everything, study.train, device)
+    everything = np.arange(len(inputs))
+    return _encode(lambda x: model.features(_eval_input(x, study.train)), inputs, everything, study.train, device)
+
+
+def _trunk_key(study: StudyConfig) -> str:
+    """A hash of what the trunk's features depend on besides the pixels."""
+    model = study.model
+    weights = model.pretrained
+    if isinstance(weights, Path):  # a local file: its content may change under the same name
+        stat = weights.stat()
+        weights = f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = {
+        "backbone": model.backbone,
+        "weights": weights,
+        "seed": None if model.pretrained else study.seed,  # random init: the seed draws the trunk
+        "pooling": model.pooling,
+        "crop": study.train.crop_size,
+        "device": resolve_device(study.train.device).type,
+        "bf16": study.train.amp,
+        "timm": timm.__version__,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def evaluate_split(

@@ -69,8 +69,8 @@ def _mlflow_trials(workdir: Path) -> tuple[list, list]:
     return parents, [r for r in runs if r.data.tags[TAG_ROLE] == "trial" and r.data.tags[TAG_TRIAL] != "baseline"]
 
 
-def _epochs(run) -> list[int]:
-    return [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "map_at_r")]
+def _epochs(run, metric: str = "map_at_r") -> list[int]:
+    return [m.step for m in MlflowClient().get_metric_history(run.info.run_id, metric)]
 
 
 def _check_consistent(workdir: Path, losses: list[str], trials: int, optuna_storage: str | None = None) -> dict:
@@ -167,3 +167,51 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(work
         assert failed.info.status == "FAILED" and failed.data.tags[TAG_ERROR]
         table = pd.read_csv(workdir / "runs" / "tiny" / "results.csv").set_index("loss")
         assert table.loc["multi_similarity", "failed"] == 1  # the table says how many failed
+
+
+def _final_checkpoints(workdir: Path) -> list[Path]:
+    return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/final/*/trial.pt"))
+
+
+def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
+    # 2 seeds × 2 folds of final runs, 6 epochs each: the kill lands while they train.
+    final_epochs = 6
+    path = write_study(
+        workdir,
+        dataset={"name": "synthetic", "options": DATASET["options"], "folds": 2},
+        train={**TINY_STUDY["train"], "epochs": 2},
+        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 1},
+        final={"seeds": 2, "epochs": final_epochs},
+    )
+    driver = _start(workdir, "run", str(path))
+    _wait_for(lambda: _final_checkpoints(workdir), "a final-stage checkpoint", timeout=300)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    _, children = _mlflow_trials(workdir)
+    final = {r.data.tags[TAG_TRIAL]: r for r in children if "/final/" in r.data.tags[TAG_TRIAL]}
+    assert any(r.info.status == "RUNNING" for r in final.values()), "the kill must land mid-final-stage"
+    before = {key: _epochs(run, "train_loss") for key, run in final.items()}
+
+    resumed = _start(workdir, "resume", "runs/tiny")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+
+    parents, children = _mlflow_trials(workdir)
+    assert parents[0].info.status == "FINISHED"
+    keys = [r.data.tags[TAG_TRIAL] for r in children]
+    expected = {f"multi_similarity/final/s{s}-f{f}" for s in (1, 2) for f in (0, 1)}
+    assert sorted(k for k in keys if "/final/" in k) == sorted(expected)  # one run each, never two
+    client = MlflowClient()
+    for run in children:
+        key = run.data.tags[TAG_TRIAL]
+        assert run.info.status == "FINISHED" and run.data.tags[TAG_STATE] == "COMPLETE", key
+        if key in expected:
+            epochs = _epochs(run, "train_loss")
+            assert epochs == list(range(1, final_epochs + 1)), key  # every epoch once, in order
+            assert before.get(key, []) == epochs[: len(before.get(key, []))]  # the killed driver's epochs kept
+            assert _epochs(run, "recall_at_1") == [final_epochs], key  # tested once, after the last epoch
+            assert "embeddings.npz" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {k for k in keys if "/ensemble/" in k} == {"multi_similarity/ensemble/s1", "multi_similarity/ensemble/s2"}
+    assert not _final_checkpoints(workdir)
+    ms = pd.read_csv(workdir / "runs" / "tiny" / "final.csv").set_index("loss").loc["multi_similarity"]
+    assert (ms.seeds, ms.runs) == (2, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,33 @@ def test_warmup_epochs_keep_the_trunk_frozen(study, data):
     assert not torch.equal(learner.model.head.weight, head)
     learner.train_epoch(2, data.inputs)
     assert any(not torch.equal(learner.model.trunk.state_dict()[k], v) for k, v in trunk.items())
+
+
+def test_feature_mode_computes_an_image_datasets_features_once_on_disk(tmp_path):
+    from tests.test_protocol import cub_tree
+
+    cub_tree(tmp_path / "data", classes=12, per_class=4)
+    cache = tmp_path / "cache"
+    study = load_study(
+        write_study(
+            tmp_path,
+            dataset={"name": "cub200", "root": str(tmp_path / "data"), "image_size": 20, "cache_dir": str(cache)},
+            train={**TINY_STUDY["train"], "mode": "features", "crop_size": 16},
+        )
+    )
+    data = prepare_data(study)
+    [stored] = cache.glob("features_*.npy")
+    assert isinstance(data.inputs, np.memmap) and Path(data.inputs.filename) == stored
+    images = prepare_data(study.model_copy(update={"train": study.train.model_copy(update={"mode": "finetune"})}))
+    trunk = build_model(study, study.seed).eval()
+    with torch.no_grad():
+        expected = trunk.features(eval_transform(torch.from_numpy(np.array(images.inputs)), crop=16))
+    torch.testing.assert_close(torch.from_numpy(np.array(data.inputs)), expected, rtol=1e-5, atol=1e-5)
+
+    np.lib.format.open_memmap(stored, mode="r+")[:] = 7.0  # the next trial reads the file, not the trunk
+    assert (np.asarray(prepare_data(study).inputs) == 7.0).all()
+    assert [p.name for p in cache.glob("features_*.npy")] == [stored.name]
+    # what the features depend on is in the file's name: another crop or trunk seed, another file
+    prepare_data(study.model_copy(update={"train": study.train.model_copy(update={"crop_size": 12})}))
+    prepare_data(study.model_copy(update={"seed": 1}))
+    assert len(list(cache.glob("features_*.npy"))) == 3 and not list(cache.glob(".*.tmp"))

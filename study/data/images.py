@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,27 @@ def load_images(index: ImageIndex, size: int, cache_dir: Path, workers: int = 8)
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = [Path(path).resolve() for path in index.paths]
     target = cache_dir / f"images_{size}px_{len(paths)}_{_cache_key(paths, size)}.npy"
-    if not target.exists():
-        with FileLock(f"{target}.lock"):
-            if not target.exists():  # another process may have written it while we waited
-                _write_cache(paths, size, target, workers)
-    return np.load(target, mmap_mode="r")
+    return np.load(cached_file(target, lambda temp: _write_cache(paths, size, temp, workers)), mmap_mode="r")
+
+
+def cached_file(target: Path, write: Callable[[Path], None]) -> Path:
+    """``target``, made once: ``write(temp)`` fills a temp file next to it, which is renamed to
+    ``target``, under a file lock. Concurrent callers (trials on one machine) wait for the first and
+    never see a partial file; a failed ``write`` leaves nothing behind."""
+    if target.exists():
+        return target
+    with FileLock(f"{target}.lock"):
+        if target.exists():  # another process wrote it while we waited
+            return target
+        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            write(Path(temp))
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+    return target
 
 
 def _cache_key(paths: list[Path], size: int) -> str:
@@ -78,19 +95,11 @@ def _cache_key(paths: list[Path], size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _write_cache(paths: list[Path], size: int, target: Path, workers: int) -> None:
-    """Decode into a memory-mapped temp file next to ``target`` (bounded memory), then rename it."""
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        out = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-        _decode_all(paths, size, out, workers)
-        out.flush()
-        del out
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+def _write_cache(paths: list[Path], size: int, temp: Path, workers: int) -> None:
+    """Decode into the memory-mapped file ``temp`` (bounded memory)."""
+    out = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+    _decode_all(paths, size, out, workers)
+    out.flush()
 
 
 def _decode_all(paths: list[Path], size: int, out: np.ndarray, workers: int) -> None:
