@@ -30,8 +30,10 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def _groups(runs: pd.DataFrame) -> list[str]:
-    """Rows per loss, and per dataset when several studies are combined."""
-    return ["study", "loss"] if "study" in runs and runs["study"].nunique() > 1 else ["loss"]
+    """Rows per loss, and per study (with its dataset) when several studies are combined."""
+    if "study" not in runs or runs["study"].nunique() < 2:
+        return ["loss"]
+    return ["study", "dataset", "loss"] if "dataset" in runs else ["study", "loss"]
 
 
 def _cost(runs: pd.DataFrame, keys: list[str]) -> dict[tuple, dict[str, float]]:
@@ -43,8 +45,17 @@ def _cost(runs: pd.DataFrame, keys: list[str]) -> dict[tuple, dict[str, float]]:
     return {key: group[columns].sum().to_dict() for key, group in runs.groupby(keys)}
 
 
-def _mode(runs: pd.DataFrame) -> str:
-    return runs["mode"].iloc[0] if "mode" in runs and len(runs) else "finetune"
+def _ordered(table: pd.DataFrame, runs: pd.DataFrame, keys: list[str], objective: str) -> pd.DataFrame:
+    """``table`` with each row's ``mode`` (its study's: feature-mode results are labelled as such in
+    every table) and its rows by ``objective``, best first — within each study, in the order given."""
+    table = table.sort_values(objective, ascending=False, na_position="last", kind="stable")
+    if "study" in keys:
+        table["mode"] = table["study"].map(runs.groupby("study")["mode"].first())
+        order = {name: i for i, name in enumerate(dict.fromkeys(runs["study"]))}
+        table = table.sort_values("study", key=lambda s: s.map(order), kind="stable")
+    else:
+        table["mode"] = runs["mode"].iloc[0] if "mode" in runs and len(runs) else "finetune"
+    return table.reset_index(drop=True)
 
 
 def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
@@ -84,8 +95,7 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         )
     columns = [*keys, "trials", "complete", "pruned", "failed", *metrics, "hyperparameters", "loss metrics"]
     table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
-    table["mode"] = _mode(runs)
-    return table.sort_values(objective, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    return _ordered(table, runs, keys, objective)
 
 
 def _short(value: str) -> str:
@@ -128,8 +138,7 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     columns = [*keys, "seeds", "runs", *[c for m in metrics for c in (m, f"{m}_ci")]]
     table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
     table.insert(len(columns), "p_vs_best", _p_vs_best(table, samples, keys, objective))
-    table["mode"] = _mode(runs)
-    return table.sort_values(objective, ascending=False, kind="stable").reset_index(drop=True)
+    return _ordered(table, runs, keys, objective)
 
 
 def _p_vs_best(table: pd.DataFrame, samples: dict, keys: list[str], objective: str) -> list[float]:
@@ -175,8 +184,9 @@ def formatted(table: pd.DataFrame, bold: tuple[str, str] = ("**", "**")) -> pd.D
                 "" if pd.isna(v) else f"{v:.4f}" + ("" if ci is None or pd.isna(ci[i]) else f" ± {ci[i]:.4f}")
                 for i, v in values.items()
             ]
-            best = table.groupby(keys)[column].transform("max") if keys else values.max()
-            is_best = (values == best) & values.notna() & (table["loss"] != "untrained")
+            trained = values.where(table["loss"] != "untrained")  # the baseline is never the best loss
+            best = trained.groupby(table[keys[0]]).transform("max") if keys else trained.max()
+            is_best = (trained == best) & trained.notna()
             shown[column] = [f"{bold[0]}{t}{bold[1]}" if b else t for t, b in zip(text, is_best, strict=True)]
         elif column in COUNTS:
             shown[column] = ["" if pd.isna(v) else str(int(v)) for v in values]
@@ -228,15 +238,24 @@ def export(table: pd.DataFrame, folder: Storage, name: str) -> list[Storage]:
     return written
 
 
+class IncomparableStudiesError(ValueError):
+    """Studies combined in one table must have chosen their best trials by the same objective."""
+
+
 def write_tables(runs: pd.DataFrame, out: Storage) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     """Export the search table as ``results.*`` and, once the final stage ran, the final table as
-    ``final.*``; ``results.md`` then holds both with their captions. Returns (that Markdown, the
-    search table, the final table)."""
-    name, objective = runs["study"].iloc[0], runs["objective"].iloc[0]
+    ``final.*``; ``results.md`` then holds both with their captions. ``runs`` may hold several studies
+    (rows per study, dataset and loss). Returns (that Markdown, the search table, the final table)."""
+    objectives = runs.groupby("study", sort=False)["objective"].first()
+    if objectives.nunique() > 1:
+        chosen = ", ".join(f"{name} ({objective})" for name, objective in objectives.items())
+        raise IncomparableStudiesError(f"the studies chose their best trials by different objectives: {chosen}")
+    names, objective = ", ".join(f"`{name}`" for name in objectives.index), objectives.iloc[0]
     search, final = comparison_table(runs, objective), final_table(runs, objective)
     export(search, out, "results")
     markdown = (
-        f"Study `{name}`: best trial per loss on the validation classes (objective: {objective}).\n\n"
+        f"{'Studies' if len(objectives) > 1 else 'Study'} {names}: best trial per loss on the validation "
+        f"classes (objective: {objective}).\n\n"
         + to_markdown(search)
         + "\n"
     )

@@ -1,5 +1,5 @@
 """The ``dml-study`` command line: ``run`` a study, ``resume`` one whose driver died, rebuild its
-``report`` from MLflow."""
+``report`` from MLflow, ``compare`` several studies in one table."""
 
 from __future__ import annotations
 
@@ -130,6 +130,28 @@ def report(
         _fail(str(exc))
     typer.echo(markdown)
     typer.echo(f"report: {html} (also in MLflow: the study's parent run, artifacts {ARTIFACTS}/)")
+
+
+@app.command()
+def compare(
+    studies: Annotated[list[str], typer.Argument(help="Two or more study names (MLflow experiments)")],
+    tracking_uri: Annotated[str | None, typer.Option(help="Default: $MLFLOW_TRACKING_URI, else MLflow's")] = None,
+    out: Annotated[str, typer.Option(help="Output folder or URI")] = "runs/compare",
+) -> None:
+    """Several studies in one table (rows per study, dataset and loss; best values marked per study)."""
+    from analysis.runs import StudyNotFoundError, load_runs
+    from analysis.tables import IncomparableStudiesError, write_tables
+    from study.tracking import resolve_tracking_uri
+
+    names = list(dict.fromkeys(studies))
+    if len(names) < 2:
+        _fail("compare needs two or more different studies; for one, use `dml-study report STUDY`")
+    try:
+        markdown, _, _ = write_tables(load_runs(names, tracking_uri or resolve_tracking_uri(None)), Storage.at(out))
+    except (StudyNotFoundError, IncomparableStudiesError) as exc:
+        _fail(str(exc))
+    typer.echo(markdown)
+    typer.echo(f"tables: {Storage.at(out).child('results.md')} (and .csv, .tex, .html; final.* for the final stage)")
 
 
 def main() -> None:

@@ -83,3 +83,16 @@ def test_final_table_mean_ci_significance_and_cost():
     assert shown.loc["untrained", "map_at_r"] == "0.0500"
     latex = to_latex(table.reset_index())
     assert "\\textbf{0.5200 $\\pm$" in latex and "ns (ensemble)" in latex and "map\\_at\\_r" in latex
+
+
+def test_best_trained_loss_is_marked_even_when_the_untrained_network_scores_higher():
+    runs = pd.DataFrame(
+        [
+            _run("a", "search", "COMPLETE", 0.30),
+            _run("b", "search", "COMPLETE", 0.20),
+            _run("untrained", "baseline", "COMPLETE", 0.40),
+        ]
+    )
+    shown = formatted(comparison_table(runs, "map_at_r")).set_index("loss")
+    assert shown.loc["a", "map_at_r"] == "**0.3000**"
+    assert shown.loc["b", "map_at_r"] == "0.2000" and shown.loc["untrained", "map_at_r"] == "0.4000"

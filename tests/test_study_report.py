@@ -3,6 +3,7 @@ headless Chromium, the artifacts in MLflow, and the analysis notebook executed a
 
 from __future__ import annotations
 
+import io
 import os
 
 import pandas as pd
@@ -113,3 +114,64 @@ def test_load_runs_and_history_are_tidy(study):
     mine = history[(history["run_id"] == one.run_id) & (history["metric"] == "map_at_r")]
     assert list(zip(mine["epoch"], mine["value"], strict=True)) == sorted(expected)
     assert set(history["metric"]) >= {"map_at_r", "train_loss", "epoch_seconds"}
+
+
+@pytest.fixture(scope="module")
+def two_studies(study):
+    """The module's study and a second, in feature mode, in the same tracking store."""
+    folder, uri, _ = study
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        path = write_study(
+            folder,
+            name="tiny_features",
+            search={**TINY_STUDY["search"], "trials_per_loss": 2},
+            train={**TINY_STUDY["train"], "mode": "features"},
+            final={"seeds": 2},
+        )
+        result = runner.invoke(app, ["run", str(path)], env={"MLFLOW_TRACKING_URI": uri})
+        assert result.exit_code == 0, result.output
+        yield folder, uri
+    finally:
+        os.chdir(old)
+
+
+def test_compare_puts_several_studies_in_one_table(two_studies):
+    from analysis.runs import load_runs
+    from analysis.tables import IncomparableStudiesError, comparison_table, final_table, formatted, write_tables
+    from study.storage import Storage
+
+    folder, uri = two_studies
+    out = folder / "cmp"
+    result = runner.invoke(app, ["compare", "tiny", "tiny_features", "--out", str(out), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert "Studies `tiny`, `tiny_features`" in result.output
+    for name in ("results", "final"):
+        assert {p.name for p in out.glob(f"{name}.*")} == {f"{name}.{s}" for s in ("csv", "md", "tex", "html")}
+    search, final = pd.read_csv(out / "results.csv"), pd.read_csv(out / "final.csv")
+    for combined, build in ((search, comparison_table), (final, final_table)):
+        assert list(combined.columns[:3]) == ["study", "dataset", "loss"]
+        assert list(combined["study"].unique()) == ["tiny", "tiny_features"]  # grouped, in the order given
+        for name, mode in (("tiny", "finetune"), ("tiny_features", "features")):
+            alone = build(load_runs(name, uri), "map_at_r")  # each study's rows are its own table's rows
+            alone = pd.read_csv(io.StringIO(alone.to_csv(index=False)))  # as the file keeps it
+            mine = combined[combined["study"] == name].drop(columns=["study", "dataset"]).reset_index(drop=True)
+            pd.testing.assert_frame_equal(mine, alone[mine.columns], check_dtype=False)
+            assert (mine["mode"] == mode).all()  # feature mode labelled per study
+        shown = formatted(combined)
+        for name in ("tiny", "tiny_features"):  # the best value is marked within each study
+            assert shown["map_at_r"][combined["study"] == name].str.startswith("**").sum() == 1
+
+    runs = load_runs(["tiny", "tiny_features"], uri)
+    runs.loc[runs["study"] == "tiny_features", "objective"] = "recall_at_1"
+    with pytest.raises(IncomparableStudiesError, match=r"tiny \(map_at_r\), tiny_features \(recall_at_1\)"):
+        write_tables(runs, Storage.at(str(folder / "never")))
+    assert not (folder / "never").exists()
+    for args, message in (
+        (["tiny"], "two or more different studies"),
+        (["tiny", "nosuch"], "no study named 'nosuch'"),
+    ):
+        result = runner.invoke(app, ["compare", *args, "--out", str(folder / "never"), "--tracking-uri", uri])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (folder / "never").exists()
