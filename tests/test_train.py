@@ -25,6 +25,7 @@ from study.train import (
     run_trial,
 )
 from tests.conftest import REPO, TINY_STUDY, write_study
+from tests.test_protocol import cub_tree
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +178,6 @@ def test_warmup_epochs_keep_the_trunk_frozen(study, data):
 
 
 def test_feature_mode_computes_an_image_datasets_features_once_on_disk(tmp_path):
-    from tests.test_protocol import cub_tree
-
     cub_tree(tmp_path / "data", classes=12, per_class=4)
     cache = tmp_path / "cache"
     study = load_study(
