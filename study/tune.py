@@ -88,9 +88,16 @@ class StudySearch(OptunaSearch):
 
 
 def resolve_trial(study: StudyConfig, space: SearchSpace, config: dict) -> tuple[dict, TrainConfig]:
-    """A trial's sampled values → (loss keyword arguments, the study's train config with its overrides)."""
+    """A trial's sampled values → (loss keyword arguments, the study's train config with its overrides;
+    a final-stage run trains for :func:`final_epochs`)."""
     loss_kwargs, train_overrides = space.split(space.from_optuna(config))
+    if FINAL in config:
+        train_overrides["epochs"] = final_epochs(study)
     return loss_kwargs, study.train.model_copy(update=train_overrides)
+
+
+def final_epochs(study: StudyConfig) -> int:
+    return study.final.epochs or study.train.epochs
 
 
 class TrackingCallback(tune.Callback):
@@ -195,7 +202,6 @@ def _trainable(config: dict, *, study: StudyConfig, space: SearchSpace, storage:
             run_trial(study, space.loss, loss_kwargs, train, report=tune.report, checkpoint_dir=folder)
             return
         final = config[FINAL]
-        train = train.model_copy(update={"epochs": study.final.epochs or train.epochs})
         _, saved = run_final(
             study,
             space.loss,
@@ -297,12 +303,12 @@ def _final_stage(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, sa
     folds = [None] if cfg.dataset.folds is None else list(range(cfg.dataset.folds))
     runs = [{"seed": s, "fold": f} for s in final_seeds(cfg) for f in folds]
     todo = [r for r in runs if _state(tracker, final_key(space.loss, r["seed"], r["fold"])) != "COMPLETE"]
-    epochs = cfg.final.epochs or cfg.train.epochs
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(runs)} runs to train")
     if todo:
         param_space = {**best.params, FINAL: tune.grid_search(todo)}
         limit = {"max_concurrent_trials": cfg.search.max_concurrent}
-        _tuner(cfg, space, tracker, say, epochs, f"{space.loss}-final", param_space=param_space, **limit).fit()
+        name = f"{space.loss}-final"
+        _tuner(cfg, space, tracker, say, final_epochs(cfg), name, param_space=param_space, **limit).fit()
     if cfg.dataset.folds is not None:
         for seed in final_seeds(cfg):
             _ensemble(cfg, space.loss, seed, folds, tracker, say)

@@ -211,6 +211,8 @@ def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
             assert before.get(key, []) == epochs[: len(before.get(key, []))]  # the killed driver's epochs kept
             assert _epochs(run, "recall_at_1") == [final_epochs], key  # tested once, after the last epoch
             assert "embeddings.npz" in {a.path for a in client.list_artifacts(run.info.run_id)}
+            logged = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(workdir))).read_text())
+            assert logged["train"]["epochs"] == final_epochs, key  # the run's own settings, not the search's
     assert {k for k in keys if "/ensemble/" in k} == {"multi_similarity/ensemble/s1", "multi_similarity/ensemble/s2"}
     assert not _final_checkpoints(workdir)
     ms = pd.read_csv(workdir / "runs" / "tiny" / "final.csv").set_index("loss").loc["multi_similarity"]
