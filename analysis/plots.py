@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarForm
 from matplotlib.transforms import ScaledTranslation
 from sklearn.decomposition import PCA
 
-from analysis.tables import mean_ci
+from analysis.tables import mean_ci, seed_means
 
 WIDTH = 10.0  # inches: one report column
 BASELINE = "untrained"  # the baseline row's loss; drawn grey, never takes a palette colour
@@ -302,8 +302,7 @@ def _recall_columns(rows: pd.DataFrame) -> list[str]:
 
 def _seed_stats(group: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """Per column, the mean over seeds and its 95% CI half-width (folds averaged within a seed first)."""
-    seeds = group["param.seed"].fillna("0") if "param.seed" in group else pd.Series("0", index=group.index)
-    per_seed = group.groupby(seeds)[columns].mean()
+    per_seed = seed_means(group, columns)
     stats = np.array([mean_ci(per_seed[c].to_numpy(float)) for c in columns]).reshape(-1, 2)
     return stats[:, 0], stats[:, 1], len(per_seed)
 

@@ -121,8 +121,7 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     done = runs[runs["state"] == "COMPLETE"]
     for stage, suffix in (("final", ""), ("ensemble", " (ensemble)")):
         for key, group in done[done["stage"] == stage].groupby(keys, sort=False):
-            seeds = group["param.seed"] if "param.seed" in group else pd.Series("0", index=group.index)
-            per_seed = group.groupby(seeds.fillna("0"))[metrics].mean()
+            per_seed = seed_means(group, metrics)
             row = dict(zip(keys, key, strict=True)) | {"seeds": len(per_seed), "runs": len(group)}
             row["loss"] += suffix
             for metric in metrics:
@@ -139,6 +138,12 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
     table.insert(len(columns), "p_vs_best", _p_vs_best(table, samples, keys, objective))
     return _ordered(table, runs, keys, objective)
+
+
+def seed_means(group: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """One row per seed: the mean of ``columns`` over the seed's runs (with folds, its fold models)."""
+    seeds = group["param.seed"].fillna("0") if "param.seed" in group else pd.Series("0", index=group.index)
+    return group.groupby(seeds)[columns].mean()
 
 
 def _p_vs_best(table: pd.DataFrame, samples: dict, keys: list[str], objective: str) -> list[float]:
