@@ -294,11 +294,9 @@ class Learner:
         self.sampler.set_epoch(epoch)
         self.model.train()
         self.model.set_trunk_trainable(not self.data.features and epoch > self.train.warmup_epochs)
-        fit = torch.as_tensor(self.fit)
         losses = []
         for batch in self.sampler:
-            idx = torch.as_tensor(batch)
-            x = _rows(inputs, fit[idx].numpy()).to(self.device)
+            x = _rows(inputs, self.fit[batch]).to(self.device)
             with _autocast(self.train, self.device):
                 if self.data.features:
                     out = self.model.embed_features(x)
@@ -306,7 +304,7 @@ class Learner:
                     out = self.model(
                         _channels_last(train_transform(x, self.generator, crop=self.train.crop_size), self.train)
                     )
-            loss = self.loss_fn(out.float(), self.labels[idx.to(self.device)])
+            loss = self.loss_fn(out.float(), self.labels[torch.as_tensor(batch, device=self.device)])
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"{self.loss_name}: training loss is {loss.item()} at epoch {epoch}")
             self.optimizer.zero_grad(set_to_none=True)
