@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from study.tracking import TAG_LOSS, TAG_OBJECTIVE, TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
+from study.tracking import TAG_LOSS, TAG_LOSS_LR, TAG_LR, TAG_OBJECTIVE, TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
 
 
 class StudyNotFoundError(LookupError):
@@ -43,7 +43,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
     """One row per child run of each study's latest parent run.
 
     Columns: ``study``, ``dataset``, ``objective``, ``mode`` (finetune / features), ``run_id``,
-    ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state``, ``wall_seconds``,
+    ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state``, ``wall_seconds``, ``lr`` and
+    ``loss_lr`` (the learning rates it trained with: backbone and the loss's own parameters),
     ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
     value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them).
     """
@@ -66,6 +67,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
                 "stage": run.data.tags.get(TAG_STAGE),
                 "state": run.data.tags.get(TAG_STATE, "RUNNING"),
                 "wall_seconds": ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000,
+                "lr": float(run.data.tags.get(TAG_LR, "nan")),
+                "loss_lr": float(run.data.tags.get(TAG_LOSS_LR, "nan")),
                 **run.data.metrics,
                 **{f"param.{k}": v for k, v in run.data.params.items()},
             }
@@ -110,5 +113,5 @@ def load_parent_config(name: str, tracking_uri: str | None = None) -> dict:
 
 _NOT_METRICS = {
     "study", "dataset", "objective", "mode", "run_id", "run_name", "trial", "loss", "stage", "state",
-    "wall_seconds", "cpu", "gpu", "cpu_hours", "gpu_hours",
+    "wall_seconds", "cpu", "gpu", "cpu_hours", "gpu_hours", "lr", "loss_lr",
 }  # fmt: skip

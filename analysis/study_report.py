@@ -19,7 +19,7 @@ from analysis.claims import check_claims
 from analysis.hyper import importance, sensitivity
 from analysis.report import Section, environment_info, render_html
 from analysis.runs import find_parent, load_history, load_parent_config, load_runs
-from analysis.tables import export, formatted, write_tables
+from analysis.tables import export, formatted, protocol_text, write_tables
 from study.storage import Storage
 
 ARTIFACTS = "report"  # folder of the parent run's artifacts
@@ -100,7 +100,8 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
         sections.append(
             Section(
                 "Final stage: test classes",
-                "Each loss's best configuration, retrained with several seeds and tested once.",
+                f"Each loss's best configuration, retrained with several seeds — {protocol_text(runs)} — and "
+                "tested once.",
                 tables=[("Final stage (mean ± 95% CI over seeds)", formatted(final))],
                 figures=[("Recall@K on the test classes", figures["recall_at_k"])]
                 + ([("2-D PCA of the best model's test embeddings", figures["embeddings_pca"])] if embeddings else []),

@@ -18,6 +18,7 @@ FIXED_METRICS = ["nmi", "map_at_r", "r_precision"]
 LOSS_METRICS = ["effective_centers", "proxy_abs_cos"]
 _COST_COLUMNS = ["cpu_hours", "gpu_hours"]
 COUNTS = ["trials", "complete", "pruned", "failed", "seeds", "runs"]
+LR_COLUMNS = ["lr", "loss_lr"]  # the effective learning rates of a trial (backbone, the loss's own parameters)
 ALPHA = 0.05  # significance level of the test against the best loss
 
 
@@ -61,8 +62,10 @@ def _ordered(table: pd.DataFrame, runs: pd.DataFrame, keys: list[str], objective
 def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     """Best COMPLETE search trial per loss by ``objective`` (validation classes), then the baseline.
 
-    Columns: loss, trials, complete, pruned, failed, the metrics, the best trial's hyperparameters and
-    loss metrics (``LOSS_METRICS``) as ``name=value`` text, cpu_hours, gpu_hours, mode.
+    Columns: loss, trials, complete, pruned, failed, the metrics, the best trial's learning rates (``lr``
+    of the backbone, ``loss_lr`` of the loss's own parameters — the same for every loss unless the
+    study searched them), hyperparameters and loss metrics (``LOSS_METRICS``) as ``name=value`` text,
+    cpu_hours, gpu_hours, mode.
     """
     metrics = metric_columns(runs)
     params = sorted(c for c in runs.columns if c.startswith("param."))
@@ -80,7 +83,7 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         }
         if len(complete):
             best = complete.loc[complete[objective].idxmax()]
-            row |= {m: best.get(m) for m in metrics}
+            row |= {m: best.get(m) for m in metrics} | {c: best.get(c) for c in LR_COLUMNS}
             row["hyperparameters"] = ", ".join(
                 f"{p.removeprefix('param.')}={_short(best[p])}" for p in params if pd.notna(best[p])
             )
@@ -93,7 +96,7 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         rows.append(
             {k: base.get(k) for k in keys} | {"loss": "untrained", "trials": 0} | {m: base.get(m) for m in metrics}
         )
-    columns = [*keys, "trials", "complete", "pruned", "failed", *metrics, "hyperparameters", "loss metrics"]
+    columns = [*keys, "trials", "complete", "pruned", "failed", *metrics, *LR_COLUMNS, "hyperparameters", "loss metrics"]
     table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
     return _ordered(table, runs, keys, objective)
 
@@ -111,8 +114,9 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     mean over its fold models, and each loss has a second row for the concatenated-embedding ensemble.
     ``p_vs_best``: Welch's t-test of the loss's per-seed ``objective`` against the best loss's.
 
-    Columns: loss, seeds, runs, ``<metric>`` and ``<metric>_ci`` for each metric, p_vs_best,
-    cpu_hours, gpu_hours, mode (finetune / features).
+    Columns: loss, protocol ("all classes": each seed trained on every training class, as the papers;
+    "folds": one model per validation fold, the Reality Check protocol), seeds, runs, ``<metric>`` and
+    ``<metric>_ci`` for each metric, p_vs_best, cpu_hours, gpu_hours, mode (finetune / features).
     """
     metrics = metric_columns(runs)
     keys = _groups(runs)
@@ -123,6 +127,7 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         for key, group in done[done["stage"] == stage].groupby(keys, sort=False):
             per_seed = seed_means(group, metrics)
             row = dict(zip(keys, key, strict=True)) | {"seeds": len(per_seed), "runs": len(group)}
+            row["protocol"] = "folds" if stage == "ensemble" or _per_fold(group) else "all classes"
             row["loss"] += suffix
             for metric in metrics:
                 row[metric], row[f"{metric}_ci"] = mean_ci(per_seed[metric].to_numpy())
@@ -134,10 +139,25 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         if f"test_{objective}" in base and pd.notna(base[f"test_{objective}"]):
             untrained = {k: base.get(k) for k in keys} | {"loss": "untrained", "seeds": 1, "runs": 1}
             rows.append(untrained | {m: base.get(f"test_{m}") for m in metrics})
-    columns = [*keys, "seeds", "runs", *[c for m in metrics for c in (m, f"{m}_ci")]]
+    columns = [*keys, "protocol", "seeds", "runs", *[c for m in metrics for c in (m, f"{m}_ci")]]
     table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
     table.insert(len(columns), "p_vs_best", _p_vs_best(table, samples, keys, objective))
     return _ordered(table, runs, keys, objective)
+
+
+def _per_fold(runs: pd.DataFrame) -> bool:
+    return "param.fold" in runs and bool(runs["param.fold"].notna().any())
+
+
+def protocol_text(runs: pd.DataFrame) -> str:
+    """How the final stage trained, in a sentence for the tables' captions."""
+    final = runs[runs["stage"] == "final"]
+    if _per_fold(final):
+        return (
+            "one model per validation fold on that fold's training classes (the Reality Check protocol): a seed's "
+            "value is the mean of its fold models; '(ensemble)' rows concatenate the fold models' embeddings"
+        )
+    return "each seed trained on every training class, as in the papers"
 
 
 def seed_means(group: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -195,6 +215,8 @@ def formatted(table: pd.DataFrame, bold: tuple[str, str] = ("**", "**")) -> pd.D
             shown[column] = [f"{bold[0]}{t}{bold[1]}" if b else t for t, b in zip(text, is_best, strict=True)]
         elif column in COUNTS:
             shown[column] = ["" if pd.isna(v) else str(int(v)) for v in values]
+        elif column in LR_COLUMNS:
+            shown[column] = ["" if pd.isna(v) else f"{v:.3g}" for v in values]
         elif column in ("cpu_hours", "gpu_hours"):
             shown[column] = ["" if pd.isna(v) else f"{v:.3g}" for v in values]
         elif column == "p_vs_best":
@@ -267,8 +289,9 @@ def write_tables(runs: pd.DataFrame, out: Storage) -> tuple[str, pd.DataFrame, p
     if (final["loss"] != "untrained").any():  # the final stage ran
         export(final, out, "final")
         markdown += (
-            "\nFinal stage: each loss's best configuration retrained per seed, tested once on the test "
-            "classes (mean ± 95% CI over seeds; p_vs_best: Welch's t-test against the best loss, * below 0.05)."
+            f"\nFinal stage: each loss's best configuration retrained per seed — {protocol_text(runs)} — and "
+            "tested once on the test classes (mean ± 95% CI over seeds; p_vs_best: Welch's t-test against the "
+            "best loss, * below 0.05)."
             "\n\n" + to_markdown(final) + "\n"
         )
     out.child("results.md").write_text(markdown)

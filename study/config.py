@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from study.data import DATASETS, dataset_options, index_dataset
 from study.data.images import DatasetLayoutError
 from study.losses import LOSSES
-from study.search_space import SearchSpace, describe_validation_error, load_search_space
+from study.search_space import Param, SearchSpace, describe_validation_error, load_search_space
 from study.storage import Storage
 
 OBJECTIVES = ("map_at_r", "recall_at_1")
@@ -60,12 +60,27 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """The training recipe, the same for every loss of a study (only ``loss_lr_mult``, the lr
+    multiplier of a loss's own parameters, belongs to a loss's search space)."""
+
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=2)
+    # m_per_class: batch_size / m classes with m samples each; random: shuffled batches (SoftTriple's)
+    sampler: Literal["m_per_class", "random"] = "m_per_class"
     m_per_class: int = Field(4, ge=2)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     loss_lr_mult: float = Field(1.0, gt=0.0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"  # adam: L2 weight decay; adamw: decoupled
+    eps: float = Field(1e-8, gt=0.0)  # Adam/AdamW (SoftTriple's authors: 0.01)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD
+    # lr over the epochs (both parameter groups alike): constant, × lr_gamma every lr_step_epochs
+    # (Proxy Anchor's StepLR), or a cosine to 0; the first lr_warmup_epochs ramp it up linearly per step
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    lr_step_epochs: int = Field(10, ge=1)
+    lr_gamma: float = Field(0.5, gt=0.0, le=1.0)
+    lr_warmup_epochs: int = Field(0, ge=0)
     eval_batch_size: int = Field(256, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # finetune: the whole network trains on augmented images; features: the frozen trunk runs once,
@@ -84,6 +99,9 @@ class FinalConfig(_Strict):
 
     seeds: int = Field(3, ge=0)  # 0: no final stage
     epochs: int | None = Field(None, ge=1)  # default: train.epochs
+    # all: each seed trains on every training class, as the papers do; folds (with dataset.folds): one model
+    # per validation fold, their mean and their concatenated-embedding ensemble (the Reality Check protocol)
+    train_on: Literal["all", "folds"] = "all"
 
 
 class SearchConfig(_Strict):
@@ -98,6 +116,9 @@ class SearchConfig(_Strict):
     # postgresql://…) shared by many drivers. May carry credentials: never logged.
     optuna_storage: str | None = None
     space_dir: Path | None = None
+    # training settings searched for every loss alike: {lr: {type: float, low: …, high: …, log: true}, …};
+    # the default (the first trial's value) is always the study's train.<key>
+    train: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("losses")
     @classmethod
@@ -190,11 +211,14 @@ def parse_study(text: str, path: str, overrides: list[str] = (), space_dir: Path
                 "output_dir: an object store needs search.optuna_storage (a database URL): "
                 "Optuna's journal needs a file system"
             )
-        if cfg.train.batch_size % cfg.train.m_per_class:
+        if cfg.train.sampler == "m_per_class" and cfg.train.batch_size % cfg.train.m_per_class:
             raise ConfigError(
                 f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
                 f"train.m_per_class ({cfg.train.m_per_class})"
             )
+        shared_space(cfg)
+        if cfg.final.train_on == "folds" and cfg.dataset.folds is None:
+            raise ConfigError("final.train_on: folds needs dataset.folds (validation folds to train on); or use all")
         if cfg.train.warmup_epochs >= cfg.train.epochs:
             raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must be below train.epochs")
         if cfg.dataset.name != "synthetic" and (cfg.train.crop_size or 0) > cfg.dataset.image_size:
@@ -205,6 +229,45 @@ def parse_study(text: str, path: str, overrides: list[str] = (), space_dir: Path
         raise ConfigError(f"{path}: {exc}") from None
     search_spaces(cfg)  # every loss's space must load and fit the loss; errors name the space file
     return cfg
+
+
+# Training settings every loss shares, searchable only through the study's search.train (equal tuning);
+# a loss's own space may search only LOSS_SEARCHABLE_TRAIN, the lr multiplier of its own parameters.
+SHARED_SEARCHABLE_TRAIN = (
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "eps",
+    "momentum",
+    "schedule",
+    "lr_step_epochs",
+    "lr_gamma",
+    "lr_warmup_epochs",
+    "sampler",
+)
+LOSS_SEARCHABLE_TRAIN = ("loss_lr_mult",)
+
+
+def shared_space(cfg: StudyConfig) -> dict[str, Param]:
+    """The study-level search space of shared training settings, each defaulting to the study's value:
+    identical for every loss, so the first trial of every loss trains with the study's recipe."""
+    params = {}
+    for name, spec in cfg.search.train.items():
+        key = f"search.train.{name}"
+        if name not in SHARED_SEARCHABLE_TRAIN:
+            raise ConfigError(f"{key}: not a shared training setting; allowed: {', '.join(SHARED_SEARCHABLE_TRAIN)}")
+        study_value = getattr(cfg.train, name)
+        if "default" in spec and spec["default"] != study_value:
+            raise ConfigError(
+                f"{key}.default: must be the study's train.{name} ({study_value!r}) or left out (got {spec['default']!r})"
+            )
+        try:
+            params[name] = Param.model_validate({**spec, "default": study_value})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join([key, *map(str, first["loc"])])
+            raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    return params
 
 
 def _check_dataset(ds: DatasetConfig) -> None:
@@ -234,7 +297,7 @@ def _check_model(model: ModelConfig) -> None:
 
 def search_spaces(cfg: StudyConfig) -> dict[str, SearchSpace]:
     """The search space of each loss: ``<space_dir>/<loss>.yaml``, else the built-in one."""
-    spaces = {}
+    spaces, shared = {}, shared_space(cfg)
     for loss in cfg.search.losses:
         candidates = [cfg.search.space_dir / f"{loss}.yaml"] if cfg.search.space_dir else []
         candidates.append(BUILTIN_SPACES / f"{loss}.yaml")
@@ -242,12 +305,10 @@ def search_spaces(cfg: StudyConfig) -> dict[str, SearchSpace]:
         if path is None:
             raise ConfigError(f"search.losses: no search space file {loss}.yaml in {candidates[0].parent}")
         try:
-            spaces[loss] = load_search_space(path, searchable_train=SEARCHABLE_TRAIN)
+            space = load_search_space(path, searchable_train=LOSS_SEARCHABLE_TRAIN)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if spaces[loss].loss != loss:
-            raise ConfigError(f"{path}: loss: expected {loss!r}, got {spaces[loss].loss!r}")
+        if space.loss != loss:
+            raise ConfigError(f"{path}: loss: expected {loss!r}, got {space.loss!r}")
+        spaces[loss] = space.with_shared(shared)
     return spaces
-
-
-SEARCHABLE_TRAIN = ("lr", "weight_decay", "loss_lr_mult")

@@ -7,8 +7,12 @@ A file ``search_spaces/<loss>.yaml`` looks like::
       alpha: {type: float, low: 0.5, high: 10.0, log: true, default: 2.0}
       positive: {type: categorical, choices: [all, easy], default: all}
       ...
-    train:                  # training settings searched together with the loss
-      lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true, default: 1.0e-3}
+    train:                  # the lr multiplier of the loss's own parameters (proxies, centers)
+      loss_lr_mult: {type: float, low: 1.0, high: 300.0, log: true, default: 100.0}
+
+Training settings that every loss shares (lr, weight decay, the schedule) are
+never in a loss's file: the study's ``search.train`` searches them for every
+loss alike (:meth:`SearchSpace.with_shared`), defaulting to the study's values.
 
 ``default`` is the paper's value; the defaults form the first trial of every
 search. ``when: {other: [values]}`` makes a parameter conditional: it is only
@@ -132,6 +136,10 @@ class SearchSpace:
                 values[name] = param.default
         return values
 
+    def with_shared(self, shared: dict[str, Param]) -> SearchSpace:
+        """This space plus the study's shared training settings (sampled after the loss's own)."""
+        return SearchSpace(self.loss, self.loss_params, {**self.train_params, **shared})
+
     def split(self, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Parameter values → (loss keyword arguments, training-setting overrides)."""
         loss_kwargs = {k: v for k, v in values.items() if k in self.loss_params}
@@ -164,7 +172,11 @@ def load_search_space(path: str | Path, searchable_train: Sequence[str]) -> Sear
             )
     for name in spec.train:
         if name not in searchable_train:
-            raise ValueError(f"{path}: train.{name}: not searchable; allowed: {', '.join(searchable_train)}")
+            raise ValueError(
+                f"{path}: train.{name}: not searchable in a loss's space; allowed: {', '.join(searchable_train)} "
+                "(settings every loss shares, such as lr and weight_decay, are searched for all losses alike "
+                "in the study's search.train)"
+            )
     seen: dict[str, Param] = {}
     for name, param in {**spec.params, **spec.train}.items():
         for dep, values in param.when.items():

@@ -28,6 +28,9 @@ TAG_LOSS = "dml_study.loss"
 TAG_STAGE = "dml_study.stage"  # "baseline" | "search" | "final" | "ensemble"
 TAG_STATE = "dml_study.state"  # "COMPLETE" | "PRUNED" | "FAIL"
 TAG_ERROR = "dml_study.error"
+# the learning rates a trial trained with (backbone, and the loss's own parameters): searched or the study's
+TAG_LR = "dml_study.lr"
+TAG_LOSS_LR = "dml_study.loss_lr"
 
 _STATUS = {"COMPLETE": RunStatus.FINISHED, "PRUNED": RunStatus.KILLED, "FAIL": RunStatus.FAILED}
 
@@ -115,12 +118,20 @@ class StudyTracker:
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
 
     def start_trial(
-        self, key: str, loss: str, stage: str, params: dict, run_name: str, config: dict | None = None
+        self,
+        key: str,
+        loss: str,
+        stage: str,
+        params: dict,
+        run_name: str,
+        config: dict | None = None,
+        tags: dict[str, str] | None = None,
     ) -> str:
         """The child run of trial ``key``: found by its tag if it exists, else created.
 
         ``params`` are the sampled hyperparameters (MLflow params); ``config``, the trial's
-        fully resolved settings, is stored as the run's ``config.json`` artifact.
+        fully resolved settings, is stored as the run's ``config.json`` artifact; ``tags`` are
+        added to the run's own.
         """
         if key in self._runs:
             return self._runs[key]
@@ -139,6 +150,7 @@ class StudyTracker:
                 TAG_TRIAL: key,
                 TAG_LOSS: loss,
                 TAG_STAGE: stage,
+                **(tags or {}),
             }
             run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])

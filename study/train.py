@@ -42,7 +42,7 @@ from study import metrics
 from study.config import StudyConfig, TrainConfig
 from study.data import create_dataset
 from study.data.images import cached_file
-from study.data.samplers import MPerClassSampler
+from study.data.samplers import MPerClassSampler, RandomBatchSampler
 from study.data.splits import validation_folds
 from study.data.transforms import eval_transform, train_transform
 from study.losses import create_loss
@@ -286,7 +286,8 @@ class Learner:
         self.loss_fn = create_loss(loss_name, len(classes), study.model.embedding_dim, **loss_params).to(device)
         trained = self.model.head if data.features else self.model  # feature mode: the trunk ran once
         self.optimizer = _optimizer(trained, self.loss_fn, train)
-        self.sampler = MPerClassSampler(labels, train.m_per_class, train.batch_size, seed)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.sampler = create_sampler(train, labels, seed)
         self.generator = torch.Generator().manual_seed(seed)
 
     def train_epoch(self, epoch: int, inputs) -> float:
@@ -295,7 +296,10 @@ class Learner:
         self.model.train()
         self.model.set_trunk_trainable(not self.data.features and epoch > self.train.warmup_epochs)
         losses = []
-        for batch in self.sampler:
+        for step, batch in enumerate(self.sampler):
+            factor = lr_factor(self.train, epoch - 1 + step / len(self.sampler))
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base_lr * factor
             x = _rows(inputs, self.fit[batch]).to(self.device)
             with _autocast(self.train, self.device):
                 if self.data.features:
@@ -339,7 +343,31 @@ def _optimizer(model: nn.Module, loss: nn.Module, train: TrainConfig) -> torch.o
     loss_params = [p for p in loss.parameters() if p.requires_grad]
     if loss_params:  # proxies / centers learn in their own group with a larger lr
         groups.append({"params": loss_params, "lr": train.lr * train.loss_lr_mult})
-    return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=train.momentum, weight_decay=train.weight_decay)
+    adam = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return adam(groups, eps=train.eps, betas=train.betas, weight_decay=train.weight_decay)
+
+
+def lr_factor(train: TrainConfig, t: float) -> float:
+    """The lr multiplier after ``t`` epochs of training (fractional: steps count), from the recipe alone —
+    a resumed trial needs no scheduler state. Warm-up ramps linearly to 1 over ``lr_warmup_epochs``; then
+    ``step`` multiplies by ``lr_gamma`` every ``lr_step_epochs`` whole epochs (Proxy Anchor's StepLR) and
+    ``cosine`` falls from 1 to 0 over the remaining epochs."""
+    warmup = train.lr_warmup_epochs
+    if t < warmup:
+        return min(1.0, (t + 1e-3) / warmup)  # never exactly 0 on the first step
+    if train.schedule == "step":
+        return train.lr_gamma ** (int(t) // train.lr_step_epochs)
+    if train.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(train.epochs - warmup, 1)))
+    return 1.0
+
+
+def create_sampler(train: TrainConfig, labels: np.ndarray, seed: int) -> MPerClassSampler | RandomBatchSampler:
+    if train.sampler == "random":
+        return RandomBatchSampler(len(labels), train.batch_size, seed)
+    return MPerClassSampler(labels, train.m_per_class, train.batch_size, seed)
 
 
 def _fit(

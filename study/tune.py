@@ -36,7 +36,7 @@ from study.data.images import UnreadableImageError
 from study.losses import loss_hyperparameters
 from study.search_space import SearchSpace
 from study.storage import Storage
-from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
+from study.tracking import TAG_LOSS_LR, TAG_LR, TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.train import NonFiniteLossError, evaluate_untrained, load_data, load_state, run_final, run_trial
 
 # What Ray adds to every result; everything else a trial reports is a metric of the trial.
@@ -126,7 +126,9 @@ class TrackingCallback(tune.Callback):
             params |= {k: v for k, v in final.items() if v is not None}
             resolved |= final
         name = self._key(trial).replace("/", "-")
-        self.tracker.start_trial(self._key(trial), self.loss, "final" if final else "search", params, name, resolved)
+        lrs = {TAG_LR: str(train.lr), TAG_LOSS_LR: str(train.lr * train.loss_lr_mult)}
+        stage = "final" if final else "search"
+        self.tracker.start_trial(self._key(trial), self.loss, stage, params, name, resolved, tags=lrs)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._start(trial)
@@ -293,14 +295,15 @@ def final_seeds(cfg: StudyConfig) -> list[int]:
 
 
 def _final_stage(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Callable[[str], None]) -> None:
-    """Retrain the loss's best configuration with each seed (per fold) and test it once; then, with
-    folds, evaluate each seed's concatenated-embedding ensemble of its fold models."""
+    """Retrain the loss's best configuration with each seed on every training class (``final.train_on:
+    all``) or per fold, and test it once; per fold, then evaluate each seed's concatenated-embedding
+    ensemble of its fold models."""
     trials = [t for t in _optuna_trials(_optuna_storage(cfg), f"{cfg.name}.{space.loss}") if t.state.name == "COMPLETE"]
     if not trials or not cfg.final.seeds:
         say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
         return
     best = max(trials, key=lambda t: t.value)
-    folds = [None] if cfg.dataset.folds is None else list(range(cfg.dataset.folds))
+    folds = list(range(cfg.dataset.folds)) if cfg.final.train_on == "folds" else [None]
     runs = [{"seed": s, "fold": f} for s in final_seeds(cfg) for f in folds]
     todo = [r for r in runs if _state(tracker, final_key(space.loss, r["seed"], r["fold"])) != "COMPLETE"]
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(runs)} runs to train")
@@ -309,7 +312,7 @@ def _final_stage(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, sa
         limit = {"max_concurrent_trials": cfg.search.max_concurrent}
         name = f"{space.loss}-final"
         _tuner(cfg, space, tracker, say, final_epochs(cfg), name, param_space=param_space, **limit).fit()
-    if cfg.dataset.folds is not None:
+    if cfg.final.train_on == "folds":
         for seed in final_seeds(cfg):
             _ensemble(cfg, space.loss, seed, folds, tracker, say)
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
-from study.config import SEARCHABLE_TRAIN
+from study.config import LOSS_SEARCHABLE_TRAIN
 from study.losses import LOSSES, create_loss, loss_hyperparameters
 from study.search_space import load_search_space
 from tests.conftest import REPO, assert_matches_pml, assert_same_value_and_grads, unit
 
-SPACES = {name: load_search_space(REPO / "search_spaces" / f"{name}.yaml", SEARCHABLE_TRAIN) for name in LOSSES}
+SPACES = {name: load_search_space(REPO / "search_spaces" / f"{name}.yaml", LOSS_SEARCHABLE_TRAIN) for name in LOSSES}
 
 NUM_CLASSES, DIM = 6, 8
 
@@ -159,8 +159,9 @@ def ms_reference(x, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, positiv
         min_pos = min((s[k].item() for k in pos), default=math.inf)
         max_neg = max((s[j].item() for j in neg), default=-math.inf)
         kept_pos = [k for k in pos if s[k].item() - epsilon < max_neg]
-        if positive == "easy":  # mined as above, then only the most similar positive stays
-            kept_pos = [k for k in kept_pos if k == max(pos, key=lambda j: (s[j].item(), -j))]
+        if positive == "easy":  # the most similar positive replaces the mined ones; negatives mined against it
+            kept_pos = [max(pos, key=lambda j: (s[j].item(), -j))] if pos else []
+            min_pos = s[kept_pos[0]].item() if pos else math.inf
         kept_neg = [j for j in neg if s[j].item() + epsilon > min_pos]
         kept |= {(i, k, "+") for k in kept_pos} | {(i, j, "-") for j in kept_neg}
         if kept_pos:

@@ -214,16 +214,69 @@ def test_distance_weighted_sampling_follows_the_inverse_sphere_density():
     assert observed[d >= NONZERO_LOSS_CUTOFF].sum() == 0
 
 
+def _tight_clusters():
+    """3 classes of 4 samples within ~0.01 of orthogonal centres, plus a singleton: every same-class
+    pair is far more similar than any negative pair (the case where hard-positive mining keeps none)."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3])
+    centres = torch.eye(8, dtype=torch.float64)[labels]
+    raw = (centres + 0.01 * torch.randn(len(labels), 8, generator=g, dtype=torch.float64)).requires_grad_()
+    return raw, labels  # a raw leaf, normalised in the test (gradients compared on the leaf: see _x)
+
+
+def _easy_terms(x, labels):
+    """Per anchor with a same-class sample: (anchor, its nearest positive, its nearest negative)."""
+    rows = []
+    for i in range(len(labels)):
+        pos = _positives(x, labels, i, "easy")
+        if pos:
+            neg = min((j for j in range(len(labels)) if labels[j] != labels[i]), key=lambda j: _dist(x, i, j).item())
+            rows.append((i, pos[0], neg))
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("name", "hp", "expected"),
+    [  # hyperparameters under which every easy positive term is active and no negative term is
+        ("multi_similarity", {}, lambda x, i, p, n: torch.log1p(torch.exp(-2.0 * (x[i] @ x[p] - 0.5))) / 2.0),
+        ("contrastive", {}, lambda x, i, p, n: _dist(x, i, p)),
+        ("triplet", {"negatives": "hard", "margin": 3.0}, lambda x, i, p, n: _dist(x, i, p) - _dist(x, i, n) + 3.0),
+        ("margin", {"margin": 1.0, "beta": 0.0}, lambda x, i, p, n: 1.0 + _dist(x, i, p)),
+    ],
+)
+def test_easy_positive_gives_every_anchor_with_a_same_class_sample_its_positive_term(name, hp, expected):
+    """On tight clusters with far negatives: one term per anchor (the singleton has none), on its nearest
+    positive — MS included, whose own positive mining (S − ε < max_neg) would keep none here."""
+    raw, labels = _tight_clusters()
+    x = F.normalize(raw, dim=1)
+    loss = create_loss(name, 4, 8, positive="easy", **hp).double()
+    terms = [expected(x, i, p, n) for i, p, n in _easy_terms(x, labels)]
+    assert len(terms) == 12
+    # MS averages over every anchor of the batch; the others over their active terms
+    reference = sum(terms) / (len(labels) if name == "multi_similarity" else len(terms))
+    assert_same_value_and_grads(loss(x, labels), reference, [raw])
+    if name == "multi_similarity":
+        x = x.detach()
+        keep_pos, keep_neg = loss.mine(x @ x.T, labels)
+        assert keep_pos.sum(dim=1).tolist() == [1] * 12 + [0] and not keep_neg.any()
+        hard_mined, _ = create_loss(name, 4, 8).mine(x @ x.T, labels)
+        assert not hard_mined.any()  # why the easy positive must replace MS's mining, not meet it
+
+
 # ---- PDDM ------------------------------------------------------------------------------
 
 
 def pddm_score(loss, x, i, j):
-    """The unit by its definition, one pair at a time."""
-    u, v = (x[i] - x[j]).abs(), (x[i] + x[j]) / 2
+    """The unit by its definition (Eq. 2), one pair at a time: u, v normalised before their layers,
+    u', v' normalised before the concatenation."""
+
+    def unit_norm(t):
+        return t / t.norm().clamp_min(1e-12)
+
+    u, v = unit_norm((x[i] - x[j]).abs()), unit_norm((x[i] + x[j]) / 2)
     w = {name: (layer.weight.double(), layer.bias.double()) for name, layer in loss.named_children()}
-    u = torch.relu(w["w_u"][0] @ u + w["w_u"][1])
-    v = torch.relu(w["w_v"][0] @ v + w["w_v"][1])
-    u, v = u / u.norm().clamp_min(1e-12), v / v.norm().clamp_min(1e-12)
+    u = unit_norm(torch.relu(w["w_u"][0] @ u + w["w_u"][1]))
+    v = unit_norm(torch.relu(w["w_v"][0] @ v + w["w_v"][1]))
     c = torch.relu(w["w_c"][0] @ torch.cat([u, v]) + w["w_c"][1])
     return (w["w_s"][0] @ c + w["w_s"][1])[0]
 

@@ -141,7 +141,7 @@ def proxy_anchor_reference(x, labels, proxies, alpha, delta, so_weight):
         for c in range(len(p))
     )
     so = sum((p[a] @ p[b] - (1.0 if a == b else 0.0)) ** 2 for a in range(len(p)) for b in range(len(p)))
-    return pos / len(with_pos) + neg / len(p) + so_weight * so
+    return pos / len(with_pos) + neg / len(p) + so_weight * so / (len(p) * (len(p) - 1))
 
 
 @pytest.mark.parametrize("hp", [{}, {"alpha": 8.0, "delta": 0.3, "so_weight": 0.5}])
@@ -169,12 +169,20 @@ def test_proxy_anchor_without_so_matches_pml(hp, dtype):
 
 
 @pytest.mark.parametrize(("classes", "dim"), [(7, 16), (300, 8)])  # C < d and C > d
-def test_soft_orthogonality_equals_the_dense_frobenius_norm(classes, dim):
+def test_soft_orthogonality_equals_the_dense_frobenius_norm_per_proxy_pair(classes, dim):
     p = unit(classes, dim, seed=2, dtype=torch.float64).requires_grad_()
-    dense = (p @ p.T - torch.eye(classes, dtype=torch.float64)).square().sum()
-    assert_same_value_and_grads(soft_orthogonality(p), dense, [p], atol=1e-8)
-    if classes > dim:  # cannot reach 0: at least C²/d − C
-        assert dense.item() >= classes**2 / dim - classes - 1e-6
+    dense = (p @ p.T - torch.eye(classes, dtype=torch.float64)).square().sum() / (classes * (classes - 1))
+    assert_same_value_and_grads(soft_orthogonality(p), dense, [p], atol=1e-10)
+    if classes > dim:  # cannot reach 0: at least (C/d − 1)/(C − 1)
+        assert dense.item() >= (classes / dim - 1) / (classes - 1) - 1e-9
+
+
+def test_soft_orthogonality_of_random_proxies_does_not_depend_on_the_number_of_classes():
+    """One so_weight means the same at 100 classes (CUB) and 11,318 (SOP): random proxies score ≈ 1/d."""
+    dim = 512
+    values = {c: soft_orthogonality(unit(c, dim, seed=c)).item() for c in (100, 1000, 11_318)}
+    for classes, value in values.items():
+        assert value == pytest.approx(1 / dim, rel=0.1), (classes, values)
 
 
 def test_soft_orthogonality_never_holds_a_class_by_class_matrix():
@@ -209,7 +217,7 @@ def test_so_weight_drives_proxies_apart():
     def train(so_weight: float) -> float:
         return _fit_loss_parameters("proxy_anchor", 8, 100, so_weight=so_weight)["proxy_abs_cos"]
 
-    assert train(1.0) < 0.5 * train(0.0)
+    assert train(100.0) < 0.5 * train(0.0)
 
 
 # ---- ProxyNCA ----------------------------------------------------------------------------

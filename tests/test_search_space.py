@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from study.config import SEARCHABLE_TRAIN
+from study.config import LOSS_SEARCHABLE_TRAIN
 from study.losses import LOSSES, create_loss
 from study.search_space import load_search_space
 from tests.conftest import REPO
@@ -31,7 +31,7 @@ def test_every_registered_loss_has_a_search_space():
 
 @pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
 def test_space_samples_every_parameter_within_bounds(path):
-    space = load_search_space(path, SEARCHABLE_TRAIN)
+    space = load_search_space(path, LOSS_SEARCHABLE_TRAIN)
     trials = _sample(space, 40)
     assert trials[0] == space.defaults()  # the paper's defaults are the first trial
     for name, param in space.params.items():
@@ -52,13 +52,13 @@ def test_space_samples_every_parameter_within_bounds(path):
 
 @pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
 def test_loss_builds_from_defaults_and_samples(path):
-    space = load_search_space(path, SEARCHABLE_TRAIN)
+    space = load_search_space(path, LOSS_SEARCHABLE_TRAIN)
     torch.manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
     labels = torch.arange(4).repeat_interleave(4)
     for point in _sample(space, 5):
         loss_kwargs, train = space.split(point)
-        assert set(train) <= set(SEARCHABLE_TRAIN)
+        assert set(train) <= set(LOSS_SEARCHABLE_TRAIN)
         value = create_loss(space.loss, 4, 8, **loss_kwargs)(emb, labels)
         (grad,) = torch.autograd.grad(value, emb)
         assert torch.isfinite(value) and torch.isfinite(grad).all()
@@ -78,14 +78,14 @@ def test_conditional_parameter_is_sampled_only_when_its_condition_holds(tmp_path
             "beta": {"type": "categorical", "choices": [40.0, 50.0], "default": 50.0},
             "epsilon": {"type": "float", "low": 0.0, "high": 0.2, "default": 0.1, "when": {"beta": [40.0]}},
         },
-        "train": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True, "default": 1e-3}},
+        "train": {"loss_lr_mult": {"type": "float", "low": 1, "high": 100, "log": True, "default": 10}},
     }
-    space = load_search_space(_write(tmp_path, spec), SEARCHABLE_TRAIN)
-    assert space.defaults() == {"alpha": 2, "beta": 50.0, "lr": 1e-3}  # epsilon inactive under beta=50
+    space = load_search_space(_write(tmp_path, spec), LOSS_SEARCHABLE_TRAIN)
+    assert space.defaults() == {"alpha": 2, "beta": 50.0, "loss_lr_mult": 10}  # epsilon inactive under beta=50
     trials = _sample(space, 30)
     assert all(("epsilon" in t) == (t["beta"] == 40.0) for t in trials)
     assert {t["beta"] for t in trials} == {40.0, 50.0}
-    assert space.split({"alpha": 3, "lr": 0.01}) == ({"alpha": 3}, {"lr": 0.01})
+    assert space.split({"alpha": 3, "loss_lr_mult": 3.0}) == ({"alpha": 3}, {"loss_lr_mult": 3.0})
 
 
 def test_zero_allows_exactly_zero_besides_a_log_range(tmp_path):
@@ -119,13 +119,14 @@ def test_zero_allows_exactly_zero_besides_a_log_range(tmp_path):
 def test_bad_space_is_rejected_with_file_and_key(tmp_path, params, message):
     path = _write(tmp_path, {"loss": "multi_similarity", "params": params})
     with pytest.raises(ValueError, match="space.yaml") as err:
-        load_search_space(path, SEARCHABLE_TRAIN)
+        load_search_space(path, LOSS_SEARCHABLE_TRAIN)
     assert message in str(err.value)
 
 
-def test_train_parameter_outside_searchable_set_is_rejected(tmp_path):
-    path = _write(
-        tmp_path, {"loss": "multi_similarity", "train": {"epochs": {"type": "int", "low": 1, "high": 3, "default": 2}}}
-    )
-    with pytest.raises(ValueError, match="train.epochs: not searchable; allowed: lr, weight_decay, loss_lr_mult"):
-        load_search_space(path, SEARCHABLE_TRAIN)
+@pytest.mark.parametrize("name", ["epochs", "lr", "weight_decay"])
+def test_a_loss_space_may_search_only_its_own_parameters_lr_multiplier(tmp_path, name):
+    """Equal tuning: the lr, weight decay and schedule every loss shares are never in one loss's space."""
+    spec = {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "default": 1e-4}
+    path = _write(tmp_path, {"loss": "multi_similarity", "train": {name: spec}})
+    with pytest.raises(ValueError, match=f"train.{name}: not searchable in a loss's space; allowed: loss_lr_mult"):
+        load_search_space(path, LOSS_SEARCHABLE_TRAIN)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from study import metrics
-from study.config import SEARCHABLE_TRAIN, load_study
+from study.config import load_study, search_spaces
 from study.data.transforms import eval_transform
 from study.losses import LOSSES, MultiSimilarityLoss
 from study.search_space import load_search_space
@@ -59,15 +59,15 @@ def test_trial_is_deterministic_and_reports_each_epoch(study, data):
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     """The embedded dataset at its default size with the quickstart's training settings."""
-    study = load_study(REPO / "search_spaces" / "quickstart.yaml", ["train.epochs=2"])
+    study = load_study(REPO / "search_spaces" / "quickstart.yaml", ["train.epochs=2", f"search.losses={list(LOSSES)}"])
     return study, prepare_data(study)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_two_epochs_of_every_loss_beat_the_untrained_network(quickstart, loss):
-    """Each loss with its search space's defaults (paper values, e.g. proxies at lr × 100)."""
+    """Each loss with its search space's defaults (paper values, e.g. proxies at lr × 100), at the study's lr."""
     study, data = quickstart
-    space = load_search_space(REPO / "search_spaces" / f"{loss}.yaml", SEARCHABLE_TRAIN)
+    space = search_spaces(study)[loss]
     loss_kwargs, overrides = space.split(space.defaults())
     trained = run_trial(study, loss, loss_kwargs, study.train.model_copy(update=overrides), data=data)
     untrained, _ = evaluate_untrained(study, data)

@@ -1,4 +1,4 @@
-"""The m-per-class batch sampler used by pair and proxy losses alike."""
+"""Batch samplers: m-per-class batches (the pair and proxy losses' usual recipe) and random batches."""
 
 from __future__ import annotations
 
@@ -46,3 +46,26 @@ class MPerClassSampler(Sampler[list[int]]):
                 members = self.members[c]
                 batch.extend(rng.choice(members, size=self.m, replace=len(members) < self.m).tolist())
             yield batch
+
+
+class RandomBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` samples drawn without replacement from a fresh permutation each
+    epoch (SoftTriple's recipe: no class structure in the batch); the last partial batch is
+    dropped. Deterministic for a given ``seed`` and ``set_epoch`` value."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int):
+        if num_samples < batch_size:
+            raise ValueError(f"a batch needs {batch_size} samples but the data has {num_samples}")
+        self.num_samples, self.batch_size, self.seed, self.epoch = num_samples, batch_size, seed, 0
+        self.num_batches = num_samples // batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.num_samples)
+        for b in range(self.num_batches):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()

@@ -41,9 +41,12 @@ class MultiSimilarityLoss(nn.Module):
     Hyperparameters (paper / authors' code defaults): ``alpha`` (α = 2) and ``beta``
     (β = 50; 40 in the authors' config) weight positives and negatives, ``base`` (λ = 0.5)
     is the similarity margin, ``epsilon`` (ε = 0.1) the mining margin. ``positive="easy"``
-    (easy positive sampling, ``pairs.py``) mines as above, then keeps of each anchor's
-    positives only its most similar one. ``mining=False`` keeps every pair (the paper's ablation
-    of its pair mining; the same as ε ≥ 2 on unit vectors).
+    (easy positive sampling, Levi et al. ICCV 2021; ``pairs.py``) *replaces* the positive
+    mining: each anchor's one positive is its most similar same-class sample — the pair MS's
+    own rule (S − ε < max_neg) would drop first — and negatives are mined against it
+    (kept if S_ij + ε > S(i, easy positive)). ``mining=False`` keeps every negative (and every
+    positive, or the easy one): the paper's ablation of its pair mining, the same as ε ≥ 2 on
+    unit vectors.
     ``num_classes`` and ``embedding_dim`` are ignored (registry convention).
     """
 
@@ -67,13 +70,15 @@ class MultiSimilarityLoss(nn.Module):
     def mine(self, sim: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean B×B masks (kept positives, kept negatives) for the similarity matrix ``sim``."""
         sim = sim.detach()
-        pos, neg = pair_masks(sim, labels, "all")
-        min_pos = sim.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
+        pos, neg = pair_masks(sim, labels, self.positive)
+        # the similarity negatives are mined against: the least similar positive, or the easy one
+        ref_pos = sim.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
+        if not self.mining:
+            return pos, neg
+        if self.positive == "easy":  # the easy positive replaces MS's positive mining, never meets it
+            return pos, neg & (sim + self.epsilon > ref_pos)
         max_neg = sim.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
-        keep_pos = pos & (sim - self.epsilon < max_neg) if self.mining else pos
-        if self.positive == "easy":
-            keep_pos &= pair_masks(sim, labels, "easy")[0]
-        return keep_pos, neg & (sim + self.epsilon > min_pos) if self.mining else neg
+        return pos & (sim - self.epsilon < max_neg), neg & (sim + self.epsilon > ref_pos)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean MS loss of a batch of unit-norm ``embeddings`` (B×d) with integer ``labels`` (B)."""

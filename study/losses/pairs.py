@@ -1,11 +1,14 @@
 """What the pair-based losses share: pair masks with easy positive sampling, distances,
 reductions, and a stable log(1 + Σ eᶻ).
 
-Easy positive sampling (Xuan, Stylianou, Pless, "Improved Embeddings with Easy Positive
-Triplet Mining", WACV 2020): each anchor keeps only its most similar same-class sample
-in the batch as its positive; negatives stay as the base loss chooses them. It is the
-``positive="easy"`` option of triplet, contrastive, margin and Multi-Similarity, so that
-one search space compares it with ``positive="all"``.
+Easy positive sampling (Levi, Xiao, Zhou, Hirschmann, "Rethinking preventing
+class-collapsing in metric learning with margin-based losses", ICCV 2021; the same rule as
+Xuan, Stylianou, Pless, "Improved Embeddings with Easy Positive Triplet Mining", WACV 2020):
+each anchor's positive is its most similar same-class sample in the batch. It *replaces* the
+base loss's positive selection (never intersected with a hard-positive miner); negatives
+stay as the base loss mines them, relative to that positive. It is the ``positive="easy"``
+option of triplet, contrastive, margin and Multi-Similarity, so that one search space
+compares it with ``positive="all"``.
 """
 
 from __future__ import annotations

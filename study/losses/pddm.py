@@ -1,10 +1,16 @@
 """PDDM: position-dependent deep metric (Huang, Loy, Tang, "Local Similarity-Aware Deep
 Feature Embedding", NeurIPS 2016, Sec. 3).
 
-A learned similarity unit scores a pair of unit-norm features fᵢ, fⱼ:
+A learned similarity unit scores a pair of unit-norm features fᵢ, fⱼ (Eq. 2; N(·) is L2
+normalisation, every layer has a bias):
 
-    u = |fᵢ − fⱼ|,  v = (fᵢ + fⱼ)/2,  u' = ‖ReLU(W_u u)‖-normalised,  v' likewise with W_v,
-    c = ReLU(W_c [u'; v']),  S = W_s c.
+    u = |fᵢ − fⱼ|,  v = (fᵢ + fⱼ)/2,
+    u' = ReLU(W_u N(u)),  v' = ReLU(W_v N(v)),
+    c = ReLU(W_c [N(u'); N(v')]),  S = W_s c.
+
+u and v are normalised before their layers (their scale says only how far apart or how long
+the pair is, which the unit should not confuse with the direction of the difference), and u',
+v' before they are concatenated, so that neither half dominates c.
 
 A hard quadruplet is mined with S itself: (î, ĵ) the least similar positive pair, k̂ the
 most similar negative of î, l̂ of ĵ. The double-header hinge loss is
@@ -22,6 +28,7 @@ from torch import nn
 
 from study.losses.pairs import pair_masks
 
+_EPS = 1e-12  # N(0) = 0: identical features (u = 0) or a dead ReLU layer give a zero vector, not NaN
 _CHUNK = 16384  # pairs scored at once while mining (no grad): memory ~ _CHUNK × d
 
 
@@ -60,9 +67,10 @@ class PDDMLoss(nn.Module):
 
     def score(self, x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """S(fᵢ, fⱼ) for index vectors ``i``, ``j``, in x's dtype."""
-        u = F.normalize(F.relu(_linear(self.w_u, (x[i] - x[j]).abs())), dim=1)
-        v = F.normalize(F.relu(_linear(self.w_v, (x[i] + x[j]) / 2)), dim=1)
-        return _linear(self.w_s, F.relu(_linear(self.w_c, torch.cat([u, v], dim=1)))).squeeze(1)
+        u = F.relu(_linear(self.w_u, F.normalize((x[i] - x[j]).abs(), dim=1, eps=_EPS)))
+        v = F.relu(_linear(self.w_v, F.normalize((x[i] + x[j]) / 2, dim=1, eps=_EPS)))
+        c = F.relu(_linear(self.w_c, torch.cat([F.normalize(u, dim=1, eps=_EPS), F.normalize(v, dim=1, eps=_EPS)], 1)))
+        return _linear(self.w_s, c).squeeze(1)
 
     @torch.no_grad()
     def mine(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
