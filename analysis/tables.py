@@ -96,7 +96,17 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         rows.append(
             {k: base.get(k) for k in keys} | {"loss": "untrained", "trials": 0} | {m: base.get(m) for m in metrics}
         )
-    columns = [*keys, "trials", "complete", "pruned", "failed", *metrics, *LR_COLUMNS, "hyperparameters", "loss metrics"]
+    columns = [
+        *keys,
+        "trials",
+        "complete",
+        "pruned",
+        "failed",
+        *metrics,
+        *LR_COLUMNS,
+        "hyperparameters",
+        "loss metrics",
+    ]
     table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
     return _ordered(table, runs, keys, objective)
 
@@ -282,9 +292,7 @@ def write_tables(runs: pd.DataFrame, out: Storage) -> tuple[str, pd.DataFrame, p
     export(search, out, "results")
     markdown = (
         f"{'Studies' if len(objectives) > 1 else 'Study'} {names}: best trial per loss on the validation "
-        f"classes (objective: {objective}).\n\n"
-        + to_markdown(search)
-        + "\n"
+        f"classes (objective: {objective}).\n\n" + to_markdown(search) + "\n"
     )
     if (final["loss"] != "untrained").any():  # the final stage ran
         export(final, out, "final")

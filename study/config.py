@@ -40,7 +40,8 @@ class DatasetConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     folds: int | None = Field(None, ge=2)  # k class-disjoint validation folds instead of val_fraction
-    image_size: int = Field(256, ge=16)  # image datasets: decoded once to this size (shorter side, center crop)
+    image_size: int = Field(256, ge=16)  # image datasets: decoded once with the shorter side at this size
+    max_aspect: float = Field(2.0, ge=1.0)  # image datasets: the longer side kept up to max_aspect × image_size
     cache_dir: Path | None = None  # where decoded images are cached; default ~/.cache/dml-study
 
     @field_validator("name")
@@ -259,7 +260,8 @@ def shared_space(cfg: StudyConfig) -> dict[str, Param]:
         study_value = getattr(cfg.train, name)
         if "default" in spec and spec["default"] != study_value:
             raise ConfigError(
-                f"{key}.default: must be the study's train.{name} ({study_value!r}) or left out (got {spec['default']!r})"
+                f"{key}.default: must be the study's train.{name} ({study_value!r}) or left out "
+                f"(got {spec['default']!r})"
             )
         try:
             params[name] = Param.model_validate({**spec, "default": study_value})

@@ -73,8 +73,10 @@ def load_state(folder: Storage | None) -> dict | None:
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A dataset ready for trials. ``inputs``: uint8 images (N, 3, S, S) — a tensor, or a read-only
-    memory map of the image cache — or, in feature mode, the frozen trunk's float32 features (N, F)."""
+    """A dataset ready for trials. ``inputs``: uint8 images (N, 3, S, W) — a tensor, or a read-only
+    memory map of the image cache — or, in feature mode, the frozen trunk's float32 features (N, F).
+    ``widths`` / ``transposed``: an image cache's geometry (each image's valid width, stored transposed);
+    None for synthetic data."""
 
     inputs: torch.Tensor | np.ndarray
     labels: np.ndarray
@@ -84,6 +86,15 @@ class PreparedData:
     gallery: np.ndarray | None = None  # query/gallery protocols (In-Shop)
     features: bool = False
     ks: tuple[int, ...] = (1, 2, 4, 8)  # Recall@K as the dataset's papers report it
+    widths: np.ndarray | None = None
+    transposed: np.ndarray | None = None
+
+    def geometry(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """The transforms' geometry arguments for samples ``idx`` (gathered like their pixels); {} without."""
+        if self.widths is None:
+            return {}
+        idx = np.asarray(idx)
+        return {"widths": torch.from_numpy(self.widths[idx]), "transposed": torch.from_numpy(self.transposed[idx])}
 
 
 RECALL_KS = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}  # default: 1, 2, 4, 8 (DESIGN.md §6)
@@ -93,7 +104,12 @@ def prepare_data(study: StudyConfig) -> PreparedData:
     """The study's dataset, its validation folds and test split; in feature mode, trunk features."""
     ds_cfg = study.dataset
     ds = create_dataset(
-        ds_cfg.name, ds_cfg.root, decode_size=ds_cfg.image_size, cache_dir=ds_cfg.cache_dir, **ds_cfg.options
+        ds_cfg.name,
+        ds_cfg.root,
+        decode_size=ds_cfg.image_size,
+        cache_dir=ds_cfg.cache_dir,
+        max_aspect=ds_cfg.max_aspect,
+        **ds_cfg.options,
     )
     folds = validation_folds(ds.labels, ds.split, val_fraction=ds_cfg.val_fraction, folds=ds_cfg.folds, seed=study.seed)
     queries = ds.split == "test" if ds.is_query is None else ds.is_query
@@ -105,6 +121,8 @@ def prepare_data(study: StudyConfig) -> PreparedData:
         test=np.flatnonzero(queries),
         gallery=None if ds.is_gallery is None else np.flatnonzero(ds.is_gallery),
         ks=RECALL_KS.get(ds_cfg.name, (1, 2, 4, 8)),
+        widths=ds.widths,
+        transposed=ds.transposed,
     )
     if study.train.mode == "features":
         data = replace(data, inputs=extract_features(study, data), features=True)
@@ -149,31 +167,35 @@ def _autocast(train: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def _encode(encoder: Callable, inputs, idx: np.ndarray, train: TrainConfig, device: torch.device) -> torch.Tensor:
-    """``encoder`` applied to samples ``idx`` in batches of ``eval_batch_size``, gathered on the CPU."""
+def _encode(encoder: Callable, data: PreparedData, inputs, idx: np.ndarray, train: TrainConfig, device) -> torch.Tensor:
+    """``encoder(x, **geometry)`` applied to samples ``idx`` in batches of ``eval_batch_size`` (each batch
+    with its images' geometry, see :meth:`PreparedData.geometry`), gathered on the CPU."""
     out = []
     for start in range(0, len(idx), train.eval_batch_size):
-        x = _rows(inputs, idx[start : start + train.eval_batch_size]).to(device)
+        rows = idx[start : start + train.eval_batch_size]
+        x = _rows(inputs, rows).to(device)
         with _autocast(train, device):
-            out.append(encoder(x).float().cpu())
+            out.append(encoder(x, **data.geometry(rows)).float().cpu())
     return torch.cat(out)
 
 
 def embed(
     model: EmbeddingNet, data: PreparedData, inputs, idx: np.ndarray, train: TrainConfig, device: torch.device
 ) -> np.ndarray:
-    """L2-normalised embeddings of samples ``idx`` (evaluation transform: center crop)."""
+    """L2-normalised embeddings of samples ``idx`` (evaluation transform: center crop of each whole image)."""
     model.eval()
-    encoder = model.embed_features if data.features else lambda x: model(_eval_input(x, train))
-    return _encode(encoder, inputs, idx, train, device).numpy()
+    if data.features:
+        return _encode(lambda x: model.embed_features(x), data, inputs, idx, train, device).numpy()
+    return _encode(lambda x, **g: model(_eval_input(x, train, **g)), data, inputs, idx, train, device).numpy()
 
 
 def _channels_last(x: torch.Tensor, train: TrainConfig) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if train.channels_last else x
 
 
-def _eval_input(x: torch.Tensor, train: TrainConfig) -> torch.Tensor:
-    return _channels_last(eval_transform(x, crop=train.crop_size), train)
+def _eval_input(x: torch.Tensor, train: TrainConfig, **geometry) -> torch.Tensor:
+    """The evaluation transform; ``geometry``: the batch's widths / transposed flags (image caches)."""
+    return _channels_last(eval_transform(x, crop=train.crop_size, **geometry), train)
 
 
 def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor | np.ndarray:
@@ -184,22 +206,23 @@ def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor | n
     worker, loss and later study with the same images and trunk memory-maps them. Synthetic data's
     are computed once per process."""
     if not isinstance(data.inputs, np.memmap):
-        return _trunk_features(study, data.inputs)
+        return _trunk_features(study, data)
     images = Path(data.inputs.filename)
     target = images.with_name(f"features_{images.stem}_{_trunk_key(study)}.npy")
 
     def write(temp: Path) -> None:
         with temp.open("wb") as out:
-            np.save(out, _trunk_features(study, data.inputs).numpy())
+            np.save(out, _trunk_features(study, data).numpy())
 
     return np.load(cached_file(target, write), mmap_mode="r")
 
 
-def _trunk_features(study: StudyConfig, inputs) -> torch.Tensor:
+def _trunk_features(study: StudyConfig, data: PreparedData) -> torch.Tensor:
     device = resolve_device(study.train.device)
     model = build_model(study, study.seed).to(device).eval()
-    everything = np.arange(len(inputs))
-    return _encode(lambda x: model.features(_eval_input(x, study.train)), inputs, everything, study.train, device)
+    everything = np.arange(len(data.inputs))
+    encoder = lambda x, **g: model.features(_eval_input(x, study.train, **g))  # noqa: E731
+    return _encode(encoder, data, data.inputs, everything, study.train, device)
 
 
 def _trunk_key(study: StudyConfig) -> str:
@@ -306,7 +329,12 @@ class Learner:
                     out = self.model.embed_features(x)
                 else:
                     out = self.model(
-                        _channels_last(train_transform(x, self.generator, crop=self.train.crop_size), self.train)
+                        _channels_last(
+                            train_transform(
+                                x, self.generator, crop=self.train.crop_size, **self.data.geometry(self.fit[batch])
+                            ),
+                            self.train,
+                        )
                     )
             loss = self.loss_fn(out.float(), self.labels[torch.as_tensor(batch, device=self.device)])
             if not torch.isfinite(loss):

@@ -7,7 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from study.cli import app
-from study.config import ConfigError, load_study
+from study.config import ConfigError, load_study, search_spaces
+from study.losses import LOSSES
 from tests.conftest import REPO, TINY_STUDY, write_study
 
 runner = CliRunner()
@@ -43,6 +44,26 @@ def _assert_rejected(result, *fragments, folder):
         ({"model": {"backbone": "no_such_net"}}, ["model.backbone", "no_such_net"]),
         ({"model": {"backbone": "test_resnet", "pretrained": "/no/w.pth"}}, ["model.pretrained", "/no/w.pth"]),
         ({"train": {**TINY_STUDY["train"], "batch_size": 18}}, ["batch_size (18)", "m_per_class (4)"]),
+        ({"train": {**TINY_STUDY["train"], "optimizer": "lamb"}}, ["train.optimizer", "'adamw', 'adam' or 'sgd'"]),
+        ({"train": {**TINY_STUDY["train"], "schedule": "poly"}}, ["train.schedule", "'constant', 'step' or 'cosine'"]),
+        ({"final": {"train_on": "folds"}}, ["final.train_on: folds needs dataset.folds"]),
+        (
+            {"search": {**TINY_STUDY["search"], "train": {"epochs": {"type": "int", "low": 1, "high": 3}}}},
+            ["search.train.epochs: not a shared training setting", "allowed: lr, weight_decay"],
+        ),
+        (
+            {"search": {**TINY_STUDY["search"], "train": {"lr": {"type": "float", "low": 1e-5, "high": 1e-4}}}},
+            ["search.train.lr", "default 0.001 is outside [1e-05, 0.0001]"],
+        ),
+        (
+            {
+                "search": {
+                    **TINY_STUDY["search"],
+                    "train": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "default": 3e-3}},
+                }
+            },
+            ["search.train.lr.default: must be the study's train.lr (0.001)"],
+        ),
     ],
 )
 def test_bad_study_is_rejected_with_one_line(workdir, changes, fragments):
@@ -116,3 +137,28 @@ def test_every_preset_validates(tmp_path):
             pytest.fail(f"{preset.name}: {exc}")
         if dataset != "synthetic":
             assert (cfg.train.crop_size, cfg.dataset.image_size, cfg.model.pretrained) == (224, 256, "hub")
+            assert (cfg.train.lr, cfg.train.optimizer, cfg.train.schedule) == (1e-4, "adamw", "step")
+        _assert_equal_tuning(load_study(preset, [*overrides, f"search.losses={list(LOSSES)}"]))
+
+
+def _assert_equal_tuning(cfg) -> None:
+    """Every loss's first trial (its space's defaults) trains with the study's lr, weight decay and
+    schedule; only the lr multiplier of a loss's own parameters is the loss's."""
+    for loss, space in search_spaces(cfg).items():
+        _, overrides = space.split(space.defaults())
+        train = cfg.train.model_copy(update=overrides)
+        assert train.model_dump(exclude={"loss_lr_mult"}) == cfg.train.model_dump(exclude={"loss_lr_mult"}), loss
+        assert set(space.train_params) <= {"loss_lr_mult"}, loss
+
+
+def test_a_study_level_train_space_is_the_same_for_every_loss(tmp_path):
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
+    wd = {"type": "float", "low": 0.0, "high": 1e-3}
+    path = write_study(tmp_path, search={**TINY_STUDY["search"], "train": {"lr": lr, "weight_decay": wd}})
+    cfg = load_study(path, [f"search.losses={list(LOSSES)}"])
+    spaces = search_spaces(cfg)
+    for space in spaces.values():
+        assert space.train_params["lr"] == spaces["triplet"].train_params["lr"]
+        assert space.train_params["lr"].default == cfg.train.lr == 1e-3
+        assert space.train_params["weight_decay"].default == cfg.train.weight_decay
+        assert space.defaults()["lr"] == cfg.train.lr

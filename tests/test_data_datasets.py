@@ -20,11 +20,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.io
+import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
+from study import train as train_module
+from study.config import load_study
 from study.data import cub200, images
 from study.data.images import DatasetLayoutError, ImageIndex, UnreadableImageError, load_images
 from study.data.loaders import INDEXES
+from study.data.transforms import eval_transform, normalize
+from study.train import Learner, build_model, embed, prepare_data
+from tests.conftest import TINY_STUDY, write_study
+from tests.test_protocol import cub_tree
 
 RED, GREEN, BLUE = (220, 20, 30), (20, 200, 40), (30, 40, 210)
 
@@ -194,8 +202,10 @@ def test_index_and_pixels(name, tmp_path):
     case = FIXTURES[name](tmp_path)
     index = INDEXES[name](case.root)
     check_index(index, case)
-    pixels = load_images(index, size=8, cache_dir=tmp_path / "cache")
-    assert pixels.shape == (len(case.labels), 3, 8, 8) and pixels.dtype == np.uint8
+    cache = load_images(index, size=8, cache_dir=tmp_path / "cache")
+    pixels = cache.pixels  # the fixtures are 12×8 (w×h): kept whole at 8 px high
+    assert pixels.shape == (len(case.labels), 3, 8, 12) and pixels.dtype == np.uint8
+    assert (cache.widths == 12).all() and not cache.transposed.any()
     for i, path in enumerate(index.paths):  # a solid colour survives decode, resize and crop (JPEG: nearly)
         assert np.abs(pixels[i].astype(int) - np.array(case.colours[path])[:, None, None]).max() <= 4, path
 
@@ -387,38 +397,101 @@ def thirds(size: tuple[int, int]) -> Image.Image:
     return image
 
 
+def index_of_files(paths: list[Path]) -> ImageIndex:
+    return ImageIndex(paths=paths, labels=np.arange(len(paths)), split=np.array(["train"] * len(paths)))
+
+
+def noise(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    """A random RGB PNG of PIL ``size`` (w, h): every pixel tells where it came from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
 @pytest.mark.parametrize("wide", [True, False])
-def test_shorter_side_resize_and_center_crop(wide, tmp_path):
+def test_shorter_side_resize_keeps_the_whole_image(wide, tmp_path):
     thirds((60, 30) if wide else (30, 60)).save(tmp_path / "0.png")
-    index = ImageIndex(paths=[tmp_path / "0.png"], labels=np.zeros(1, dtype=np.int64), split=np.array(["train"]))
-    x = load_images(index, size=15, cache_dir=tmp_path / "cache")[0].astype(int)
-    x = x if wide else x.transpose(0, 2, 1)  # columns run along the longer side
-    assert (x == x[:, :1, :]).all()  # every row alike: nothing of the short side was cropped
-    # 60×30 → 30×15, centre 15 columns = original columns 14..44: a little red, all green, a little blue.
-    assert x[0, 0, 0] > 150 > x[1, 0, 0] and x[2, 0, -1] > 150 > x[1, 0, -1]
-    assert (np.abs(x[:, :, 4:11] - np.array(GREEN)[:, None, None]) <= 2).all()
+    cache = load_images(index_of_files([tmp_path / "0.png"]), size=15, cache_dir=tmp_path / "cache")
+    assert cache.pixels.shape == (1, 3, 15, 30) and cache.widths.tolist() == [30]
+    assert cache.transposed.tolist() == [not wide]  # portrait: stored transposed, the longer side along the columns
+    x = cache.pixels[0].astype(int)
+    assert (x == x[:, :1, :]).all()  # every row alike: the short side is whole
+    # 60×30 → 30×15, the whole of it: red, green and blue thirds of 10 columns each.
+    for colour, columns in ((RED, slice(0, 9)), (GREEN, slice(11, 19)), (BLUE, slice(21, 30))):
+        assert (np.abs(x[:, :, columns] - np.array(colour)[:, None, None]) <= 2).all()
+
+
+def test_decode_keeps_the_aspect_up_to_max_aspect(tmp_path):
+    sizes = {"wide": (300, 150), "tall": (150, 300), "long": (320, 64), "square": (90, 90), "taller": (97, 131)}
+    paths = [noise(tmp_path / f"{name}.png", size, seed) for seed, (name, size) in enumerate(sizes.items())]
+    cache = load_images(index_of_files(paths), size=64, cache_dir=tmp_path / "cache")
+    # widths: int(64 · long / short) like torchvision's Resize(64), at most 64 · 2.0; W: the widest
+    assert cache.pixels.shape == (5, 3, 64, 128) and cache.widths.dtype == np.int32
+    assert cache.widths.tolist() == [128, 128, 128, 64, 86]
+    assert cache.transposed.tolist() == [False, True, False, False, True]
+    lefts = []
+    for path, x, width, transposed in zip(paths, cache.pixels, cache.widths, cache.transposed, strict=True):
+        with Image.open(path) as image:
+            w, h = image.size
+            short = min(w, h)
+            resized = np.asarray(image.resize((int(64 * w / short), int(64 * h / short)), Image.Resampling.BILINEAR))
+        expected = resized.transpose((2, 1, 0) if transposed else (2, 0, 1)).astype(int)
+        lefts.append(left := (expected.shape[-1] - width) // 2)
+        assert (np.abs(x[:, :, :width].astype(int) - expected[:, :, left : left + width]) <= 1).all(), path.name
+        assert (x[:, :, width:] == 0).all()  # zero padding after the valid region
+    assert lefts == [0, 0, 96, 0, 0]  # nothing cut off up to max_aspect; of the 5:1 image, its central 128 px
+    squares = load_images(index_of_files(paths[3:4]), size=64, cache_dir=tmp_path / "cache")
+    assert squares.pixels.shape == (1, 3, 64, 64)  # square images cost what the old square cache did
+
+
+@pytest.mark.parametrize("crop", [56, 49])
+def test_eval_transform_of_the_cache_is_torchvisions_resize_and_center_crop(crop, tmp_path):
+    paths = [
+        noise(tmp_path / f"{i}.png", size, i) for i, size in enumerate([(300, 150), (150, 300), (97, 131), (64, 64)])
+    ]
+    cache = load_images(index_of_files(paths), size=64, cache_dir=tmp_path / "cache")
+    geometry = {"widths": torch.from_numpy(cache.widths), "transposed": torch.from_numpy(cache.transposed)}
+    out = eval_transform(torch.from_numpy(np.array(cache.pixels)), crop, **geometry)
+    for path, o in zip(paths, out, strict=True):
+        with Image.open(path) as image:
+            expected = TF.pil_to_tensor(TF.center_crop(TF.resize(image.convert("RGB"), 64), [crop, crop]))
+        torch.testing.assert_close(o, normalize(expected[None])[0], rtol=0, atol=1.5 / 255 / 0.224)  # ≤ 1 level
 
 
 def test_cache_is_reused_and_keyed(tmp_path, monkeypatch):
     index = index_of(tmp_path / "img", [RED, GREEN, BLUE])
     cache = tmp_path / "cache"
     first = load_images(index, size=6, cache_dir=cache)
-    assert isinstance(first, np.memmap) and not first.flags.writeable
+    assert isinstance(first.pixels, np.memmap) and not first.pixels.flags.writeable
+    assert first.pixels.shape == (3, 3, 6, 9) and first.widths.tolist() == [9] * 3  # 12×8 images
     [file] = cache.glob("*.npy")
+    assert [p.name for p in cache.glob("*.geometry.npz")] == [f"{file.stem}.geometry.npz"]
+    assert np.array_equal(images.read_geometry(first.pixels)[0], first.widths)
+    assert images.read_geometry(np.zeros((3, 3, 6, 9), dtype=np.uint8)) is None  # not a cache
     mtime = file.stat().st_mtime_ns
 
-    def no_decode(path, size):
+    def no_decode(*args):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(images, "_decode", no_decode)
+    monkeypatch.setattr(images, "_image_size", no_decode)
     again = load_images(index, size=6, cache_dir=cache)
-    assert np.array_equal(again, first) and file.stat().st_mtime_ns == mtime and len(list(cache.glob("*.npy"))) == 1
+    assert np.array_equal(again.pixels, first.pixels) and np.array_equal(again.transposed, first.transposed)
+    assert file.stat().st_mtime_ns == mtime and len(list(cache.glob("*.npy"))) == 1
     monkeypatch.undo()
-    assert load_images(index, size=4, cache_dir=cache).shape == (3, 3, 4, 4)  # another size: another file
+    assert load_images(index, size=4, cache_dir=cache).pixels.shape == (3, 3, 4, 6)  # another size: another file
+    # another max_aspect: another file, though these images (3:2) are the same under both
+    assert load_images(index, size=6, cache_dir=cache, max_aspect=1.5).pixels.shape == (3, 3, 6, 9)
+    assert load_images(index, size=6, cache_dir=cache, max_aspect=1.2).pixels.shape == (3, 3, 6, 7)  # cut to 7 px
     write_image(index.paths[1], BLUE)
     os.utime(index.paths[1], ns=(mtime + 10**9, mtime + 10**9))  # a changed image: another file
-    assert load_images(index, size=6, cache_dir=cache)[1, 2].min() == BLUE[2]
-    assert len(list(cache.glob("*.npy"))) == 3
+    assert load_images(index, size=6, cache_dir=cache).pixels[1, 2].min() == BLUE[2]
+    assert len(list(cache.glob("*.npy"))) == len(list(cache.glob("*.geometry.npz"))) == 5
+    latest = Path(load_images(index, size=6, cache_dir=cache).pixels.filename)
+    latest.with_name(f"{latest.stem}.geometry.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=f"delete {latest} to decode the images again"):
+        load_images(index, size=6, cache_dir=cache)
 
 
 @pytest.mark.parametrize("content", [b"not an image at all", None])
@@ -439,7 +512,7 @@ def test_unreadable_image(content, tmp_path):
 
 def load_in_child(index: ImageIndex, cache: Path, barrier, results) -> None:
     barrier.wait()
-    pixels = load_images(index, size=6, cache_dir=cache, workers=2)
+    pixels = load_images(index, size=6, cache_dir=cache, workers=2).pixels
     results.put((pixels.filename, pixels.sum()))
 
 
@@ -448,11 +521,11 @@ def test_concurrent_callers_decode_once(tmp_path, monkeypatch):
     index = index_of(tmp_path / "img", [RED, GREEN, BLUE, RED])
     log, decode = tmp_path / "decoded.log", images._decode
 
-    def slow_logged_decode(path, size):
+    def slow_logged_decode(path, size, max_width):
         with open(log, "a") as file:
             file.write(f"{path}\n")
         time.sleep(0.1)  # long enough for the other process to reach the lock
-        return decode(path, size)
+        return decode(path, size, max_width)
 
     monkeypatch.setattr(images, "_decode", slow_logged_decode)  # inherited by the forked children
     context = multiprocessing.get_context("fork")
@@ -468,3 +541,45 @@ def test_concurrent_callers_decode_once(tmp_path, monkeypatch):
     assert all(child.exitcode == 0 for child in children)
     assert outcomes[0] == outcomes[1] and len(list((tmp_path / "cache").glob("*.npy"))) == 1
     assert len(log.read_text().splitlines()) == len(index.paths)  # decoded once, not once per caller
+
+
+def test_training_and_evaluation_use_the_cache_geometry(tmp_path, monkeypatch):
+    cub_tree(tmp_path / "data", classes=8, per_class=4)  # 32×24 (w×h) images
+    for i, path in enumerate(sorted((tmp_path / "data").rglob("*.jpg"))[::3]):  # and portrait or very wide ones
+        noise(path, [(20, 40), (60, 20)][i % 2], seed=i)
+    dataset = {"name": "cub200", "root": str(tmp_path / "data"), "image_size": 20, "cache_dir": str(tmp_path / "c")}
+    train = {**TINY_STUDY["train"], "batch_size": 8, "crop_size": 16, "eval_batch_size": 5}
+    study = load_study(write_study(tmp_path, dataset={**dataset, "val_fraction": 0.5}, train=train))
+    data = prepare_data(study)
+    assert data.inputs.shape == (32, 3, 20, 40)  # 32×24 → 26 px wide; 20×40 → 40 (transposed); 60×20 → 60, cut to 40
+    assert set(data.widths.tolist()) == {26, 40} and 0 < data.transposed.sum() < 32
+    assert data.geometry([3, 1])["widths"].tolist() == data.widths[[3, 1]].tolist()
+
+    idx = np.arange(32)[::-1].copy()  # any order, several evaluation batches: each gets its own rows' geometry
+    model = build_model(study, study.seed).eval()
+    with torch.no_grad():
+        expected = model(eval_transform(torch.from_numpy(data.inputs[idx]), 16, **data.geometry(idx)))
+    torch.testing.assert_close(
+        torch.from_numpy(embed(model, data, data.inputs, idx, study.train, torch.device("cpu"))), expected
+    )
+
+    calls, transform = [], train_module.train_transform
+
+    def checked_transform(x, generator, **kwargs):  # the batch's geometry is its rows' own: zeros right of w_i
+        widths = kwargs["widths"].tolist()
+        calls.append(all((row[..., w:] == 0).all() and row[..., w - 1].any() for row, w in zip(x, widths, strict=True)))
+        return transform(x, generator, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_transform", checked_transform)
+    learner = Learner(study, "multi_similarity", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
+    assert np.isfinite(learner.train_epoch(1, data.inputs)) and calls and all(calls)
+
+    features = study.model_copy(update={"train": study.train.model_copy(update={"mode": "features"})})
+    cached = prepare_data(features)  # the frozen trunk's features: the same evaluation transform
+    trunk = build_model(features, features.seed).eval()
+    everything = np.arange(32)
+    with torch.no_grad():
+        expected = trunk.features(
+            eval_transform(torch.from_numpy(np.array(data.inputs)), 16, **data.geometry(everything))
+        )
+    torch.testing.assert_close(torch.from_numpy(np.array(cached.inputs)), expected, rtol=1e-5, atol=1e-5)

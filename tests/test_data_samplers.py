@@ -1,4 +1,4 @@
-"""m-per-class batches."""
+"""m-per-class batches and random batches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from study.data.samplers import MPerClassSampler
+from study.data.samplers import MPerClassSampler, RandomBatchSampler
 
 
 def test_every_batch_has_batch_size_over_m_classes_with_m_each():
@@ -38,3 +38,16 @@ def test_sampler_errors():
         MPerClassSampler(np.arange(10), 4, 18, 0)
     with pytest.raises(ValueError, match="needs 4 classes but the data has 3"):
         MPerClassSampler(np.repeat(np.arange(3), 5), 4, 16, 0)
+
+
+def test_random_batches_cover_a_fresh_permutation_each_epoch():
+    sampler = RandomBatchSampler(num_samples=50, batch_size=16, seed=3)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 3 and all(len(b) == 16 for b in first)
+    flat = [i for b in first for i in b]
+    assert len(set(flat)) == 48 and set(flat) <= set(range(50))  # without replacement, last partial batch dropped
+    assert list(sampler) == first  # deterministic for (seed, epoch)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    with pytest.raises(ValueError, match="a batch needs 16 samples but the data has 8"):
+        RandomBatchSampler(num_samples=8, batch_size=16, seed=0)

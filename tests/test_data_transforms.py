@@ -11,7 +11,15 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from study.data.transforms import crop_and_resize, eval_transform, normalize, sample_crop_boxes, train_transform
+from study.data.transforms import (
+    MEAN,
+    STD,
+    crop_and_resize,
+    eval_transform,
+    normalize,
+    sample_crop_boxes,
+    train_transform,
+)
 
 SCALE, RATIO = (0.16, 1.0), (3 / 4, 4 / 3)
 
@@ -131,3 +139,109 @@ def test_train_crop_on_the_gpu_matches_the_cpu():
     cpu = train_transform(images, torch.Generator().manual_seed(0), crop=224)
     gpu = train_transform(images.cuda(), torch.Generator().manual_seed(0), crop=224)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
+
+
+# The image cache's geometry: image i is its valid region H × widths[i] (columns [0, w_i), padding after), stored
+# transposed where ``transposed[i]`` (a portrait image, its longer side along the columns).
+
+SENTINEL = 255  # the padding in these tests; the valid pixels stay below it
+
+
+def _padded(h: int, widths: list[int], w: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (B, 3, h, w): random pixels in [0, 200] in columns [0, w_i), SENTINEL after."""
+    images = torch.randint(
+        0, 201, (len(widths), 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    for image, width in zip(images, widths, strict=True):
+        image[..., width:] = SENTINEL
+    return images
+
+
+def _pixels(normalised: torch.Tensor) -> torch.Tensor:
+    """normalize's inverse: back to the 0–255 scale."""
+    return (normalised * STD + MEAN) * 255
+
+
+@pytest.mark.parametrize("scale", [SCALE, (0.9, 1.0), (2.0, 3.0)])  # the last: every box is the central fallback
+def test_training_crops_never_read_padding(scale):
+    widths = [32, 40, 64, 50, 33, 64, 45, 32] * 25
+    transposed = torch.tensor([False, True, False, True, True, False, False, True] * 25)
+    images = _padded(32, widths, 64)
+    geometry = {"widths": torch.tensor(widths), "transposed": transposed}
+    out = train_transform(images, torch.Generator().manual_seed(0), crop=16, scale=scale, **geometry)
+    assert out.shape == (200, 3, 16, 16)
+    assert _pixels(out).max() < 200.5  # bilinear mixes of valid pixels only: the sentinel never leaks in
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 64), (64, 32), (40, 41)])
+def test_per_image_sizes_give_the_same_boxes_as_one_size(height, width):
+    one = sample_crop_boxes(500, height, width, torch.Generator().manual_seed(0), SCALE, RATIO)
+    heights, widths = torch.full((500,), height), torch.full((500,), width)
+    assert torch.equal(one, sample_crop_boxes(500, heights, widths, torch.Generator().manual_seed(0), SCALE, RATIO))
+
+
+def test_per_image_boxes_fit_their_own_image_and_fall_back_like_torchvision():
+    heights, widths = torch.tensor([256, 100, 300, 120] * 500), torch.tensor([256, 300, 100, 150] * 500)
+    boxes = sample_crop_boxes(2000, heights, widths, torch.Generator().manual_seed(0), SCALE, RATIO)
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= heights).all() and (left + w <= widths).all()
+    impossible = (2.0, 3.0)
+    boxes = sample_crop_boxes(4, heights[:4], widths[:4], torch.Generator().manual_seed(0), impossible, RATIO)
+    expected = [
+        list(RandomResizedCrop.get_params(torch.empty(3, hh, ww), list(impossible), list(RATIO)))
+        for hh, ww in zip(heights[:4].tolist(), widths[:4].tolist(), strict=True)
+    ]
+    assert boxes.tolist() == expected
+
+
+def test_a_transposed_images_crop_is_the_crop_of_the_untransposed_image():
+    original = _images(2, 48, 32).float()  # portrait
+    stored = original.transpose(-1, -2)  # 32 × 48, as the cache keeps it
+    box = torch.tensor([[5, 3, 30, 20], [0, 0, 48, 32]])  # (top, left, height, width) on the original
+    flips = torch.tensor([True, False])
+    expected = crop_and_resize(original, box, 16, flips)
+    out = crop_and_resize(stored, box[:, [1, 0, 3, 2]], 16, flips, transposed=torch.tensor([True, True]))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-3)
+    # the whole transform: boxes drawn on the original image, the same draws, so the same crops
+    portrait = _images(64, 48, 32)
+    cached = torch.cat([portrait.transpose(-1, -2), torch.zeros(64, 3, 32, 8, dtype=torch.uint8)], dim=-1)  # padded
+    geometry = {"widths": torch.full((64,), 48), "transposed": torch.ones(64, dtype=torch.bool)}
+    ours = train_transform(cached, torch.Generator().manual_seed(5), crop=16, **geometry)
+    theirs = train_transform(portrait, torch.Generator().manual_seed(5), crop=16)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_eval_crop_is_centred_in_each_valid_region_and_transposed_back():
+    widths, transposed = [32, 40, 64, 41], torch.tensor([False, True, False, True])
+    images = _padded(32, widths, 64)
+    out = eval_transform(images, 24, torch.tensor(widths), transposed)
+    assert out.shape == (4, 3, 24, 24) and _pixels(out).max() < 200.5
+    for o, image, width, t in zip(out, images, widths, transposed, strict=True):
+        expected = TF.center_crop(image[..., :width], [24, 24])
+        expected = expected.transpose(-1, -2) if t else expected
+        torch.testing.assert_close(o, normalize(expected[None])[0], rtol=0, atol=0)
+    # the geometry of a full, untransposed batch changes nothing
+    full = eval_transform(images, 24, torch.full((4,), 64), torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(full, eval_transform(images, 24), rtol=0, atol=0)
+
+
+def test_geometry_errors():
+    images = _images(2, 32, 64)
+    with pytest.raises(ValueError, match="valid widths must be between 1 and the images' width 64"):
+        eval_transform(images, 16, torch.tensor([32, 65]))
+    with pytest.raises(ValueError, match="crop 33 must be between 1 and the image size 32×32"):
+        eval_transform(images, 33, torch.tensor([32, 64]))
+    with pytest.raises(ValueError, match="valid widths"):
+        train_transform(images, torch.Generator(), crop=16, widths=torch.tensor([0, 64]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_geometry_on_the_gpu_matches_the_cpu():
+    widths, transposed = torch.tensor([256, 300, 384, 512] * 4), torch.tensor([False, True, True, False] * 4)
+    images = _padded(256, widths.tolist(), 512)
+    geometry = {"widths": widths, "transposed": transposed}
+    cpu = train_transform(images, torch.Generator().manual_seed(0), crop=224, **geometry)
+    gpu = train_transform(images.cuda(), torch.Generator().manual_seed(0), crop=224, **geometry)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
+    expected = eval_transform(images, 224, **geometry)
+    torch.testing.assert_close(eval_transform(images.cuda(), 224, **geometry).cpu(), expected)

@@ -5,6 +5,8 @@ tested once on the test classes) with its concatenated-embedding ensembles and m
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,7 +49,7 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
                  "cache_dir": str(workdir / "cache")},
         train={"epochs": 2, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
         search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2},
-        final={"seeds": 2},
+        final={"seeds": 2, "train_on": "folds"},
     )  # fmt: skip
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
@@ -85,7 +87,7 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
 
     final = pd.read_csv(study_dir / "final.csv")
     ms = final.set_index("loss").loc["multi_similarity"]
-    assert (ms.seeds, ms.runs) == (2, 6)
+    assert (ms.seeds, ms.runs, ms.protocol) == (2, 6, "folds")
     per_seed = [
         np.mean([r.data.metrics["map_at_r"] for r in finals if f"/s{s}-" in r.data.tags[TAG_TRIAL]]) for s in (1, 2)
     ]
@@ -93,7 +95,34 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     assert np.isclose(ms.map_at_r_ci, 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2), rtol=1e-3)
     assert "multi_similarity (ensemble)" in set(final["loss"]) and "untrained" in set(final["loss"])
     assert " ± " in (study_dir / "results.md").read_text()
+    assert "one model per validation fold" in (study_dir / "results.md").read_text()
     assert not (study_dir / "checkpoints").exists() or not any((study_dir / "checkpoints").rglob("*.pt"))
+
+
+def test_the_final_stage_trains_each_seed_on_every_training_class_by_default(workdir, ray_instance):
+    """final.train_on: all (the papers' protocol): with validation folds for the search, each final run
+    still trains on all 6 training classes — one run per seed, no fold, no ensemble."""
+    cub_tree(workdir / "data", classes=12)
+    path = write_study(
+        workdir,
+        dataset={"name": "cub200", "root": str(workdir / "data"), "folds": 3, "image_size": 20,
+                 "cache_dir": str(workdir / "cache")},
+        train={"epochs": 1, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
+        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 1},
+        final={"seeds": 2},
+    )  # fmt: skip
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`dml_study.role` = 'trial'")
+    finals = [r for r in runs if r.data.tags[TAG_STAGE] == "final"]
+    assert sorted(r.data.tags[TAG_TRIAL] for r in finals) == ["multi_similarity/final/s1", "multi_similarity/final/s2"]
+    assert not [r for r in runs if r.data.tags[TAG_STAGE] == "ensemble"]
+    config = json.loads(Path(client.download_artifacts(finals[0].info.run_id, "config.json", str(workdir))).read_text())
+    assert config["train"]["epochs"] == 1 and "fold" not in finals[0].data.params and config.get("fold") is None
+    final = pd.read_csv(workdir / "runs" / "tiny" / "final.csv").set_index("loss").loc["multi_similarity"]
+    assert (final.seeds, final.runs, final.protocol) == (2, 2, "all classes")
+    assert "each seed trained on every training class" in (workdir / "runs" / "tiny" / "results.md").read_text()
 
 
 def test_an_unreadable_image_stops_the_study_naming_it(workdir, ray_instance):

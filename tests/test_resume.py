@@ -181,7 +181,7 @@ def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
         dataset={"name": "synthetic", "options": DATASET["options"], "folds": 2},
         train={**TINY_STUDY["train"], "epochs": 2},
         search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 1},
-        final={"seeds": 2, "epochs": final_epochs},
+        final={"seeds": 2, "epochs": final_epochs, "train_on": "folds"},
     )
     driver = _start(workdir, "run", str(path))
     _wait_for(lambda: _final_checkpoints(workdir), "a final-stage checkpoint", timeout=300)
@@ -211,7 +211,9 @@ def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
             assert before.get(key, []) == epochs[: len(before.get(key, []))]  # the killed driver's epochs kept
             assert _epochs(run, "recall_at_1") == [final_epochs], key  # tested once, after the last epoch
             assert "embeddings.npz" in {a.path for a in client.list_artifacts(run.info.run_id)}
-            logged = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(workdir))).read_text())
+            logged = json.loads(
+                Path(client.download_artifacts(run.info.run_id, "config.json", str(workdir))).read_text()
+            )
             assert logged["train"]["epochs"] == final_epochs, key  # the run's own settings, not the search's
     assert {k for k in keys if "/ensemble/" in k} == {"multi_similarity/ensemble/s1", "multi_similarity/ensemble/s2"}
     assert not _final_checkpoints(workdir)

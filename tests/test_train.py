@@ -11,15 +11,16 @@ import torch
 
 from study import metrics
 from study.config import load_study, search_spaces
+from study.data.samplers import RandomBatchSampler
 from study.data.transforms import eval_transform
 from study.losses import LOSSES, MultiSimilarityLoss
-from study.search_space import load_search_space
 from study.storage import Storage
 from study.train import (
     Learner,
     NonFiniteLossError,
     build_model,
     evaluate_untrained,
+    lr_factor,
     prepare_data,
     run_final,
     run_trial,
@@ -58,14 +59,16 @@ def test_trial_is_deterministic_and_reports_each_epoch(study, data):
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """The embedded dataset at its default size with the quickstart's training settings."""
-    study = load_study(REPO / "search_spaces" / "quickstart.yaml", ["train.epochs=2", f"search.losses={list(LOSSES)}"])
+    """The embedded dataset at its default size with the quickstart's training settings (3 epochs)."""
+    study = load_study(REPO / "search_spaces" / "quickstart.yaml", [f"search.losses={list(LOSSES)}"])
     return study, prepare_data(study)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_two_epochs_of_every_loss_beat_the_untrained_network(quickstart, loss):
-    """Each loss with its search space's defaults (paper values, e.g. proxies at lr × 100), at the study's lr."""
+def test_every_loss_beats_the_untrained_network_in_the_quickstarts_budget(quickstart, loss):
+    """Each loss with its search space's defaults (paper values, e.g. proxies at lr × 100), at the study's
+    lr — one lr for every loss. (PDDM, the slowest starter, measured here: R@1 0.275 after 3 epochs,
+    0.239 after 2, against 0.1875 untrained.)"""
     study, data = quickstart
     space = search_spaces(study)[loss]
     loss_kwargs, overrides = space.split(space.defaults())
@@ -175,6 +178,36 @@ def test_warmup_epochs_keep_the_trunk_frozen(study, data):
     assert not torch.equal(learner.model.head.weight, head)
     learner.train_epoch(2, data.inputs)
     assert any(not torch.equal(learner.model.trunk.state_dict()[k], v) for k, v in trunk.items())
+
+
+def test_lr_factor_follows_the_schedule_with_a_linear_warm_up(study):
+    step = study.train.model_copy(update={"epochs": 30, "schedule": "step", "lr_step_epochs": 10, "lr_gamma": 0.5})
+    assert [lr_factor(step, t) for t in (0.0, 9.99, 10.0, 25.5)] == [1.0, 1.0, 0.5, 0.25]
+    cosine = step.model_copy(update={"schedule": "cosine", "lr_warmup_epochs": 2})
+    assert lr_factor(cosine, 0.0) == pytest.approx(5e-4) and lr_factor(cosine, 1.0) == pytest.approx(0.5005)
+    assert lr_factor(cosine, 2.0) == 1.0 and lr_factor(cosine, 16.0) == pytest.approx(0.5)
+    assert lr_factor(cosine, 29.99) < 1e-3
+    assert lr_factor(step.model_copy(update={"schedule": "constant"}), 29.0) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("recipe", "optimizer", "expected"),
+    [
+        ({"optimizer": "adam", "eps": 0.01}, torch.optim.Adam, {"eps": 0.01, "betas": (0.9, 0.999)}),
+        ({"optimizer": "adamw", "betas": (0.8, 0.99)}, torch.optim.AdamW, {"eps": 1e-8, "betas": (0.8, 0.99)}),
+        ({"optimizer": "sgd", "momentum": 0.5}, torch.optim.SGD, {"momentum": 0.5}),
+    ],
+)
+def test_the_recipe_chooses_optimizer_schedule_and_sampler(study, data, recipe, optimizer, expected):
+    """SoftTriple's Adam (eps 0.01) with random batches, step decay on both groups alike (centers at lr × 100)."""
+    update = {"lr": 1e-3, "loss_lr_mult": 100.0, "schedule": "step", "lr_step_epochs": 1, "lr_gamma": 0.5}
+    train = study.train.model_copy(update=update | {"sampler": "random"} | recipe)
+    learner = Learner(study, "soft_triple", {}, train, data, data.folds[0][0], 0, torch.device("cpu"))
+    assert type(learner.optimizer) is optimizer and isinstance(learner.sampler, RandomBatchSampler)
+    for key, value in expected.items():
+        assert all(group[key] == value for group in learner.optimizer.param_groups)
+    learner.train_epoch(3, data.inputs)  # epoch 3: two decays
+    assert [g["lr"] for g in learner.optimizer.param_groups] == pytest.approx([0.25e-3, 0.025])
 
 
 def test_feature_mode_computes_an_image_datasets_features_once_on_disk(tmp_path):

@@ -26,11 +26,15 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dml-study"
 
 @dataclass(frozen=True)
 class Dataset:
-    images: torch.Tensor | np.ndarray  # uint8 (N, 3, S, S); a read-only memory map for image datasets
+    images: torch.Tensor | np.ndarray  # uint8 (N, 3, S, W); a read-only memory map for image datasets
     labels: np.ndarray  # int64 class ids (N,)
     split: np.ndarray  # "train" | "test" (N,), the official split
     is_query: np.ndarray | None = None  # query/gallery protocols (In-Shop): masks over all N
     is_gallery: np.ndarray | None = None
+    # image datasets: each image's valid width (columns [0, w_i)) and whether it is stored transposed
+    # (see study.data.images.ImageCache); None for synthetic data (square, the whole array)
+    widths: np.ndarray | None = None
+    transposed: np.ndarray | None = None
 
 
 def dataset_options(name: str) -> list[str]:
@@ -49,10 +53,17 @@ def index_dataset(name: str, root: str | Path | None, **options) -> ImageIndex:
 
 
 def create_dataset(
-    name: str, root: str | Path | None = None, *, decode_size: int = 256, cache_dir: Path | None = None, **options
+    name: str,
+    root: str | Path | None = None,
+    *,
+    decode_size: int = 256,
+    cache_dir: Path | None = None,
+    max_aspect: float = 2.0,
+    **options,
 ) -> Dataset:
-    """Build dataset ``name``. Image datasets are decoded once to ``decode_size`` px (shorter side
-    resized, center crop) into ``cache_dir``. Unknown names and options raise ValueError."""
+    """Build dataset ``name``. Image datasets are decoded once into ``cache_dir``: shorter side resized to
+    ``decode_size`` px, aspect kept up to ``max_aspect`` (:func:`~study.data.images.load_images`). Unknown
+    names and options raise ValueError."""
     allowed = dataset_options(name)
     unknown = [key for key in options if key not in allowed]
     if unknown:
@@ -61,5 +72,7 @@ def create_dataset(
         images, labels, _ = make_synthetic(root, **options)
         return Dataset(images, labels, first_half_split(labels))
     index = index_dataset(name, root, **options)
-    images = load_images(index, decode_size, Path(cache_dir or DEFAULT_CACHE))
-    return Dataset(images, index.labels, index.split, index.is_query, index.is_gallery)
+    cache = load_images(index, decode_size, Path(cache_dir or DEFAULT_CACHE), max_aspect=max_aspect)
+    return Dataset(
+        cache.pixels, index.labels, index.split, index.is_query, index.is_gallery, cache.widths, cache.transposed
+    )
