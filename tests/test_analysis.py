@@ -30,11 +30,14 @@ def test_best_complete_trial_per_loss_and_baseline_row():
     )
     runs.loc[1, "effective_centers"] = 3.25  # reported by the loss of the best ms trial
     runs.loc[0, "effective_centers"] = 9.0
+    runs["lr"], runs["loss_lr"] = 1e-3, [1e-3, 2e-3, 1e-3, 1e-3, 1e-3, np.nan]  # the trials' effective lrs
     table = comparison_table(runs, "map_at_r")
     assert list(table["loss"]) == ["ms", "ns", "untrained"]
     ms = table.iloc[0]
     assert (ms.trials, ms.complete, ms.pruned, ms.failed) == (4, 2, 1, 1)
     assert ms.map_at_r == 0.50 and ms.hyperparameters == "alpha=3.25"
+    assert (ms.lr, ms.loss_lr) == (1e-3, 2e-3)  # the best trial's, shown in every table
+    assert formatted(table).loc[0, "loss_lr"] == "0.002"
     assert ms["loss metrics"] == "effective_centers=3.25"
     assert table.iloc[1].hyperparameters == "temperature=0.05" and table.iloc[1]["loss metrics"] == ""
     assert table.iloc[2].map_at_r == 0.05
@@ -72,6 +75,7 @@ def test_final_table_mean_ci_significance_and_cost():
     table = final_table(pd.DataFrame(rows), "map_at_r").set_index("loss")
     ms, ns = table.loc["ms"], table.loc["ns"]
     assert (ms.seeds, ms.runs, ns.seeds, ns.runs) == (3, 3, 3, 6)
+    assert (ms.protocol, ns.protocol, table.loc["ns (ensemble)"].protocol) == ("all classes", "folds", "folds")
     assert ms.map_at_r == pytest.approx(0.52) and ns.map_at_r == pytest.approx(0.30)
     assert ms.map_at_r_ci == pytest.approx(stats.t.ppf(0.975, 2) * np.std(best, ddof=1) / np.sqrt(3))
     assert np.isnan(ms.p_vs_best)  # the best itself
