@@ -1,4 +1,4 @@
-"""Retrieval and clustering metrics on L2-normalised embeddings, with faiss (DESIGN.md §6).
+"""Retrieval and clustering metrics on L2-normalised embeddings, with faiss.
 
 Every sample is a query against all others; self is excluded by index (never by a
 similarity threshold); similarity is the inner product, i.e. cosine similarity,

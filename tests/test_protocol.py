@@ -40,19 +40,23 @@ def cub_tree(root, classes: int = 12, per_class: int = 6, seed: int = 0) -> None
     (top / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
 
 
-def test_folds_final_stage_and_ensemble(workdir, ray_instance):
-    # 12 classes: 1–6 train (3 folds of 2 validation classes), 101–106 test
+def _run_folds_study(workdir, epochs: int, trials: int, final: dict) -> None:
+    """MS on a CUB-layout tree of 12 classes: 1–6 train (3 folds of 2 validation classes), 101–106 test."""
     cub_tree(workdir / "data", classes=12)
     path = write_study(
         workdir,
         dataset={"name": "cub200", "root": str(workdir / "data"), "folds": 3, "image_size": 20,
                  "cache_dir": str(workdir / "cache")},
-        train={"epochs": 2, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
-        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2},
-        final={"seeds": 2, "train_on": "folds"},
+        train={"epochs": epochs, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
+        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": trials},
+        final=final,
     )  # fmt: skip
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
+
+
+def test_folds_final_stage_and_ensemble(workdir, ray_instance):
+    _run_folds_study(workdir, epochs=2, trials=2, final={"seeds": 2, "train_on": "folds"})
     assert len(list((workdir / "cache").glob("*.npy"))) == 1  # decoded once for every trial
 
     client = MlflowClient()
@@ -102,17 +106,7 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
 def test_the_final_stage_trains_each_seed_on_every_training_class_by_default(workdir, ray_instance):
     """final.train_on: all (the papers' protocol): with validation folds for the search, each final run
     still trains on all 6 training classes — one run per seed, no fold, no ensemble."""
-    cub_tree(workdir / "data", classes=12)
-    path = write_study(
-        workdir,
-        dataset={"name": "cub200", "root": str(workdir / "data"), "folds": 3, "image_size": 20,
-                 "cache_dir": str(workdir / "cache")},
-        train={"epochs": 1, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
-        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 1},
-        final={"seeds": 2},
-    )  # fmt: skip
-    result = runner.invoke(app, ["run", str(path)])
-    assert result.exit_code == 0, result.output
+    _run_folds_study(workdir, epochs=1, trials=1, final={"seeds": 2})
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`dml_study.role` = 'trial'")
     finals = [r for r in runs if r.data.tags[TAG_STAGE] == "final"]

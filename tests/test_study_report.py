@@ -108,7 +108,8 @@ def test_load_runs_and_history_are_tidy(study):
     assert (runs["gpu_hours"] == 0).all() and (runs["mode"] == "finetune").all()
     assert {"param.alpha", "param.seed", "recall_at_1", "map_at_r"} <= set(runs.columns)
     trained = runs[runs["stage"] != "baseline"]  # every loss trained at the study's lr (1e-3), none searched it
-    assert (trained["lr"] == 1e-3).all() and (trained.loc[trained["loss"] == "multi_similarity", "loss_lr"] == 1e-3).all()
+    assert (trained["lr"] == 1e-3).all()
+    assert (trained.loc[trained["loss"] == "multi_similarity", "loss_lr"] == 1e-3).all()
     history = load_history(runs, uri)
     client = MlflowClient(uri)
     one = runs[runs["state"] == "COMPLETE"].iloc[0]

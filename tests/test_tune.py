@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from study.cli import app
-from study.tracking import TAG_ERROR, TAG_STATE
+from study.tracking import TAG_ERROR, TAG_LOSS_LR, TAG_LR, TAG_STATE
 from study.tune import trial_state
 from tests.conftest import TINY_STUDY, write_study
 
@@ -29,7 +29,7 @@ def test_trial_state():
 
 
 def test_study_end_to_end(workdir, ray_instance):
-    # normalized_softmax gets an absurd learning rate in its own space: its trials diverge
+    # normalized_softmax's class weights get an absurd lr multiplier in its space: its trials diverge
     # to a non-finite loss, must be FAIL in Optuna and FAILED in MLflow, and the study goes on.
     spaces = workdir / "spaces"
     spaces.mkdir()
@@ -43,7 +43,7 @@ def test_study_end_to_end(workdir, ray_instance):
         },
         "normalized_softmax": {
             "loss": "normalized_softmax",
-            "train": {"lr": {"type": "float", "low": 1e30, "high": 1e30, "default": 1e30}},
+            "train": {"loss_lr_mult": {"type": "float", "low": 1e30, "high": 1e30, "default": 1e30}},
         },
     }.items():
         (spaces / f"{name}.yaml").write_text(yaml.safe_dump(text))
@@ -99,7 +99,8 @@ def test_study_end_to_end(workdir, ray_instance):
         }
         assert resolved["train"]["epochs"] == 2 and resolved["model"]["backbone"] == "test_resnet"
     for run in by_loss["normalized_softmax"]:
-        assert float(run.data.params["lr"]) == 1e30
+        assert float(run.data.params["loss_lr_mult"]) == 1e30
+        assert (run.data.tags[TAG_LR], float(run.data.tags[TAG_LOSS_LR])) == ("0.001", 1e27)  # effective lrs
     for run in by_loss["multi_similarity"]:  # per-epoch history for every epoch the trial ran
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "map_at_r")]
         expected = 2 if run.data.tags[TAG_STATE] == "COMPLETE" else 1

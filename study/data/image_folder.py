@@ -1,7 +1,7 @@
 """Any image dataset stored as one folder per class (the torchvision ImageFolder layout).
 
-Either ``root/<class>/…`` (classes sorted by folder name: first half train, second half test, as
-in DESIGN.md §8) or ``root/train/<class>/…`` and ``root/test/<class>/…`` when ``root`` holds
+Either ``root/<class>/…`` (classes sorted by folder name: first half train, second half test, the
+DML convention) or ``root/train/<class>/…`` and ``root/test/<class>/…`` when ``root`` holds
 exactly those two folders. Labels number the classes 0.. in sorted order, training classes first.
 """
 

@@ -2,7 +2,7 @@
 
 Columns: ``path`` (relative to the manifest's folder, or absolute) and ``label`` (any values:
 numbered 0.. in sorted order); optional ``split`` ("train"/"test"; without it, the first half of
-the sorted classes is train, the second half test, as in DESIGN.md §8) and optional ``is_query``
+the sorted classes is train, the second half test, the DML convention) and optional ``is_query``
 and ``is_gallery`` (both or neither; true/false or 1/0) for query/gallery protocols.
 """
 

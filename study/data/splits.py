@@ -1,4 +1,4 @@
-"""Class-disjoint splits (DESIGN.md §8): the official train/test split, validation classes carved
+"""Class-disjoint splits: the official train/test split, validation classes carved
 out of the training classes.
 
 Hyperparameters are chosen on validation classes only; test classes are never seen during the

@@ -18,7 +18,7 @@ from study.losses.pairs import check_positive, log1p_sum_exp, pair_masks
 class MultiSimilarityLoss(nn.Module):
     """Multi-Similarity loss with its ε-mining, vectorised over the B×B similarity matrix.
 
-    Embeddings must arrive L2-normalised (the model head does it, DESIGN.md §5); S = x·xᵀ
+    Embeddings must arrive L2-normalised (the model head does it, and only it); S = x·xᵀ
     is used as the cosine similarity and they are *not* normalised again here.
 
     Mining, per anchor i over the un-mined sets (self excluded by index, not by a
@@ -71,10 +71,10 @@ class MultiSimilarityLoss(nn.Module):
         """Boolean B×B masks (kept positives, kept negatives) for the similarity matrix ``sim``."""
         sim = sim.detach()
         pos, neg = pair_masks(sim, labels, self.positive)
-        # the similarity negatives are mined against: the least similar positive, or the easy one
-        ref_pos = sim.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
         if not self.mining:
             return pos, neg
+        # the similarity negatives are mined against: the least similar positive, or the easy one
+        ref_pos = sim.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
         if self.positive == "easy":  # the easy positive replaces MS's positive mining, never meets it
             return pos, neg & (sim + self.epsilon > ref_pos)
         max_neg = sim.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)

@@ -8,9 +8,8 @@ normalisation, every layer has a bias):
     u' = ReLU(W_u N(u)),  v' = ReLU(W_v N(v)),
     c = ReLU(W_c [N(u'); N(v')]),  S = W_s c.
 
-u and v are normalised before their layers (their scale says only how far apart or how long
-the pair is, which the unit should not confuse with the direction of the difference), and u',
-v' before they are concatenated, so that neither half dominates c.
+The order follows Eq. 2: u and v are L2-normalised before their layers, u' and v' before
+they are concatenated (so that neither half dominates c).
 
 A hard quadruplet is mined with S itself: (î, ĵ) the least similar positive pair, k̂ the
 most similar negative of î, l̂ of ĵ. The double-header hinge loss is

@@ -1,6 +1,6 @@
 """The embedding network: a timm trunk, a linear embedding head, L2 normalisation.
 
-Embeddings are L2-normalised here and only here (DESIGN.md §5): losses and
+Embeddings are L2-normalised here and only here: losses and
 metrics receive unit vectors and never normalise again.
 
 The trunk is any timm model. The backbones of the papers studied here:
