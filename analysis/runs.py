@@ -44,7 +44,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
 
     Columns: ``study``, ``dataset``, ``objective``, ``mode`` (finetune / features), ``run_id``,
     ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state``, ``wall_seconds``, ``lr`` and
-    ``loss_lr`` (the learning rates it trained with: backbone and the loss's own parameters),
+    ``loss_lr`` (the learning rates it trained with: backbone and the loss's own parameters, NaN for a loss
+    without parameters),
     ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
     value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them).
     """

@@ -33,7 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 from study import metrics
 from study.config import StudyConfig, TrainConfig, search_spaces
 from study.data.images import UnreadableImageError
-from study.losses import loss_hyperparameters
+from study.losses import has_parameters, loss_hyperparameters
 from study.search_space import SearchSpace
 from study.storage import Storage
 from study.tracking import TAG_LOSS_LR, TAG_LR, TAG_STATE, StudyTracker, resolve_tracking_uri
@@ -126,7 +126,9 @@ class TrackingCallback(tune.Callback):
             params |= {k: v for k, v in final.items() if v is not None}
             resolved |= final
         name = self._key(trial).replace("/", "-")
-        lrs = {TAG_LR: str(train.lr), TAG_LOSS_LR: str(train.lr * train.loss_lr_mult)}
+        lrs = {TAG_LR: str(train.lr)}
+        if has_parameters(self.loss):
+            lrs[TAG_LOSS_LR] = str(train.lr * train.loss_lr_mult)
         stage = "final" if final else "search"
         self.tracker.start_trial(self._key(trial), self.loss, stage, params, name, resolved, tags=lrs)
 

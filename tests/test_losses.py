@@ -12,7 +12,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from study.config import LOSS_SEARCHABLE_TRAIN
-from study.losses import LOSSES, create_loss, loss_hyperparameters
+from study.losses import LOSSES, create_loss, has_parameters, loss_hyperparameters
 from study.search_space import load_search_space
 from tests.conftest import REPO, assert_matches_pml, assert_same_value_and_grads, unit
 
@@ -58,6 +58,12 @@ def test_constructor_convention(name):
     assert rest and all(p.kind is p.KEYWORD_ONLY for p in rest), "hyperparameters: keyword-only"
     assert all(p.default is not p.empty for p in rest), "every hyperparameter needs a default"
     assert loss_hyperparameters(name) == {p.name: p.default for p in rest}
+
+
+def test_losses_with_parameters_of_their_own():
+    """These train at lr × loss_lr_mult; the others have no parameter group of their own."""
+    with_parameters = {name for name in LOSSES if has_parameters(name)}
+    assert with_parameters == {"margin", "normalized_softmax", "pddm", "proxy_anchor", "proxy_nca", "soft_triple"}
 
 
 def test_unknown_loss_lists_valid_names():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -109,7 +110,9 @@ def test_load_runs_and_history_are_tidy(study):
     assert {"param.alpha", "param.seed", "recall_at_1", "map_at_r"} <= set(runs.columns)
     trained = runs[runs["stage"] != "baseline"]  # every loss trained at the study's lr (1e-3), none searched it
     assert (trained["lr"] == 1e-3).all()
-    assert (trained.loc[trained["loss"] == "multi_similarity", "loss_lr"] == 1e-3).all()
+    assert trained.loc[trained["loss"] == "multi_similarity", "loss_lr"].isna().all()  # MS has no parameters
+    ns = trained[trained["loss"] == "normalized_softmax"]  # its class weights: lr × the searched multiplier
+    assert np.allclose(ns["loss_lr"], 1e-3 * ns["param.loss_lr_mult"].astype(float))
     history = load_history(runs, uri)
     client = MlflowClient(uri)
     one = runs[runs["state"] == "COMPLETE"].iloc[0]

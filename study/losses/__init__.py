@@ -53,6 +53,7 @@ __all__ = [
     "SoftTripleLoss",
     "TripletLoss",
     "create_loss",
+    "has_parameters",
     "loss_hyperparameters",
 ]
 
@@ -67,6 +68,12 @@ def loss_hyperparameters(name: str) -> dict[str, Any]:
     """The searchable hyperparameters of loss ``name`` and their defaults, in signature order."""
     params = inspect.signature(_loss_class(name)).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def has_parameters(name: str) -> bool:
+    """Whether loss ``name`` learns parameters of its own (proxies, centers, a unit): they train at
+    ``lr × loss_lr_mult``."""
+    return any(p.requires_grad for p in create_loss(name, 2, 4).parameters())
 
 
 def create_loss(name: str, num_classes: int, embedding_dim: int, **hparams: Any) -> nn.Module:
