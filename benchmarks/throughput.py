@@ -197,8 +197,16 @@ def main(argv: list[str] | None = None) -> None:
         paths = [Path(tmp, f"{i:06d}.jpg") for i in range(n)]
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             list(pool.map(write_jpeg, paths, range(n)))
-        images = load_images(ImageIndex(paths, labels, np.full(n, "train")), args.image_size, Path(tmp, "cache"))
-        data = PreparedData(inputs=images, labels=labels, folds=[], trainval=np.arange(n), test=np.arange(0))
+        cache = load_images(ImageIndex(paths, labels, np.full(n, "train")), args.image_size, Path(tmp, "cache"))
+        data = PreparedData(
+            inputs=cache.pixels,
+            labels=labels,
+            folds=[],
+            trainval=np.arange(n),
+            test=np.arange(0),
+            widths=cache.widths,
+            transposed=cache.transposed,
+        )
 
         def learner() -> Learner:
             return Learner(study, args.loss, {}, study.train, data, data.trainval, args.seed, device)

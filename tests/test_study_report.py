@@ -59,6 +59,7 @@ def test_report_renders_in_chromium_with_every_table_and_image(study):
     assert shown["body_rows"][0] == len(final) and shown["body_rows"][4] == len(claims)
     best = final.iloc[0]
     assert f"{best.map_at_r:.4f} ± {best.map_at_r_ci:.4f}" in page  # the numbers are the study's
+    assert "each seed trained on every training class" in page and "all classes" in page  # the protocol used
     for name in ("recall_at_k", "optimization_history", "learning_curves", "embeddings_pca"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0 and (out / "figures" / f"{name}.svg").exists()
     for table in ("results", "final", "importance", "sensitivity", "claims"):
