@@ -124,8 +124,8 @@ def prepare_data(study: StudyConfig) -> PreparedData:
         widths=ds.widths,
         transposed=ds.transposed,
     )
-    if study.train.mode == "features":
-        data = replace(data, inputs=extract_features(study, data), features=True)
+    if study.train.mode == "features":  # features, not images: the image geometry no longer applies
+        data = replace(data, inputs=extract_features(study, data), features=True, widths=None, transposed=None)
     return data
 
 
@@ -185,7 +185,7 @@ def embed(
     """L2-normalised embeddings of samples ``idx`` (evaluation transform: center crop of each whole image)."""
     model.eval()
     if data.features:
-        return _encode(lambda x: model.embed_features(x), data, inputs, idx, train, device).numpy()
+        return _encode(model.embed_features, data, inputs, idx, train, device).numpy()
     return _encode(lambda x, **g: model(_eval_input(x, train, **g)), data, inputs, idx, train, device).numpy()
 
 

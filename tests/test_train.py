@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -228,6 +229,8 @@ def test_feature_mode_computes_an_image_datasets_features_once_on_disk(tmp_path)
     with torch.no_grad():
         expected = trunk.features(eval_transform(torch.from_numpy(np.array(images.inputs)), crop=16))
     torch.testing.assert_close(torch.from_numpy(np.array(data.inputs)), expected, rtol=1e-5, atol=1e-5)
+    assert data.widths is None  # the geometry is the images', not the features'
+    assert math.isfinite(run_trial(study, "multi_similarity", {}, data=data)["map_at_r"])  # trains and evaluates
 
     np.lib.format.open_memmap(stored, mode="r+")[:] = 7.0  # the next trial reads the file, not the trunk
     assert (np.asarray(prepare_data(study).inputs) == 7.0).all()
