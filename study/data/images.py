@@ -185,11 +185,16 @@ def _parallel(function: Callable, items, workers: int) -> list:
             raise
 
 
-def _stored_width(image_size: tuple[int, int], size: int, max_width: int) -> int:
-    """The stored width of an image of PIL ``image_size`` (w, h): its longer side at shorter side ``size``
-    (torchvision's Resize rounding), at most ``max_width``."""
+def _long_side(image_size: tuple[int, int], size: int) -> int:
+    """The longer side of an image of PIL ``image_size`` (w, h) resized to shorter side ``size``
+    (torchvision's Resize rounding)."""
     short, long = sorted(image_size)
-    return min(int(size * long / short), max_width)
+    return int(size * long / short)
+
+
+def _stored_width(image_size: tuple[int, int], size: int, max_width: int) -> int:
+    """The stored width of an image of PIL ``image_size``: its resized longer side, at most ``max_width``."""
+    return min(_long_side(image_size, size), max_width)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -209,12 +214,11 @@ def _decode(path: Path, size: int, max_width: int) -> tuple[np.ndarray, bool]:
         with Image.open(path) as image:
             image = image.convert("RGB")
             transposed = image.height > image.width
-            width = int(size * image.width / image.height) if not transposed else size
-            height = size if not transposed else int(size * image.height / image.width)
+            long = _long_side(image.size, size)
+            width, height = (size, long) if transposed else (long, size)
             if (width, height) != image.size:
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(image).transpose((2, 1, 0) if transposed else (2, 0, 1))  # (3, size, long)
-            long = pixels.shape[-1]
             left = max(0, long - max_width) // 2
             return pixels[:, :, left : left + max_width], transposed
     except Exception as error:  # any failure to decode is the file's fault: name it, on one line
