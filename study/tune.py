@@ -108,6 +108,7 @@ class TrackingCallback(tune.Callback):
     ):
         self.tracker, self.space, self.loss, self.cfg, self.say = tracker, space, space.loss, cfg, say
         self.epochs = epochs
+        self.has_parameters = has_parameters(self.loss)  # then its runs are tagged with their loss_lr
 
     def _key(self, trial) -> str:
         return config_key(self.loss, trial.config)
@@ -127,7 +128,7 @@ class TrackingCallback(tune.Callback):
             resolved |= final
         name = self._key(trial).replace("/", "-")
         lrs = {TAG_LR: str(train.lr)}
-        if has_parameters(self.loss):
+        if self.has_parameters:
             lrs[TAG_LOSS_LR] = str(train.lr * train.loss_lr_mult)
         stage = "final" if final else "search"
         self.tracker.start_trial(self._key(trial), self.loss, stage, params, name, resolved, tags=lrs)
