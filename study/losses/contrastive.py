@@ -7,12 +7,13 @@ Invariant Mapping", CVPR 2006), with a margin on each side:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 from study.losses.pairs import check_positive, euclidean, mean_nonzero, pair_masks
 
 
-class ContrastiveLoss(nn.Module):
+@register_loss("contrastive")
+class ContrastiveLoss(MetricLoss):
     """Contrastive loss over all ordered pairs of the batch, D the Euclidean distance of the
     unit-norm embeddings (not squared, as pytorch-metric-learning; Hadsell et al. square it).
 
@@ -39,14 +40,12 @@ class ContrastiveLoss(nn.Module):
         check_positive(positive)
         self.pos_margin, self.neg_margin, self.positive = pos_margin, neg_margin, positive
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            dist = euclidean(embeddings.to(dtype))
-            pos, neg = pair_masks(-dist, labels.to(dist.device), self.positive)
-            pull = (dist - self.pos_margin).clamp_min(0) * pos
-            push = (self.neg_margin - dist).clamp_min(0) * neg
-            return mean_nonzero(pull) + mean_nonzero(push)
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dist = euclidean(embeddings)
+        pos, neg = pair_masks(-dist, labels, self.positive)
+        pull = (dist - self.pos_margin).clamp_min(0) * pos
+        push = (self.neg_margin - dist).clamp_min(0) * neg
+        return mean_nonzero(pull) + mean_nonzero(push)
 
     def extra_repr(self) -> str:
         return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, positive={self.positive}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 from study.losses.pairs import check_positive, euclidean, pair_masks
 
 # The authors' sampling constants: distances below 0.5 are weighted as 0.5 (the weight
@@ -19,7 +20,8 @@ from study.losses.pairs import check_positive, euclidean, pair_masks
 CUTOFF, NONZERO_LOSS_CUTOFF = 0.5, 1.4
 
 
-class MarginLoss(nn.Module):
+@register_loss("margin")
+class MarginLoss(MetricLoss):
     """Margin loss on (anchor, positive, sampled negative) triplets, β a learned scalar.
 
     For each positive pair (a, p) — all, or only a's nearest with ``positive="easy"`` —
@@ -67,12 +69,10 @@ class MarginLoss(nn.Module):
         negative = torch.multinomial(weights[anchor], 1).squeeze(1)
         return anchor, positive, negative
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            dist = euclidean(embeddings.to(dtype))
-            pos, neg = pair_masks(-dist, labels.to(dist.device), self.positive)
-            return self.triplet_loss(dist, *self.sample_triplets(dist, pos, neg))
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dist = euclidean(embeddings)
+        pos, neg = pair_masks(-dist, labels, self.positive)
+        return self.triplet_loss(dist, *self.sample_triplets(dist, pos, neg))
 
     def triplet_loss(self, dist: torch.Tensor, anchor, positive, negative) -> torch.Tensor:
         beta = self.beta.to(dist.dtype)

@@ -10,12 +10,13 @@ Sec. 4: hard-pair mining with margin ε, then the MS loss
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 from study.losses.pairs import check_positive, log1p_sum_exp, pair_masks
 
 
-class MultiSimilarityLoss(nn.Module):
+@register_loss("multi_similarity")
+class MultiSimilarityLoss(MetricLoss):
     """Multi-Similarity loss with its ε-mining, vectorised over the B×B similarity matrix.
 
     Embeddings must arrive L2-normalised (the model head does it, and only it); S = x·xᵀ
@@ -80,16 +81,13 @@ class MultiSimilarityLoss(nn.Module):
         max_neg = sim.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
         return pos & (sim - self.epsilon < max_neg), neg & (sim + self.epsilon > ref_pos)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean MS loss of a batch of unit-norm ``embeddings`` (B×d) with integer ``labels`` (B)."""
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            x = embeddings.to(dtype)
-            sim = x @ x.T
-            keep_pos, keep_neg = self.mine(sim, labels.to(sim.device))
-            pos = log1p_sum_exp(-self.alpha * (sim - self.base), keep_pos) / self.alpha
-            neg = log1p_sum_exp(self.beta * (sim - self.base), keep_neg) / self.beta
-            return (pos + neg).mean()
+        sim = embeddings @ embeddings.T
+        keep_pos, keep_neg = self.mine(sim, labels)
+        pos = log1p_sum_exp(-self.alpha * (sim - self.base), keep_pos) / self.alpha
+        neg = log1p_sum_exp(self.beta * (sim - self.base), keep_neg) / self.beta
+        return (pos + neg).mean()
 
     def extra_repr(self) -> str:
         hp = f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}"

@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 
-class NormalizedSoftmaxLoss(nn.Module):
+
+@register_loss("normalized_softmax")
+class NormalizedSoftmaxLoss(MetricLoss):
     """Cross-entropy of x·Ŵᵀ / temperature, Ŵ the row-normalised class weights, batch mean.
 
     ``W`` (num_classes × embedding_dim, float32) is a parameter of the loss, so the
@@ -29,6 +32,8 @@ class NormalizedSoftmaxLoss(nn.Module):
     Hyperparameter: ``temperature`` (σ = 0.05, the paper's value).
     """
 
+    dtype_parameter = "W"
+
     def __init__(self, num_classes: int, embedding_dim: int, *, temperature: float = 0.05):
         super().__init__()
         self.temperature = temperature
@@ -37,17 +42,11 @@ class NormalizedSoftmaxLoss(nn.Module):
         # initial cosine logits spread around 0.
         nn.init.normal_(self.W)
 
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Cosine logits / temperature (B × num_classes), in float32 or wider."""
-        dtype = torch.promote_types(embeddings.dtype, self.W.dtype)
-        dtype = torch.promote_types(dtype, torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            weights = F.normalize(self.W.to(dtype), dim=1)
-            return (embeddings.to(dtype) / self.temperature) @ weights.T  # scale B×d, not B×C
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the batch; ``labels`` are class indices in [0, num_classes)."""
-        return F.cross_entropy(self.logits(embeddings), labels.to(embeddings.device))
+        weights = F.normalize(self.W.to(embeddings.dtype), dim=1)
+        logits = (embeddings / self.temperature) @ weights.T  # cosine logits / σ: scale B×d, not B×C
+        return F.cross_entropy(logits, labels)
 
     def extra_repr(self) -> str:
         num_classes, embedding_dim = self.W.shape

@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 from study.losses.pairs import pair_masks
 
 _EPS = 1e-12  # N(0) = 0: identical features (u = 0) or a dead ReLU layer give a zero vector, not NaN
 _CHUNK = 16384  # pairs scored at once while mining (no grad): memory ~ _CHUNK × d
 
 
-class PDDMLoss(nn.Module):
+@register_loss("pddm")
+class PDDMLoss(MetricLoss):
     """PDDM unit + double-header hinge loss; the unit's weights are parameters of the loss.
 
     Mining is per class in the batch rather than once per batch: every class with two or
@@ -91,17 +93,15 @@ class PDDMLoss(nn.Module):
         a, n = neg[anchors].nonzero(as_tuple=True)  # a indexes ``anchors``
         return n[_arg_best(a, self._scores(x, anchors[a], n))]
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            x = embeddings.to(dtype)
-            i, j, k, l_ = self.mine(x, labels.to(x.device))
-            s_ij, s_ik, s_jl = self.score(x, i, j), self.score(x, i, k), self.score(x, j, l_)
-            e_m = (self.alpha + s_ik - s_ij).clamp_min(0) + (self.alpha + s_jl - s_ij).clamp_min(0)
-            d_ij, d_ik, d_jl = (_distance(x[a], x[b]) for a, b in ((i, j), (i, k), (j, l_)))
-            e_e = (self.beta + d_ij - d_ik).clamp_min(0) + (self.beta + d_ij - d_jl).clamp_min(0)
-            total = e_m + self.lam * e_e
-            return total.sum() / max(len(total), 1)
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = embeddings
+        i, j, k, l_ = self.mine(x, labels)
+        s_ij, s_ik, s_jl = self.score(x, i, j), self.score(x, i, k), self.score(x, j, l_)
+        e_m = (self.alpha + s_ik - s_ij).clamp_min(0) + (self.alpha + s_jl - s_ij).clamp_min(0)
+        d_ij, d_ik, d_jl = (_distance(x[a], x[b]) for a, b in ((i, j), (i, k), (j, l_)))
+        e_e = (self.beta + d_ij - d_ik).clamp_min(0) + (self.beta + d_ij - d_jl).clamp_min(0)
+        total = e_m + self.lam * e_e
+        return total.sum() / max(len(total), 1)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, hidden={self.hidden}"

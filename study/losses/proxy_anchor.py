@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 from study.losses.pairs import log1p_sum_exp
 
 _BLOCK = 4096  # proxy rows per block when the C×C cosine matrix is only read (trial metric)
@@ -35,7 +36,8 @@ def soft_orthogonality(proxies: torch.Tensor) -> torch.Tensor:
     return (gram.square().sum() - 2 * proxies.square().sum() + num) / max(num * (num - 1), 1)
 
 
-class ProxyAnchorLoss(nn.Module):
+@register_loss("proxy_anchor", trial_metrics=("proxy_abs_cos",))
+class ProxyAnchorLoss(MetricLoss):
     """Proxy Anchor loss; ``proxies`` (C × d, float32) are parameters of the loss.
 
     Proxies are normalised on every forward pass (a float32 copy under autocast, the
@@ -51,6 +53,8 @@ class ProxyAnchorLoss(nn.Module):
     The authors train proxies with lr × 100 (the search space's ``loss_lr_mult``).
     """
 
+    dtype_parameter = "proxies"
+
     def __init__(
         self,
         num_classes: int,
@@ -65,19 +69,17 @@ class ProxyAnchorLoss(nn.Module):
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim, dtype=torch.float32))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")  # the authors' initialisation
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.proxies.dtype), torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            proxies = F.normalize(self.proxies.to(dtype), dim=1)
-            cos = proxies @ embeddings.to(dtype).T  # C × B
-            is_pos = torch.arange(len(proxies), device=cos.device)[:, None] == labels.to(cos.device)[None, :]
-            pos = log1p_sum_exp(-self.alpha * (cos - self.delta), is_pos)
-            neg = log1p_sum_exp(self.alpha * (cos + self.delta), ~is_pos)
-            with_pos = is_pos.any(dim=1)
-            loss = pos.sum() / with_pos.sum().clamp_min(1) + neg.mean()
-            if self.so_weight:
-                loss = loss + self.so_weight * soft_orthogonality(proxies)
-            return loss
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        proxies = F.normalize(self.proxies.to(embeddings.dtype), dim=1)
+        cos = proxies @ embeddings.T  # C × B
+        is_pos = torch.arange(len(proxies), device=cos.device)[:, None] == labels[None, :]
+        pos = log1p_sum_exp(-self.alpha * (cos - self.delta), is_pos)
+        neg = log1p_sum_exp(self.alpha * (cos + self.delta), ~is_pos)
+        with_pos = is_pos.any(dim=1)
+        loss = pos.sum() / with_pos.sum().clamp_min(1) + neg.mean()
+        if self.so_weight:
+            loss = loss + self.so_weight * soft_orthogonality(proxies)
+        return loss
 
     @torch.no_grad()
     def trial_metrics(self) -> dict[str, float]:

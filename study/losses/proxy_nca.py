@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 
-class ProxyNCALoss(nn.Module):
+
+@register_loss("proxy_nca")
+class ProxyNCALoss(MetricLoss):
     """ProxyNCA with the paper's denominator: the positive proxy is *not* in it.
 
     So the loss is unbounded below (it reaches −s·4 + log(C−1) at best) — the paper's
@@ -27,6 +30,8 @@ class ProxyNCALoss(nn.Module):
     Hyperparameter: ``scale`` (s = 1: the paper has no scale; ProxyNCA++ argues for ≈ 9).
     """
 
+    dtype_parameter = "proxies"
+
     def __init__(self, num_classes: int, embedding_dim: int, *, scale: float = 1.0):
         super().__init__()
         if num_classes < 2:
@@ -35,18 +40,14 @@ class ProxyNCALoss(nn.Module):
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim, dtype=torch.float32))
         nn.init.normal_(self.proxies)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.proxies.dtype), torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            x = embeddings.to(dtype)
-            proxies = F.normalize(self.proxies.to(dtype), dim=1)
-            # −s·‖x − p̂‖² = 2s·xᵀp̂ − 2s for unit vectors; the constant cancels in the loss, and the
-            # scale goes on the B×d embeddings rather than on the B×C logits
-            logits = (2 * self.scale * x) @ proxies.T
-            labels = labels.to(x.device)
-            positive = logits.gather(1, labels[:, None]).squeeze(1)
-            others = logits.scatter(1, labels[:, None], float("-inf"))
-            return (torch.logsumexp(others, dim=1) - positive).mean()
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        proxies = F.normalize(self.proxies.to(embeddings.dtype), dim=1)
+        # −s·‖x − p̂‖² = 2s·xᵀp̂ − 2s for unit vectors; the constant cancels in the loss, and the
+        # scale goes on the B×d embeddings rather than on the B×C logits
+        logits = (2 * self.scale * embeddings) @ proxies.T
+        positive = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return (torch.logsumexp(others, dim=1) - positive).mean()
 
     def extra_repr(self) -> str:
         num_classes, embedding_dim = self.proxies.shape

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
+
 _EPS = 1e-5  # the authors' ε inside the square root; the argument is also clamped to ≥ ε
 MERGE_DISTANCE = 0.1  # two centers of a class closer than this (unit sphere) count as one
 
@@ -42,7 +44,8 @@ def effective_centers(centers: torch.Tensor, merge_distance: float = MERGE_DISTA
     return (1.0 / reach.sum(dim=2)).sum(dim=1)  # Σ_t 1/|component(t)| = number of components
 
 
-class SoftTripleLoss(nn.Module):
+@register_loss("soft_triple", trial_metrics=("effective_centers",))
+class SoftTripleLoss(MetricLoss):
     """SoftTriple with the L2,1 center regulariser; ``centers`` (C·K × d, float32) are a
     parameter of the loss, class c owning rows c·K … c·K + K − 1.
 
@@ -56,6 +59,8 @@ class SoftTripleLoss(nn.Module):
     (γ = 0.1), ``tau`` (τ = 0.2), ``margin`` (δ = 0.01). The authors train the centers
     with lr × 100 (the search space's ``loss_lr_mult``).
     """
+
+    dtype_parameter = "centers"
 
     def __init__(
         self,
@@ -80,19 +85,17 @@ class SoftTripleLoss(nn.Module):
         """The normalised centers as C × K × d."""
         return F.normalize(self.centers.to(dtype), dim=1).view(self.num_classes, self.k, -1)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.centers.dtype), torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            centers = self.unit_centers(dtype)
-            # one B × (C·K) matmul; an einsum over C × K × d lowers to a slow batched product
-            sim = (embeddings.to(dtype) @ centers.flatten(0, 1).T).view(len(embeddings), self.num_classes, self.k)
-            relaxed = (F.softmax(sim / self.gamma, dim=2) * sim).sum(dim=2)  # B × C
-            labels = labels.to(relaxed.device)
-            logits = self.la * (relaxed - self.margin * F.one_hot(labels, self.num_classes).to(dtype))
-            loss = F.cross_entropy(logits, labels)
-            if self.tau:
-                loss = loss + self.tau * center_regularizer(centers)
-            return loss
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dtype = embeddings.dtype
+        centers = self.unit_centers(dtype)
+        # one B × (C·K) matmul; an einsum over C × K × d lowers to a slow batched product
+        sim = (embeddings @ centers.flatten(0, 1).T).view(len(embeddings), self.num_classes, self.k)
+        relaxed = (F.softmax(sim / self.gamma, dim=2) * sim).sum(dim=2)  # B × C
+        logits = self.la * (relaxed - self.margin * F.one_hot(labels, self.num_classes).to(dtype))
+        loss = F.cross_entropy(logits, labels)
+        if self.tau:
+            loss = loss + self.tau * center_regularizer(centers)
+        return loss
 
     @torch.no_grad()
     def trial_metrics(self) -> dict[str, float]:

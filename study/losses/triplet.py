@@ -7,14 +7,15 @@ mining as in Hermans, Beyer, Leibe, "In Defense of the Triplet Loss", 2017):
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from study.losses.base import MetricLoss, register_loss
 from study.losses.pairs import check_positive, euclidean, mean_nonzero, pair_masks
 
 NEGATIVES = ("semihard", "hard", "all")
 
 
-class TripletLoss(nn.Module):
+@register_loss("triplet")
+class TripletLoss(MetricLoss):
     """Triplet loss over the batch's (anchor, positive) pairs with one of three negative choices.
 
     For every positive pair (a, p) — all of them, or only a's nearest one with
@@ -49,18 +50,15 @@ class TripletLoss(nn.Module):
         check_positive(positive)
         self.margin, self.negatives, self.positive = margin, negatives, positive
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            x = embeddings.to(dtype)
-            dist = euclidean(x)
-            pos, neg = pair_masks(-dist, labels.to(x.device), self.positive)
-            if self.negatives == "all":
-                return self._batch_all(dist, pos, neg)
-            anchor, positive = pos.nonzero(as_tuple=True)
-            negative, found = self._pick_negatives(dist.detach(), neg, anchor, positive)
-            hinge = dist[anchor, positive] - dist[anchor, negative] + self.margin
-            return mean_nonzero(hinge.clamp_min(0) * found)
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dist = euclidean(embeddings)
+        pos, neg = pair_masks(-dist, labels, self.positive)
+        if self.negatives == "all":
+            return self._batch_all(dist, pos, neg)
+        anchor, positive = pos.nonzero(as_tuple=True)
+        negative, found = self._pick_negatives(dist.detach(), neg, anchor, positive)
+        hinge = dist[anchor, positive] - dist[anchor, negative] + self.margin
+        return mean_nonzero(hinge.clamp_min(0) * found)
 
     def _pick_negatives(
         self, dist: torch.Tensor, neg: torch.Tensor, anchor: torch.Tensor, positive: torch.Tensor
