@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
         def learner() -> Learner:
-            return Learner(study, args.loss, {}, study.train, data, data.trainval, args.seed, device)
+            return Learner(study.model, args.loss, {}, study.train, data, data.trainval, args.seed, device)
 
         rates = {"backbone only (random tensors on the device)": backbone_only(learner(), args, warmups["other"])}
         inputs = _on_device(data.inputs, device)
@@ -219,11 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         workers = f"{args.workers} worker{'s' * (args.workers != 1)}"
         rates[f"DataLoader, JPEGs ({workers})"] = dataloader(learner(), dataset, args, warmups["loader"])
 
-        features = study.model_copy(update={"train": study.train.model_copy(update={"mode": "features"})})
+        features = study.train.model_copy(update={"mode": "features"})
         feature_seconds = []
         for _ in range(2):  # the first call runs the trunk and keeps its output; the second reads it
             start = time.perf_counter()
-            extract_features(features, data)
+            extract_features(study.model, features, data, study.seed)
             feature_seconds.append(time.perf_counter() - start)
 
     base = next(iter(rates.values()))

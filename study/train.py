@@ -7,7 +7,8 @@ handing each epoch's metrics (mean over folds) to ``report`` (Ray Tune's
 ``tune.report`` when run as a trial, anything else in tests). ``run_final``
 (the final stage) trains once on every training class (or one fold's) and
 tests once, after the last epoch, on the test classes. Seeded and
-deterministic on the CPU.
+deterministic on the CPU. The caller prepares the data (:func:`load_data`)
+and sets the process's threads (:func:`set_threads`).
 
 Data: images stay uint8 until a batch is drawn; on a GPU the whole set is
 moved to GPU memory once per trial and augmented there. In feature mode the
@@ -39,8 +40,8 @@ import torch
 from torch import nn
 
 from study import metrics
-from study.config import StudyConfig, TrainConfig
-from study.data import create_dataset
+from study.config import DatasetConfig, ModelConfig, TrainConfig
+from study.data import create_dataset, recall_ks
 from study.data.images import cached_file
 from study.data.samplers import MPerClassSampler, RandomBatchSampler
 from study.data.splits import validation_folds
@@ -97,21 +98,18 @@ class PreparedData:
         return {"widths": torch.from_numpy(self.widths[idx]), "transposed": torch.from_numpy(self.transposed[idx])}
 
 
-RECALL_KS = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}  # default: 1, 2, 4, 8 (CUB, Cars)
-
-
-def prepare_data(study: StudyConfig) -> PreparedData:
-    """The study's dataset, its validation folds and test split; in feature mode, trunk features."""
-    ds_cfg = study.dataset
+def prepare_data(dataset: DatasetConfig, model: ModelConfig, train: TrainConfig, seed: int) -> PreparedData:
+    """The dataset, its validation folds (drawn with ``seed``) and test split; in feature mode (``train``: the
+    study's recipe), the features of ``model``'s frozen trunk."""
     ds = create_dataset(
-        ds_cfg.name,
-        ds_cfg.root,
-        decode_size=ds_cfg.image_size,
-        cache_dir=ds_cfg.cache_dir,
-        max_aspect=ds_cfg.max_aspect,
-        **ds_cfg.options,
+        dataset.name,
+        dataset.root,
+        decode_size=dataset.image_size,
+        cache_dir=dataset.cache_dir,
+        max_aspect=dataset.max_aspect,
+        **dataset.options,
     )
-    folds = validation_folds(ds.labels, ds.split, val_fraction=ds_cfg.val_fraction, folds=ds_cfg.folds, seed=study.seed)
+    folds = validation_folds(ds.labels, ds.split, val_fraction=dataset.val_fraction, folds=dataset.folds, seed=seed)
     queries = ds.split == "test" if ds.is_query is None else ds.is_query
     data = PreparedData(
         inputs=ds.images,
@@ -120,23 +118,34 @@ def prepare_data(study: StudyConfig) -> PreparedData:
         trainval=np.flatnonzero(ds.split == "train"),
         test=np.flatnonzero(queries),
         gallery=None if ds.is_gallery is None else np.flatnonzero(ds.is_gallery),
-        ks=RECALL_KS.get(ds_cfg.name, (1, 2, 4, 8)),
+        ks=recall_ks(dataset.name),
         widths=ds.widths,
         transposed=ds.transposed,
     )
-    if study.train.mode == "features":  # features, not images: the image geometry no longer applies
-        data = replace(data, inputs=extract_features(study, data), features=True, widths=None, transposed=None)
+    if train.mode == "features":  # features, not images: the image geometry no longer applies
+        features = extract_features(model, train, data, seed)
+        data = replace(data, inputs=features, features=True, widths=None, transposed=None)
     return data
 
 
 @functools.lru_cache(maxsize=1)
-def _load_data(study_json: str) -> PreparedData:
-    return prepare_data(StudyConfig.model_validate_json(study_json))
+def _load_data(dataset_json: str, model_json: str, train_json: str, seed: int) -> PreparedData:
+    return prepare_data(
+        DatasetConfig.model_validate_json(dataset_json),
+        ModelConfig.model_validate_json(model_json),
+        TrainConfig.model_validate_json(train_json),
+        seed,
+    )
 
 
-def load_data(study: StudyConfig) -> PreparedData:
+def load_data(dataset: DatasetConfig, model: ModelConfig, train: TrainConfig, seed: int) -> PreparedData:
     """:func:`prepare_data`, once per process: a worker running trial after trial keeps it."""
-    return _load_data(study.model_dump_json())
+    return _load_data(dataset.model_dump_json(), model.model_dump_json(), train.model_dump_json(), seed)
+
+
+def set_threads(cpus: float) -> None:
+    """Torch's intra-op threads for this process: ``cpus`` (a trial's CPU share), at least one."""
+    torch.set_num_threads(max(1, int(cpus)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,7 +207,9 @@ def _eval_input(x: torch.Tensor, train: TrainConfig, **geometry) -> torch.Tensor
     return _channels_last(eval_transform(x, crop=train.crop_size, **geometry), train)
 
 
-def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor | np.ndarray:
+def extract_features(
+    model: ModelConfig, train: TrainConfig, data: PreparedData, seed: int
+) -> torch.Tensor | np.ndarray:
     """The frozen trunk's pooled features of every image (center crop), for feature mode.
 
     For an image dataset they are computed once and kept next to its image cache, in a file named
@@ -206,28 +217,27 @@ def extract_features(study: StudyConfig, data: PreparedData) -> torch.Tensor | n
     worker, loss and later study with the same images and trunk memory-maps them. Synthetic data's
     are computed once per process."""
     if not isinstance(data.inputs, np.memmap):
-        return _trunk_features(study, data)
+        return _trunk_features(model, train, data, seed)
     images = Path(data.inputs.filename)
-    target = images.with_name(f"features_{images.stem}_{_trunk_key(study)}.npy")
+    target = images.with_name(f"features_{images.stem}_{_trunk_key(model, train, seed)}.npy")
 
     def write(temp: Path) -> None:
         with temp.open("wb") as out:
-            np.save(out, _trunk_features(study, data).numpy())
+            np.save(out, _trunk_features(model, train, data, seed).numpy())
 
     return np.load(cached_file(target, write), mmap_mode="r")
 
 
-def _trunk_features(study: StudyConfig, data: PreparedData) -> torch.Tensor:
-    device = resolve_device(study.train.device)
-    model = build_model(study, study.seed).to(device).eval()
+def _trunk_features(model: ModelConfig, train: TrainConfig, data: PreparedData, seed: int) -> torch.Tensor:
+    device = resolve_device(train.device)
+    net = build_model(model, seed, train.channels_last).to(device).eval()
     everything = np.arange(len(data.inputs))
-    encoder = lambda x, **g: model.features(_eval_input(x, study.train, **g))  # noqa: E731
-    return _encode(encoder, data, data.inputs, everything, study.train, device)
+    encoder = lambda x, **g: net.features(_eval_input(x, train, **g))  # noqa: E731
+    return _encode(encoder, data, data.inputs, everything, train, device)
 
 
-def _trunk_key(study: StudyConfig) -> str:
+def _trunk_key(model: ModelConfig, train: TrainConfig, seed: int) -> str:
     """A hash of what the trunk's features depend on besides the pixels."""
-    model = study.model
     weights = model.pretrained
     if isinstance(weights, Path):  # a local file: its content may change under the same name
         stat = weights.stat()
@@ -235,11 +245,11 @@ def _trunk_key(study: StudyConfig) -> str:
     key = {
         "backbone": model.backbone,
         "weights": weights,
-        "seed": None if model.pretrained else study.seed,  # random init: the seed draws the trunk
+        "seed": None if model.pretrained else seed,  # random init: the seed draws the trunk
         "pooling": model.pooling,
-        "crop": study.train.crop_size,
-        "device": resolve_device(study.train.device).type,
-        "bf16": study.train.amp,
+        "crop": train.crop_size,
+        "device": resolve_device(train.device).type,
+        "bf16": train.amp,
         "timm": timm.__version__,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -267,21 +277,25 @@ def evaluate_test(
     return metrics.evaluate(saved["test"], saved["test_labels"], ks=data.ks, seed=seed, gallery=gallery), saved
 
 
-def build_model(study: StudyConfig, seed: int) -> EmbeddingNet:
+def build_model(model: ModelConfig, seed: int, channels_last: bool = False) -> EmbeddingNet:
+    """The network ``model`` describes, initialised with ``seed``."""
     torch.manual_seed(seed)
-    m = study.model
-    model = EmbeddingNet(m.backbone, m.embedding_dim, m.pretrained, pooling=m.pooling, freeze_bn=m.freeze_bn)
-    return model.to(memory_format=torch.channels_last) if study.train.channels_last else model
+    net = EmbeddingNet(
+        model.backbone, model.embedding_dim, model.pretrained, pooling=model.pooling, freeze_bn=model.freeze_bn
+    )
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def evaluate_untrained(study: StudyConfig, data: PreparedData) -> tuple[dict[str, float], dict[str, float]]:
-    """The baseline: the network initialised with the study seed, never trained. Returns its
+def evaluate_untrained(
+    model: ModelConfig, train: TrainConfig, data: PreparedData, seed: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The baseline: the network initialised with ``seed``, never trained. Returns its
     validation metrics (mean over folds) and its test metrics."""
-    device = resolve_device(study.train.device)
-    model = build_model(study, study.seed).to(device)
+    device = resolve_device(train.device)
+    net = build_model(model, seed, train.channels_last).to(device)
     inputs = _on_device(data.inputs, device)
-    val = _mean([evaluate_split(model, data, inputs, v, study.train, device, study.seed) for _, v in data.folds])
-    return val, evaluate_test(model, data, inputs, study.train, device, study.seed)[0]
+    val = _mean([evaluate_split(net, data, inputs, v, train, device, seed) for _, v in data.folds])
+    return val, evaluate_test(net, data, inputs, train, device, seed)[0]
 
 
 def _mean(results: list[dict[str, float]]) -> dict[str, float]:
@@ -293,7 +307,7 @@ class Learner:
 
     def __init__(
         self,
-        study: StudyConfig,
+        model: ModelConfig,
         loss_name: str,
         loss_params: dict,
         train: TrainConfig,
@@ -305,8 +319,8 @@ class Learner:
         self.fit, self.train, self.data, self.device, self.loss_name = fit, train, data, device, loss_name
         classes, labels = np.unique(data.labels[fit], return_inverse=True)  # 0..C-1 for proxy losses
         self.labels = torch.as_tensor(labels, device=device)
-        self.model = build_model(study, seed).to(device)
-        self.loss_fn = create_loss(loss_name, len(classes), study.model.embedding_dim, **loss_params).to(device)
+        self.model = build_model(model, seed, train.channels_last).to(device)
+        self.loss_fn = create_loss(loss_name, len(classes), model.embedding_dim, **loss_params).to(device)
         trained = self.model.head if data.features else self.model  # feature mode: the trunk ran once
         self.optimizer = _optimizer(trained, self.loss_fn, train)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -433,30 +447,22 @@ def _fit(
     return history
 
 
-def _setup(study: StudyConfig, train: TrainConfig | None, data: PreparedData | None):
-    train = train or study.train
-    torch.set_num_threads(max(1, int(study.resources.cpu)))
-    device = resolve_device(train.device)
-    data = data or load_data(study)
-    return train, device, data, _on_device(data.inputs, device)
-
-
 def run_trial(
-    study: StudyConfig,
+    model: ModelConfig,
     loss_name: str,
     loss_params: dict,
-    train: TrainConfig | None = None,
+    train: TrainConfig,
+    data: PreparedData,
     *,
-    data: PreparedData | None = None,
+    seed: int,
     report: Callable[[dict], None] | None = None,
-    seed: int | None = None,
     checkpoint_dir: Storage | None = None,
 ) -> dict[str, float]:
-    """A search trial: ``loss_name`` with ``loss_params`` trained on each fold's training classes;
+    """A search trial: ``loss_name`` with ``loss_params`` trained with ``train`` on each fold's training classes;
     after every epoch the validation metrics, averaged over the folds, are reported. Returns the last."""
-    train, device, data, inputs = _setup(study, train, data)
-    seed = study.seed if seed is None else seed
-    learners = [Learner(study, loss_name, loss_params, train, data, fit, seed, device) for fit, _ in data.folds]
+    device = resolve_device(train.device)
+    inputs = _on_device(data.inputs, device)
+    learners = [Learner(model, loss_name, loss_params, train, data, fit, seed, device) for fit, _ in data.folds]
 
     def validate(epoch: int) -> dict[str, float]:
         results = []
@@ -473,23 +479,24 @@ def run_trial(
 
 
 def run_final(
-    study: StudyConfig,
+    model: ModelConfig,
     loss_name: str,
     loss_params: dict,
-    train: TrainConfig | None = None,
+    train: TrainConfig,
+    data: PreparedData,
     *,
     seed: int,
     fold: int | None = None,
-    data: PreparedData | None = None,
     report: Callable[[dict], None] | None = None,
     checkpoint_dir: Storage | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """A final-stage run: trained on every training class (or fold ``fold``'s training classes),
     evaluated once, after the last epoch, on the test classes. Returns the test metrics (also in
     the last reported result) and the test embeddings (``test``, ``test_labels``, ``gallery``…)."""
-    train, device, data, inputs = _setup(study, train, data)
+    device = resolve_device(train.device)
+    inputs = _on_device(data.inputs, device)
     fit = data.trainval if fold is None else data.folds[fold][0]
-    learner = Learner(study, loss_name, loss_params, train, data, fit, seed, device)
+    learner = Learner(model, loss_name, loss_params, train, data, fit, seed, device)
     saved: dict[str, np.ndarray] = {}
 
     def test_once(epoch: int) -> dict[str, float]:

@@ -550,13 +550,13 @@ def test_training_and_evaluation_use_the_cache_geometry(tmp_path, monkeypatch):
     dataset = {"name": "cub200", "root": str(tmp_path / "data"), "image_size": 20, "cache_dir": str(tmp_path / "c")}
     train = {**TINY_STUDY["train"], "batch_size": 8, "crop_size": 16, "eval_batch_size": 5}
     study = load_study(write_study(tmp_path, dataset={**dataset, "val_fraction": 0.5}, train=train))
-    data = prepare_data(study)
+    data = prepare_data(study.dataset, study.model, study.train, study.seed)
     assert data.inputs.shape == (32, 3, 20, 40)  # 32×24 → 26 px wide; 20×40 → 40 (transposed); 60×20 → 60, cut to 40
     assert set(data.widths.tolist()) == {26, 40} and 0 < data.transposed.sum() < 32
     assert data.geometry([3, 1])["widths"].tolist() == data.widths[[3, 1]].tolist()
 
     idx = np.arange(32)[::-1].copy()  # any order, several evaluation batches: each gets its own rows' geometry
-    model = build_model(study, study.seed).eval()
+    model = build_model(study.model, study.seed).eval()
     with torch.no_grad():
         expected = model(eval_transform(torch.from_numpy(data.inputs[idx]), 16, **data.geometry(idx)))
     torch.testing.assert_close(
@@ -571,12 +571,12 @@ def test_training_and_evaluation_use_the_cache_geometry(tmp_path, monkeypatch):
         return transform(x, generator, **kwargs)
 
     monkeypatch.setattr(train_module, "train_transform", checked_transform)
-    learner = Learner(study, "multi_similarity", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
+    learner = Learner(study.model, "multi_similarity", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
     assert np.isfinite(learner.train_epoch(1, data.inputs)) and calls and all(calls)
 
-    features = study.model_copy(update={"train": study.train.model_copy(update={"mode": "features"})})
-    cached = prepare_data(features)  # the frozen trunk's features: the same evaluation transform
-    trunk = build_model(features, features.seed).eval()
+    features = study.train.model_copy(update={"mode": "features"})
+    cached = prepare_data(study.dataset, study.model, features, study.seed)  # the same evaluation transform
+    trunk = build_model(study.model, study.seed).eval()
     everything = np.arange(32)
     with torch.no_grad():
         expected = trunk.features(

@@ -39,9 +39,13 @@ def study(tmp_path_factory):
     return load_study(write_study(tmp_path_factory.mktemp("s"), dataset=dataset, model=model, train=train))
 
 
+def _prepare(study):
+    return prepare_data(study.dataset, study.model, study.train, study.seed)
+
+
 @pytest.fixture(scope="module")
 def data(study):
-    return prepare_data(study)
+    return _prepare(study)
 
 
 def _without_timing(metrics: dict) -> dict:
@@ -50,8 +54,8 @@ def _without_timing(metrics: dict) -> dict:
 
 def test_trial_is_deterministic_and_reports_each_epoch(study, data):
     reports = []
-    first = run_trial(study, "multi_similarity", {}, data=data, report=reports.append)
-    second = run_trial(study, "multi_similarity", {}, data=data)
+    first = run_trial(study.model, "multi_similarity", {}, study.train, data, seed=study.seed, report=reports.append)
+    second = run_trial(study.model, "multi_similarity", {}, study.train, data, seed=study.seed)
     assert _without_timing(first) == _without_timing(second)
     assert [r["epoch"] for r in reports] == [1, 2]
     assert _without_timing(reports[-1]) == _without_timing(first)
@@ -62,7 +66,7 @@ def test_trial_is_deterministic_and_reports_each_epoch(study, data):
 def quickstart(tmp_path_factory):
     """The embedded dataset at its default size with the quickstart's training settings (3 epochs)."""
     study = load_study(REPO / "search_spaces" / "quickstart.yaml", [f"search.losses={list(LOSSES)}"])
-    return study, prepare_data(study)
+    return study, _prepare(study)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -73,8 +77,8 @@ def test_every_loss_beats_the_untrained_network_in_the_quickstarts_budget(quicks
     study, data = quickstart
     space = search_spaces(study)[loss]
     loss_kwargs, overrides = space.split(space.defaults())
-    trained = run_trial(study, loss, loss_kwargs, study.train.model_copy(update=overrides), data=data)
-    untrained, _ = evaluate_untrained(study, data)
+    trained = run_trial(study.model, loss, loss_kwargs, study.train.model_copy(update=overrides), data, seed=study.seed)
+    untrained, _ = evaluate_untrained(study.model, study.train, data, study.seed)
     assert trained["recall_at_1"] > untrained["recall_at_1"] + 0.03, (trained, untrained)
     assert trained["map_at_r"] > untrained["map_at_r"], (trained, untrained)
 
@@ -82,7 +86,7 @@ def test_every_loss_beats_the_untrained_network_in_the_quickstarts_budget(quicks
 def test_diverging_trial_raises(study, data):
     train = study.train.model_copy(update={"lr": 1e30})
     with pytest.raises(NonFiniteLossError, match="normalized_softmax"):
-        run_trial(study, "normalized_softmax", {}, train, data=data)
+        run_trial(study.model, "normalized_softmax", {}, train, data, seed=study.seed)
 
 
 class _ReportingLoss(MultiSimilarityLoss):
@@ -93,7 +97,7 @@ class _ReportingLoss(MultiSimilarityLoss):
 def test_loss_trial_metrics_are_reported_each_epoch(study, data, monkeypatch):
     monkeypatch.setitem(LOSSES, "reporting", _ReportingLoss)
     reports = []
-    run_trial(study, "reporting", {"alpha": 3.0}, data=data, report=reports.append)
+    run_trial(study.model, "reporting", {"alpha": 3.0}, study.train, data, seed=study.seed, report=reports.append)
     assert [r["mean_alpha"] for r in reports] == [3.0, 3.0]
 
 
@@ -103,7 +107,9 @@ class _Crash(Exception):
 
 def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(study, data, tmp_path):
     train = study.train.model_copy(update={"epochs": 3})
-    whole = run_trial(study, "margin", {}, train, data=data, checkpoint_dir=Storage.at(tmp_path / "a"))
+    whole = run_trial(
+        study.model, "margin", {}, train, data, seed=study.seed, checkpoint_dir=Storage.at(tmp_path / "a")
+    )
 
     def crash_after_first_epoch(result):
         if result["epoch"] == 1:
@@ -111,9 +117,20 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(study,
 
     folder = Storage.at(tmp_path / "b")
     with pytest.raises(_Crash):
-        run_trial(study, "margin", {}, train, data=data, report=crash_after_first_epoch, checkpoint_dir=folder)
+        run_trial(
+            study.model,
+            "margin",
+            {},
+            train,
+            data,
+            seed=study.seed,
+            report=crash_after_first_epoch,
+            checkpoint_dir=folder,
+        )
     reports = []
-    resumed = run_trial(study, "margin", {}, train, data=data, report=reports.append, checkpoint_dir=folder)
+    resumed = run_trial(
+        study.model, "margin", {}, train, data, seed=study.seed, report=reports.append, checkpoint_dir=folder
+    )
     assert [r["epoch"] for r in reports] == [1, 2, 3]  # epoch 1 re-reported from the checkpoint
     assert _without_timing(resumed) == _without_timing(whole)  # margin also draws from torch's global RNG
     assert not list((tmp_path / "b").glob(".*.tmp"))
@@ -121,11 +138,16 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(study,
 
 def test_with_folds_a_trial_trains_one_network_per_fold_and_reports_their_mean(study, data):
     folded = study.model_copy(update={"dataset": study.dataset.model_copy(update={"folds": 3})})
-    data3 = prepare_data(folded)
+    data3 = _prepare(folded)
     assert len(data3.folds) == 3
     reports = []
-    result = run_trial(folded, "multi_similarity", {}, data=data3, report=reports.append)
-    per_fold = [run_trial(folded, "multi_similarity", {}, data=replace(data3, folds=[f])) for f in data3.folds]
+    result = run_trial(
+        folded.model, "multi_similarity", {}, folded.train, data3, seed=folded.seed, report=reports.append
+    )
+    per_fold = [
+        run_trial(folded.model, "multi_similarity", {}, folded.train, replace(data3, folds=[f]), seed=folded.seed)
+        for f in data3.folds
+    ]
     for key in ("recall_at_1", "map_at_r", "nmi"):
         assert result[key] == pytest.approx(np.mean([r[key] for r in per_fold]), abs=1e-12)
     assert [r["epoch"] for r in reports] == [1, 2]
@@ -133,7 +155,7 @@ def test_with_folds_a_trial_trains_one_network_per_fold_and_reports_their_mean(s
 
 def test_final_run_tests_once_on_the_test_classes_and_returns_the_embeddings(study, data, tmp_path):
     reports = []
-    result, saved = run_final(study, "multi_similarity", {}, seed=1, data=data, report=reports.append)
+    result, saved = run_final(study.model, "multi_similarity", {}, study.train, data, seed=1, report=reports.append)
     assert "recall_at_1" not in reports[0] and reports[-1]["recall_at_1"] == result["recall_at_1"]
     assert saved["test"].shape == (len(data.test), study.model.embedding_dim)
     assert set(saved["test_labels"]) == set(data.labels[data.test])
@@ -141,36 +163,34 @@ def test_final_run_tests_once_on_the_test_classes_and_returns_the_embeddings(stu
     assert result == pytest.approx(metrics.evaluate(saved["test"], saved["test_labels"], seed=1) | result)
     # resumed from a complete checkpoint: the same model, tested again, same numbers
     folder = Storage.at(tmp_path / "final")
-    first, _ = run_final(study, "multi_similarity", {}, seed=1, data=data, checkpoint_dir=folder)
-    again, saved_again = run_final(study, "multi_similarity", {}, seed=1, data=data, checkpoint_dir=folder)
+    first, _ = run_final(study.model, "multi_similarity", {}, study.train, data, seed=1, checkpoint_dir=folder)
+    again, saved_again = run_final(
+        study.model, "multi_similarity", {}, study.train, data, seed=1, checkpoint_dir=folder
+    )
     assert _without_timing(again) == _without_timing(first) and len(saved_again["test"]) == len(data.test)
 
 
 def test_feature_mode_trains_the_head_on_cached_trunk_features(study, data, tmp_path):
     # A "pretrained" trunk: two epochs of multi-similarity, saved as a local weights file.
-    learner = Learner(study, "multi_similarity", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
+    learner = Learner(study.model, "multi_similarity", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
     for epoch in (1, 2):
         learner.train_epoch(epoch, data.inputs)
     torch.save(learner.model.trunk.state_dict(), tmp_path / "trunk.pt")
-    features = study.model_copy(
-        update={
-            "model": study.model.model_copy(update={"pretrained": tmp_path / "trunk.pt"}),
-            "train": study.train.model_copy(update={"mode": "features", "epochs": 10}),
-        }
-    )
-    cached = prepare_data(features)
+    model = study.model.model_copy(update={"pretrained": tmp_path / "trunk.pt"})
+    train = study.train.model_copy(update={"mode": "features", "epochs": 10})
+    cached = prepare_data(study.dataset, model, train, study.seed)
     assert cached.features and cached.inputs.dtype == torch.float32 and cached.inputs.ndim == 2
-    trunk = build_model(features, features.seed).trunk.eval()
+    trunk = build_model(model, study.seed).trunk.eval()
     with torch.no_grad():
         assert torch.allclose(cached.inputs[:4], trunk(eval_transform(data.inputs[:4])), atol=1e-5)
-    untrained, _ = evaluate_untrained(features, cached)  # the trained trunk under a random head
-    trained = run_trial(features, "multi_similarity", {}, data=cached)
+    untrained, _ = evaluate_untrained(model, train, cached, study.seed)  # the trained trunk under a random head
+    trained = run_trial(model, "multi_similarity", {}, train, cached, seed=study.seed)
     assert trained["map_at_r"] > untrained["map_at_r"] + 0.01, (trained, untrained)
 
 
 def test_warmup_epochs_keep_the_trunk_frozen(study, data):
     train = study.train.model_copy(update={"epochs": 2, "warmup_epochs": 1, "grad_clip": 10.0})
-    learner = Learner(study, "multi_similarity", {}, train, data, data.folds[0][0], 0, torch.device("cpu"))
+    learner = Learner(study.model, "multi_similarity", {}, train, data, data.folds[0][0], 0, torch.device("cpu"))
     trunk = {k: v.clone() for k, v in learner.model.trunk.state_dict().items() if v.is_floating_point()}
     head = learner.model.head.weight.clone()
     learner.train_epoch(1, data.inputs)
@@ -203,7 +223,7 @@ def test_the_recipe_chooses_optimizer_schedule_and_sampler(study, data, recipe, 
     """SoftTriple's Adam (eps 0.01) with random batches, step decay on both groups alike (centers at lr × 100)."""
     update = {"lr": 1e-3, "loss_lr_mult": 100.0, "schedule": "step", "lr_step_epochs": 1, "lr_gamma": 0.5}
     train = study.train.model_copy(update=update | {"sampler": "random"} | recipe)
-    learner = Learner(study, "soft_triple", {}, train, data, data.folds[0][0], 0, torch.device("cpu"))
+    learner = Learner(study.model, "soft_triple", {}, train, data, data.folds[0][0], 0, torch.device("cpu"))
     assert type(learner.optimizer) is optimizer and isinstance(learner.sampler, RandomBatchSampler)
     for key, value in expected.items():
         assert all(group[key] == value for group in learner.optimizer.param_groups)
@@ -221,21 +241,23 @@ def test_feature_mode_computes_an_image_datasets_features_once_on_disk(tmp_path)
             train={**TINY_STUDY["train"], "mode": "features", "crop_size": 16},
         )
     )
-    data = prepare_data(study)
+    data = _prepare(study)
     [stored] = cache.glob("features_*.npy")
     assert isinstance(data.inputs, np.memmap) and Path(data.inputs.filename) == stored
-    images = prepare_data(study.model_copy(update={"train": study.train.model_copy(update={"mode": "finetune"})}))
-    trunk = build_model(study, study.seed).eval()
+    finetune = study.train.model_copy(update={"mode": "finetune"})
+    images = prepare_data(study.dataset, study.model, finetune, study.seed)
+    trunk = build_model(study.model, study.seed).eval()
     with torch.no_grad():
         expected = trunk.features(eval_transform(torch.from_numpy(np.array(images.inputs)), crop=16))
     torch.testing.assert_close(torch.from_numpy(np.array(data.inputs)), expected, rtol=1e-5, atol=1e-5)
     assert data.widths is None  # the geometry is the images', not the features'
-    assert math.isfinite(run_trial(study, "multi_similarity", {}, data=data)["map_at_r"])  # trains and evaluates
+    result = run_trial(study.model, "multi_similarity", {}, study.train, data, seed=study.seed)
+    assert math.isfinite(result["map_at_r"])  # trains and evaluates
 
     np.lib.format.open_memmap(stored, mode="r+")[:] = 7.0  # the next trial reads the file, not the trunk
-    assert (np.asarray(prepare_data(study).inputs) == 7.0).all()
+    assert (np.asarray(_prepare(study).inputs) == 7.0).all()
     assert [p.name for p in cache.glob("features_*.npy")] == [stored.name]
     # what the features depend on is in the file's name: another crop or trunk seed, another file
-    prepare_data(study.model_copy(update={"train": study.train.model_copy(update={"crop_size": 12})}))
-    prepare_data(study.model_copy(update={"seed": 1}))
+    prepare_data(study.dataset, study.model, study.train.model_copy(update={"crop_size": 12}), study.seed)
+    prepare_data(study.dataset, study.model, study.train, 1)
     assert len(list(cache.glob("features_*.npy"))) == 3 and not list(cache.glob(".*.tmp"))

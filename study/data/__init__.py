@@ -22,6 +22,8 @@ from study.data.synthetic import make_synthetic
 
 DATASETS = ("synthetic", *INDEXES)
 DEFAULT_CACHE = Path.home() / ".cache" / "dml-study"
+# Recall@K as each dataset's papers report it; every other dataset: 1, 2, 4, 8 (CUB, Cars)
+RECALL_KS = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,13 @@ def dataset_options(name: str) -> list[str]:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     builder = make_synthetic if name == "synthetic" else INDEXES[name]
     return [p for p in inspect.signature(builder).parameters if p != "root"]
+
+
+def recall_ks(name: str) -> tuple[int, ...]:
+    """The K of the Recall@K dataset ``name`` is evaluated with (:data:`RECALL_KS`, else 1, 2, 4, 8)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    return RECALL_KS.get(name, (1, 2, 4, 8))
 
 
 def index_dataset(name: str, root: str | Path | None, **options) -> ImageIndex:
