@@ -4,7 +4,8 @@ Everything a study does is decided here, before anything starts: an unknown
 key, a wrong type, a bound out of range, an unknown loss or dataset or a
 missing file raises :class:`ConfigError` with one line naming the key and what
 is allowed. Configs hold names, never classes, so they serialise unchanged to
-YAML and MLflow.
+YAML and MLflow. Fields that may carry credentials are ``SecretStr``: hidden in ``repr``, and
+:meth:`StudyConfig.public_dump` (what ``config.yaml`` and MLflow get) redacts them, found by type.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from study.data import DATASETS, dataset_options, index_dataset
 from study.data.images import DatasetLayoutError
 from study.losses import LOSSES
+from study.redaction import is_redacted, redact, redact_text
 from study.search_space import Param, SearchSpace, describe_validation_error, load_search_space
 from study.storage import Storage
 
@@ -114,8 +116,8 @@ class SearchConfig(_Strict):
     reduction_factor: int = Field(2, ge=2)
     max_retries: int = Field(1, ge=0)  # a trial that raises restarts from its last epoch this often
     # Optuna's storage: None = a journal file in the study folder; or an RDB URL (sqlite:///…,
-    # postgresql://…) shared by many drivers. May carry credentials: never logged.
-    optuna_storage: str | None = None
+    # postgresql://…) shared by many drivers. May carry credentials: logged and saved redacted.
+    optuna_storage: SecretStr | None = Field(None, json_schema_extra={"env": "DML_STUDY_OPTUNA_STORAGE"})
     space_dir: Path | None = None
     # training settings searched for every loss alike: {lr: {type: float, low: …, high: …, log: true}, …};
     # the default (the first trial's value) is always the study's train.<key>
@@ -138,7 +140,8 @@ class Resources(_Strict):
 
 
 class TrackingConfig(_Strict):
-    uri: str | None = None
+    # MLflow's tracking URI (MLFLOW_TRACKING_URI wins); may carry credentials: logged and saved redacted
+    uri: SecretStr | None = Field(None, json_schema_extra={"env": "MLFLOW_TRACKING_URI"})
 
 
 class StudyConfig(_Strict):
@@ -157,6 +160,80 @@ class StudyConfig(_Strict):
     def storage(self) -> Storage:
         """The study's folder: ``<output_dir>/<name>``."""
         return Storage.at(self.output_dir).child(self.name)
+
+    def public_dump(self) -> dict:
+        """The config as JSON-compatible values, every secret (a ``SecretStr`` anywhere in the model,
+        found by type) with its credentials redacted (:func:`~study.redaction.redact`): what
+        ``config.yaml`` and MLflow get. A value without credentials is kept as it is."""
+        return _public(self, self.model_dump(mode="json"))
+
+
+def _public(value: Any, dumped: Any) -> Any:
+    """``dumped`` (``value`` dumped in JSON mode) with each ``SecretStr`` in ``value`` redacted."""
+    if isinstance(value, SecretStr):
+        return redact(value.get_secret_value())
+    if isinstance(value, BaseModel):
+        return {name: _public(getattr(value, name), dumped[name]) for name in type(value).model_fields}
+    if isinstance(value, (list, tuple)):
+        return [_public(v, d) for v, d in zip(value, dumped, strict=True)]
+    if isinstance(value, dict):
+        return {key: _public(v, d) for v, (key, d) in zip(value.values(), dumped.items(), strict=True)}
+    return dumped
+
+
+def secret_fields(value: Any, path: tuple = ()) -> dict[tuple, SecretStr]:
+    """Every ``SecretStr`` in ``value`` (a model; nested models, lists and dicts followed) by its path."""
+    if isinstance(value, SecretStr):
+        return {path: value}
+    if isinstance(value, BaseModel):
+        items = ((name, getattr(value, name)) for name in type(value).model_fields)
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return {}
+    return {key: secret for part, v in items for key, secret in secret_fields(v, (*path, part)).items()}
+
+
+def secret_env(path: tuple) -> str:
+    """The environment variable that holds the real value of the secret at ``path``: its field's
+    ``env`` (``DML_STUDY_OPTUNA_STORAGE``, ``MLFLOW_TRACKING_URI``), else ``DML_STUDY_<DOTTED_KEY>``."""
+    model: Any = StudyConfig
+    field = None
+    for part in path:
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        field = fields.get(part)
+        model = field.annotation if field else None
+    env = (field.json_schema_extra or {}).get("env") if field else None
+    return env or "DML_STUDY_" + "_".join(map(str, path)).upper()
+
+
+def restore_secrets(cfg: StudyConfig, environ: dict[str, str]) -> StudyConfig:
+    """``cfg`` (read from a study folder's ``config.yaml``) with each redacted secret replaced by
+    the value of its environment variable (:func:`secret_env`); ConfigError (one line, naming the
+    key and the variable) if that is not set."""
+    for path, value in secret_fields(cfg).items():
+        if not is_redacted(value.get_secret_value()):
+            continue
+        env = secret_env(path)
+        if not environ.get(env):
+            key = ".".join(map(str, path))
+            raise ConfigError(f"{key}: saved redacted (credentials are never written); set {env} to its full value")
+        cfg = _replace(cfg, path, SecretStr(environ[env]))
+    return cfg
+
+
+def _replace(value: Any, path: tuple, new: Any) -> Any:
+    """``value`` with the item at ``path`` (model fields, dict keys, list indices) replaced by ``new``."""
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(value, BaseModel):
+        return value.model_copy(update={head: _replace(getattr(value, head), rest, new)})
+    changed = dict(value) if isinstance(value, dict) else list(value)
+    changed[head] = _replace(value[head], rest, new)
+    return type(value)(changed)
 
 
 def apply_override(raw: dict, assignment: str) -> None:
@@ -203,7 +280,8 @@ def parse_study(text: str, path: str, overrides: list[str] = (), space_dir: Path
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(str(path), err, StudyConfig)) from None
+        # the input a message quotes may be a URL with credentials
+        raise ConfigError(redact_text(describe_validation_error(str(path), err, StudyConfig))) from None
     try:
         _check_dataset(cfg.dataset)
         _check_model(cfg.model)
