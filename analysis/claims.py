@@ -13,14 +13,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.tables import LOSS_METRICS
+from analysis.runs import complete_search, loss_metrics
+from study.vocab import Stage
 
 ALPHA = 0.05
 
 
 def _search(runs: pd.DataFrame, loss: str, complete: bool = True) -> pd.DataFrame:
-    trials = runs[(runs["stage"] == "search") & (runs["loss"] == loss)]
-    return trials[trials["state"] == "COMPLETE"] if complete else trials
+    if complete:
+        return complete_search(runs, loss)
+    return runs[(runs["stage"] == Stage.SEARCH) & (runs["loss"] == loss)]
 
 
 def _row(claim: str, loss: str, verdict: str, evidence: str) -> dict:
@@ -55,8 +57,9 @@ def compare(runs: pd.DataFrame, loss: str, objective: str, param: str, groups: d
 
 def trend(runs: pd.DataFrame, loss: str, x: str, y: str, sign: int, claim: str) -> dict:
     """Claim "``y`` moves with ``x`` in direction ``sign``" (Spearman's ρ over the loss's trials;
-    all of them for a loss metric, COMPLETE ones for a retrieval metric)."""
-    trials = _search(runs, loss, complete=y not in LOSS_METRICS)
+    all of them for a loss metric — one the ``trial_metrics`` column lists — COMPLETE ones for a
+    retrieval metric)."""
+    trials = _search(runs, loss, complete=y not in loss_metrics(runs))
     column = f"param.{x}"
     if column not in trials or y not in trials:
         return _row(claim, loss, "not tested", f"no {loss} trial with both {x} and {y}")

@@ -10,13 +10,15 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from analysis.runs import best_trial, complete_search, is_log_scale
+
 FAR = 0.25  # "moved away": farther from the best value than a quarter of the searched range
 
 
 def search_params(runs: pd.DataFrame, loss: str) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
     """The loss's COMPLETE search trials and its hyperparameters that vary among them, parsed
     (floats where every value is a number, else text)."""
-    trials = runs[(runs["stage"] == "search") & (runs["loss"] == loss) & (runs["state"] == "COMPLETE")]
+    trials = complete_search(runs, loss)
     params = {}
     for column in sorted(c for c in trials.columns if c.startswith("param.")):
         values = trials[column].dropna()
@@ -27,21 +29,23 @@ def search_params(runs: pd.DataFrame, loss: str) -> tuple[pd.DataFrame, dict[str
     return trials, params
 
 
-def _is_log(values: pd.Series) -> bool:
-    return values.dtype.kind == "f" and values.min() > 0 and values.max() / values.min() >= 100
+def _is_log(trials: pd.DataFrame, name: str, values: pd.Series) -> bool:
+    """A float hyperparameter analysed on a log scale: searched so (:func:`analysis.runs.is_log_scale`)
+    and every value positive (a log-scale weight that was also 0, "off", is analysed linearly)."""
+    return values.dtype.kind == "f" and values.min() > 0 and is_log_scale(trials, name, values)
 
 
 def importance(runs: pd.DataFrame, loss: str, objective: str, seed: int = 0) -> pd.DataFrame:
     """fANOVA importance of each varying hyperparameter for ``objective`` (sums to 1).
 
     Columns: param, importance, trials. Empty with fewer than 3 COMPLETE trials or nothing varying.
-    The search space is taken as the range the trials span (log-scaled when it spans ≥ 100×).
+    The search space is taken as the range the trials span, log-scaled where it was searched so.
     """
     trials, params = search_params(runs, loss)
     if len(trials) < 3 or not params:
         return pd.DataFrame(columns=["param", "importance", "trials"])
     distributions = {
-        name: optuna.distributions.FloatDistribution(v.min(), v.max(), log=_is_log(v))
+        name: optuna.distributions.FloatDistribution(v.min(), v.max(), log=_is_log(trials, name, v))
         if v.dtype.kind == "f"
         else optuna.distributions.CategoricalDistribution(sorted(v.unique()))
         for name, v in params.items()
@@ -63,7 +67,7 @@ def sensitivity(runs: pd.DataFrame, loss: str, objective: str) -> pd.DataFrame:
     """How much ``objective`` falls when one hyperparameter moves away from its best value.
 
     For each varying hyperparameter: the distance of every COMPLETE trial's value from the best
-    trial's, as a fraction of the searched range (log scale where it spans ≥ 100×; for a
+    trial's, as a fraction of the searched range (log scale where it was searched so; for a
     categorical, 0 if equal else 1). ``drop`` = best objective − mean objective of the trials
     farther than ``FAR``; ``relative_drop`` = drop / best. Columns: param, best_value, far_trials,
     drop, relative_drop. A small drop means the loss is robust to that hyperparameter.
@@ -73,10 +77,13 @@ def sensitivity(runs: pd.DataFrame, loss: str, objective: str) -> pd.DataFrame:
     if len(trials) < 2:
         return pd.DataFrame(columns=["param", "best_value", "far_trials", "drop", "relative_drop"])
     scores = trials[objective].to_numpy(dtype=float)
-    best = int(np.argmax(scores))
+    chosen = best_trial(trials.reset_index(drop=True), loss, objective)
+    if chosen is None:
+        return pd.DataFrame(columns=["param", "best_value", "far_trials", "drop", "relative_drop"])
+    best = int(chosen.name)  # its position among the trials
     for name, values in params.items():
         if values.dtype.kind == "f":
-            x = np.log(values.to_numpy()) if _is_log(values) else values.to_numpy()
+            x = np.log(values.to_numpy()) if _is_log(trials, name, values) else values.to_numpy()
             distance = np.abs(x - x[best]) / (x.max() - x.min())
         else:
             distance = (values.to_numpy() != values.iloc[best]).astype(float)

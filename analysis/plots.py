@@ -25,7 +25,9 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarForm
 from matplotlib.transforms import ScaledTranslation
 from sklearn.decomposition import PCA
 
+from analysis.runs import best_trial, complete_search, is_log_scale
 from analysis.tables import mean_ci, seed_means
+from study.vocab import Stage, State, TrialKey
 
 WIDTH = 10.0  # inches: one report column
 BASELINE = "untrained"  # the baseline row's loss; drawn grey, never takes a palette colour
@@ -62,12 +64,12 @@ def optimization_history(runs: pd.DataFrame, objective: str) -> Figure:
     fig, axes = _grid(len(losses), row_height=2.4, sharey=True)
     for ax, loss in zip(axes, losses, strict=True):
         trials, colour = search[search["loss"] == loss], colours[loss]
-        done = trials[(trials["state"] == "COMPLETE") & trials[objective].notna()]
-        pruned = trials[(trials["state"] == "PRUNED") & trials[objective].notna()]
+        done = complete_search(trials, objective=objective)
+        pruned = trials[(trials["state"] == State.PRUNED) & trials[objective].notna()]
         ax.plot(pruned["number"], pruned[objective], "o", mfc="none", mec=colour, mew=1.3, label="pruned")
         ax.plot(done["number"], done[objective], "o", color=colour, label="complete")
         ax.plot(done["number"], done[objective].cummax(), color=colour, drawstyle="steps-post", label="best so far")
-        failed = int((trials["state"] == "FAIL").sum())
+        failed = int((trials["state"] == State.FAIL).sum())
         ax.set_title(f"{loss}" + (f" ({failed} failed)" if failed else ""), color=colour)
         ax.set_xlabel("trial (Optuna number)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -88,7 +90,7 @@ def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figu
     within a seed first, 95% CI error bars with ≥ 2 seeds); without a final stage, each loss's best COMPLETE
     search trial by ``objective`` (default: the ``objective`` column) on the validation classes."""
     colours = _colours(runs)
-    final = runs[(runs["stage"] == "final") & (runs["state"] == "COMPLETE")]
+    final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE)]
     columns = _recall_columns(final if len(final) else runs)
     if len(final):
         curves = {loss: _seed_stats(group, columns) for loss, group in final.groupby("loss")}
@@ -98,7 +100,7 @@ def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figu
         search = _search(runs)
         curves = {}
         for loss, group in search.groupby("loss"):
-            if (best := _best(group, objective)) is not None:
+            if (best := best_trial(group, loss, objective)) is not None:
                 curves[loss] = (best[columns].to_numpy(float), np.full(len(columns), np.nan), 1)
         where, prefix = "validation classes, best trial", ""
     ks = np.array([int(_RECALL.fullmatch(c)[1]) for c in columns])
@@ -134,20 +136,21 @@ def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figu
 
 def hyperparameter_slices(runs: pd.DataFrame, loss: str, objective: str) -> Figure | None:
     """One panel per hyperparameter of ``loss`` that takes ≥ 2 values among its search trials with an
-    objective value: objective against the value (log x for positive values spanning ≥ 100×,
-    categories for non-numbers), COMPLETE filled, PRUNED hollow, the best COMPLETE trial a star.
+    objective value: objective against the value (log x for a hyperparameter searched on a log scale,
+    :func:`analysis.runs.is_log_scale`; categories for non-numbers), COMPLETE filled, PRUNED hollow,
+    the best COMPLETE trial (:func:`analysis.runs.best_trial`) a star.
     None when nothing varies."""
     search = _search(runs)
     trials = search[(search["loss"] == loss) & search[objective].notna()]
     params = [c for c in sorted(trials.columns) if c.startswith("param.") and trials[c].dropna().nunique() >= 2]
     if not params:
         return None
-    colour, best = _colours(runs)[loss], _best(trials, objective)
+    colour, best = _colours(runs)[loss], best_trial(trials, loss, objective)
     fig, axes = _grid(len(params), row_height=2.6, sharey=True)
     for ax, param in zip(axes, params, strict=True):
         shown = trials[trials[param].notna()]
-        x = _slice_axis(ax, shown[param])
-        done = (shown["state"] == "COMPLETE").to_numpy()
+        x = _slice_axis(ax, shown[param], is_log_scale(trials, param, shown[param]))
+        done = (shown["state"] == State.COMPLETE).to_numpy()
         y = shown[objective].to_numpy(float)
         ax.plot(x[~done], y[~done], "o", mfc="none", mec=colour, mew=1.3, label="pruned")
         ax.plot(x[done], y[done], "o", color=colour, alpha=0.8, label="complete")
@@ -171,7 +174,7 @@ def learning_curves(runs: pd.DataFrame, history: pd.DataFrame, objective: str) -
     ax_objective, ax_train = fig.subplots(1, 2)
     train_values = []
     for loss, group in sorted(search.groupby("loss")):
-        if (best := _best(group, objective)) is None:
+        if (best := best_trial(group, loss, objective)) is None:
             continue
         curves = history[history["run_id"] == best["run_id"]]
         for ax, metric in ((ax_objective, objective), (ax_train, "train_loss")):
@@ -281,17 +284,20 @@ def _colours(runs: pd.DataFrame) -> dict[str, str]:
 
 
 def _search(runs: pd.DataFrame) -> pd.DataFrame:
-    """The search trials in Optuna order, with their Optuna ``number`` (from ``<loss>/<n>`` or ``<loss>-<n>``)."""
-    search = runs[runs["stage"] == "search"].copy()
-    key = search["trial"] if "trial" in search else search["run_name"]
-    search["number"] = pd.to_numeric(key.astype(str).str.extract(r"(\d+)$")[0])
+    """The search trials in Optuna order, with their Optuna ``number`` (their trial key's; NaN where
+    the ``trial`` column holds no search key)."""
+    search = runs[runs["stage"] == Stage.SEARCH].copy()
+    keys = search["trial"] if "trial" in search else [None] * len(search)
+    search["number"] = [_trial_number(key) for key in keys]
     return search.sort_values(["loss", "number"], kind="stable")
 
 
-def _best(trials: pd.DataFrame, objective: str) -> pd.Series | None:
-    """The COMPLETE trial with the highest ``objective`` (as :func:`analysis.tables.comparison_table`)."""
-    done = trials[(trials["state"] == "COMPLETE") & trials[objective].notna()]
-    return done.loc[done[objective].astype(float).idxmax()] if len(done) else None
+def _trial_number(key) -> float:
+    try:
+        number = TrialKey.parse(str(key)).number
+    except ValueError:
+        return float("nan")
+    return float("nan") if number is None else float(number)
 
 
 def _recall_columns(rows: pd.DataFrame) -> list[str]:
@@ -309,21 +315,21 @@ def _seed_stats(group: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, np
 
 def _draw_baseline(ax, runs: pd.DataFrame, columns: list[str], ks: np.ndarray) -> None:
     """The untrained network's Recall@K as a grey dashed reference, where the baseline logged it."""
-    for _, base in runs[runs["stage"] == "baseline"].iterrows():
+    for _, base in runs[runs["stage"] == Stage.BASELINE].iterrows():
         values = np.array([base.get(c, np.nan) for c in columns], float)
         if np.isfinite(values).any():
             ok = np.isfinite(values)
             ax.plot(ks[ok], values[ok], "--", marker=".", color=BASELINE_COLOUR, label=BASELINE)
 
 
-def _slice_axis(ax, values: pd.Series) -> np.ndarray:
-    """x positions of a hyperparameter's values: floats (log axis when positive and spanning ≥ 100×),
+def _slice_axis(ax, values: pd.Series, log: bool) -> np.ndarray:
+    """x positions of a hyperparameter's values: floats (a log axis when ``log`` and no value is negative),
     else category positions labelled with the sorted categories."""
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().all():
         x = numbers.to_numpy(float)
         positive = x[x > 0]
-        if len(positive) and x.min() >= 0 and positive.max() / positive.min() >= 100:
+        if log and len(positive) and x.min() >= 0:
             # a log axis; with zeros among the values (a switched-off term), symlog keeps them in view
             if x.min() > 0:
                 ax.set_xscale("log")

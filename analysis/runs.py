@@ -3,6 +3,10 @@
 :func:`load_runs`: one row per trial run and stage (baseline, search, final, ensemble) of one or
 several studies, with the loss, every hyperparameter (``param.<name>``), every metric's last value,
 state, wall time and resources. :func:`load_history`: every metric at every epoch, one row each.
+
+The rules every table, figure and check shares live here too: :func:`complete_search` and
+:func:`best_trial` (which trial is a loss's best), :func:`loss_metrics` (which metrics a loss reports
+about itself) and :func:`is_log_scale` (which hyperparameters were searched on a log scale).
 """
 
 from __future__ import annotations
@@ -11,10 +15,25 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from study.tracking import TAG_LOSS, TAG_LOSS_LR, TAG_LR, TAG_OBJECTIVE, TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
+from study.tracking import (
+    TAG_LOG_PARAMS,
+    TAG_LOSS,
+    TAG_LOSS_LR,
+    TAG_LR,
+    TAG_OBJECTIVE,
+    TAG_ROLE,
+    TAG_STAGE,
+    TAG_STATE,
+    TAG_TRIAL,
+    TAG_TRIAL_METRICS,
+)
+from study.vocab import Stage, State
+
+LOG_RANGE = 100  # without the log_params tag: positive values spanning this factor are taken as log-scaled
 
 
 class StudyNotFoundError(LookupError):
@@ -43,9 +62,11 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
     """One row per child run of each study's latest parent run.
 
     Columns: ``study``, ``dataset``, ``objective``, ``mode`` (finetune / features), ``run_id``,
-    ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state``, ``wall_seconds``, ``lr`` and
-    ``loss_lr`` (the learning rates it trained with: backbone and the loss's own parameters, NaN for a loss
-    without parameters),
+    ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state`` (RUNNING until the trial ended),
+    ``wall_seconds``, ``lr`` and ``loss_lr`` (the learning rates it trained with: backbone and the loss's
+    own parameters, NaN for a loss without parameters), ``trial_metrics`` and ``log_params`` (comma-separated:
+    the loss's own trial metrics, the hyperparameters searched on a log scale; "" for runs logged before
+    those tags),
     ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
     value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them).
     """
@@ -66,10 +87,12 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
                 "trial": run.data.tags.get(TAG_TRIAL),
                 "loss": run.data.tags.get(TAG_LOSS),
                 "stage": run.data.tags.get(TAG_STAGE),
-                "state": run.data.tags.get(TAG_STATE, "RUNNING"),
+                "state": run.data.tags.get(TAG_STATE, State.RUNNING),
                 "wall_seconds": ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000,
                 "lr": float(run.data.tags.get(TAG_LR, "nan")),
                 "loss_lr": float(run.data.tags.get(TAG_LOSS_LR, "nan")),
+                "trial_metrics": run.data.tags.get(TAG_TRIAL_METRICS, ""),
+                "log_params": run.data.tags.get(TAG_LOG_PARAMS, ""),
                 **run.data.metrics,
                 **{f"param.{k}": v for k, v in run.data.params.items()},
             }
@@ -112,7 +135,62 @@ def load_parent_config(name: str, tracking_uri: str | None = None) -> dict:
         return json.loads(Path(client.download_artifacts(parent.info.run_id, "config.json", folder)).read_text())
 
 
+def complete_search(runs: pd.DataFrame, loss: str | None = None, objective: str | None = None) -> pd.DataFrame:
+    """The COMPLETE search trials (of ``loss`` when given), in frame order; with ``objective``, only
+    those with a finite value of it. A pruned trial's objective is from an earlier epoch: never compared."""
+    keep = (runs["stage"] == Stage.SEARCH) & (runs["state"] == State.COMPLETE)
+    if loss is not None:
+        keep &= runs["loss"] == loss
+    if objective is not None:
+        keep &= np.isfinite(pd.to_numeric(runs[objective], errors="coerce").astype(float))
+    return runs[keep]
+
+
+def best_trial(runs: pd.DataFrame, loss: str, objective: str) -> pd.Series | None:
+    """The best trial of ``loss``: its COMPLETE search trial with the highest finite ``objective``
+    (ties: the first in frame order), or None when it has none. Every table and figure picks it so."""
+    done = complete_search(runs, loss, objective)
+    if done.empty:
+        return None
+    return done.iloc[int(np.argmax(pd.to_numeric(done[objective]).to_numpy(float)))]
+
+
+def _names(text) -> set[str]:
+    """The names of a comma-separated tag value ("" or NaN: none)."""
+    return {name.strip() for name in str(text).split(",") if name.strip()} if pd.notna(text) else set()
+
+
+def loss_metrics(runs: pd.DataFrame) -> list[str]:
+    """The metrics the runs' losses report about their own parameters (``trial_metrics()``: SoftTriple's
+    effective centers, Proxy Anchor's proxy correlation), as the ``trial_metrics`` column lists them:
+    their union, sorted; empty without the column."""
+    if "trial_metrics" not in runs:
+        return []
+    return sorted(set().union(*map(_names, runs["trial_metrics"])))
+
+
+def is_log_scale(runs: pd.DataFrame, param: str, values) -> bool:
+    """Whether hyperparameter ``param`` (``alpha`` or ``param.alpha``) was searched on a log scale.
+
+    ``runs`` are the trials it was searched in (one loss's): True when any of them lists ``param`` in its
+    ``log_params`` column (the search space says so), whatever range ``values`` span. Runs logged before
+    that tag (the column absent or empty in every run) fall back to the data: ``values`` are numbers,
+    none negative, and the positive ones span ≥ ``LOG_RANGE``×. A caller that takes logarithms must
+    still handle a 0 among the values (a log-scale weight with 0 allowed: "off")."""
+    tags = runs["log_params"].map(_names) if "log_params" in runs else pd.Series([], dtype=object)
+    if any(tags):
+        return any(param.removeprefix("param.") in names for names in tags)
+    numbers = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
+    positive = numbers[numbers > 0]
+    return bool(
+        len(positive)
+        and np.isfinite(numbers).all()
+        and numbers.min() >= 0
+        and positive.max() / positive.min() >= LOG_RANGE
+    )
+
+
 _NOT_METRICS = {
     "study", "dataset", "objective", "mode", "run_id", "run_name", "trial", "loss", "stage", "state",
-    "wall_seconds", "cpu", "gpu", "cpu_hours", "gpu_hours", "lr", "loss_lr",
+    "wall_seconds", "cpu", "gpu", "cpu_hours", "gpu_hours", "lr", "loss_lr", "trial_metrics", "log_params",
 }  # fmt: skip

@@ -21,13 +21,14 @@ from analysis.report import Section, environment_info, render_html
 from analysis.runs import find_parent, load_history, load_parent_config, load_runs
 from analysis.tables import export, formatted, protocol_text, write_tables
 from study.storage import Storage
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State
 
 ARTIFACTS = "report"  # folder of the parent run's artifacts
 
 
 def hyperparameter_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Importance and sensitivity of every searched loss, one frame each, with a ``loss`` column."""
-    losses = runs.loc[runs["stage"] == "search", "loss"].unique()
+    losses = runs.loc[runs["stage"] == Stage.SEARCH, "loss"].unique()
     parts = [(loss, importance(runs, loss, objective), sensitivity(runs, loss, objective)) for loss in losses]
     imp = [frame.assign(loss=loss) for loss, frame, _ in parts if len(frame)]
     sens = [frame.assign(loss=loss) for loss, _, frame in parts if len(frame)]
@@ -42,14 +43,16 @@ def hyperparameter_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFr
 def best_embeddings(runs: pd.DataFrame, objective: str, tracking_uri: str | None) -> dict:
     """Per loss, the test embeddings (and labels) of its best final-stage run, where they were kept."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    final = runs[(runs["stage"] == "final") & (runs["state"] == "COMPLETE")].dropna(subset=[objective])
+    final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE)].dropna(subset=[objective])
     found = {}
     for loss, group in final.groupby("loss"):
         run_id = group.loc[group[objective].idxmax(), "run_id"]
-        if "embeddings.npz" not in {a.path for a in client.list_artifacts(run_id)}:
+        if EMBEDDINGS_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
             continue
         with tempfile.TemporaryDirectory() as folder:
-            data = np.load(io.BytesIO(Path(client.download_artifacts(run_id, "embeddings.npz", folder)).read_bytes()))
+            data = np.load(
+                io.BytesIO(Path(client.download_artifacts(run_id, EMBEDDINGS_ARTIFACT, folder)).read_bytes())
+            )
             found[loss] = (data["test"], data["test_labels"])
     return found
 
@@ -76,7 +79,7 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
     figures["optimization_history"] = plots.optimization_history(runs, objective)
     figures["learning_curves"] = plots.learning_curves(runs, history, objective)
     slices = {}
-    for loss in sorted(runs.loc[runs["stage"] == "search", "loss"].unique()):
+    for loss in sorted(runs.loc[runs["stage"] == Stage.SEARCH, "loss"].unique()):
         figure = plots.hyperparameter_slices(runs, loss, objective)
         if figure is not None:
             slices[loss] = figures[f"slices_{loss}"] = figure
@@ -87,9 +90,9 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
     features = "FEATURE MODE: the trunk was frozen; only the embedding head and the loss trained. "
     mode = features if runs["mode"].iloc[0] == "features" else ""
     overview = (
-        f"Study {name} on {runs['dataset'].iloc[0]}: {len(runs[runs['stage'] == 'search'])} search trials over "
-        f"{runs.loc[runs['stage'] == 'search', 'loss'].nunique()} losses, objective {objective} on the validation "
-        f"classes; {len(runs[runs['stage'] == 'final'])} final-stage runs on the test classes. "
+        f"Study {name} on {runs['dataset'].iloc[0]}: {len(runs[runs['stage'] == Stage.SEARCH])} search trials over "
+        f"{runs.loc[runs['stage'] == Stage.SEARCH, 'loss'].nunique()} losses, objective {objective} on the validation "
+        f"classes; {len(runs[runs['stage'] == Stage.FINAL])} final-stage runs on the test classes. "
         f"{mode}"
         f"Cost: {cost['cpu_hours']:.2f} CPU-hours, {cost['gpu_hours']:.2f} GPU-hours (wall time × resources per trial)."
         "\n\nBold: the best value of each column. Final-stage cells are mean ± 95% CI over seeds (Student's t); "

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.runs import best_trial, loss_metrics
 from study.storage import Storage
+from study.vocab import Stage, State
 
 FIXED_METRICS = ["nmi", "map_at_r", "r_precision"]
-# What losses report about their own parameters (trial_metrics()): SoftTriple, Proxy Anchor.
-LOSS_METRICS = ["effective_centers", "proxy_abs_cos"]
 _COST_COLUMNS = ["cpu_hours", "gpu_hours"]
 COUNTS = ["trials", "complete", "pruned", "failed", "seeds", "runs"]
 LR_COLUMNS = ["lr", "loss_lr"]  # the effective learning rates of a trial (backbone, the loss's own parameters)
@@ -64,35 +64,35 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
 
     Columns: loss, trials, complete, pruned, failed, the metrics, the best trial's learning rates (``lr``
     of the backbone, ``loss_lr`` of the loss's own parameters — the same for every loss unless the
-    study searched them), hyperparameters and loss metrics (``LOSS_METRICS``) as ``name=value`` text,
+    study searched them), hyperparameters and loss metrics (:func:`analysis.runs.loss_metrics`: what
+    the losses report about their own parameters) as ``name=value`` text,
     cpu_hours, gpu_hours, mode.
     """
     metrics = metric_columns(runs)
     params = sorted(c for c in runs.columns if c.startswith("param."))
+    own_metrics = loss_metrics(runs)
     keys = _groups(runs)
     cost = _cost(runs, keys)
     rows = []
-    search = runs[runs["stage"] == "search"]
+    search = runs[runs["stage"] == Stage.SEARCH]
     for key, group in search.groupby(keys, sort=False):
-        complete = group[group["state"] == "COMPLETE"]
         row = dict(zip(keys, key, strict=True)) | {
             "trials": len(group),
-            "complete": len(complete),
-            "pruned": int((group["state"] == "PRUNED").sum()),
-            "failed": int((group["state"] == "FAIL").sum()),
+            "complete": int((group["state"] == State.COMPLETE).sum()),
+            "pruned": int((group["state"] == State.PRUNED).sum()),
+            "failed": int((group["state"] == State.FAIL).sum()),
         }
-        if len(complete):
-            best = complete.loc[complete[objective].idxmax()]
+        if (best := best_trial(group, row["loss"], objective)) is not None:
             row |= {m: best.get(m) for m in metrics} | {c: best.get(c) for c in LR_COLUMNS}
             row["hyperparameters"] = ", ".join(
                 f"{p.removeprefix('param.')}={_short(best[p])}" for p in params if pd.notna(best[p])
             )
             row["loss metrics"] = ", ".join(
-                f"{m}={_short(best[m])}" for m in LOSS_METRICS if m in best and pd.notna(best[m])
+                f"{m}={_short(best[m])}" for m in own_metrics if m in best and pd.notna(best[m])
             )
         row |= cost.get(key, {})
         rows.append(row)
-    for _, base in runs[runs["stage"] == "baseline"].iterrows():
+    for _, base in runs[runs["stage"] == Stage.BASELINE].iterrows():
         rows.append(
             {k: base.get(k) for k in keys} | {"loss": "untrained", "trials": 0} | {m: base.get(m) for m in metrics}
         )
@@ -132,20 +132,20 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     keys = _groups(runs)
     cost = _cost(runs, keys)
     rows, samples = [], {}
-    done = runs[runs["state"] == "COMPLETE"]
-    for stage, suffix in (("final", ""), ("ensemble", " (ensemble)")):
+    done = runs[runs["state"] == State.COMPLETE]
+    for stage, suffix in ((Stage.FINAL, ""), (Stage.ENSEMBLE, " (ensemble)")):
         for key, group in done[done["stage"] == stage].groupby(keys, sort=False):
             per_seed = seed_means(group, metrics)
             row = dict(zip(keys, key, strict=True)) | {"seeds": len(per_seed), "runs": len(group)}
-            row["protocol"] = "folds" if stage == "ensemble" or _per_fold(group) else "all classes"
+            row["protocol"] = "folds" if stage == Stage.ENSEMBLE or _per_fold(group) else "all classes"
             row["loss"] += suffix
             for metric in metrics:
                 row[metric], row[f"{metric}_ci"] = mean_ci(per_seed[metric].to_numpy())
-            if stage == "final":
+            if stage == Stage.FINAL:
                 row |= cost.get(key, {})
             samples[tuple(row[k] for k in keys)] = per_seed[objective].to_numpy()
             rows.append(row)
-    for _, base in runs[runs["stage"] == "baseline"].iterrows():  # the untrained network, tested once
+    for _, base in runs[runs["stage"] == Stage.BASELINE].iterrows():  # the untrained network, tested once
         if f"test_{objective}" in base and pd.notna(base[f"test_{objective}"]):
             untrained = {k: base.get(k) for k in keys} | {"loss": "untrained", "seeds": 1, "runs": 1}
             rows.append(untrained | {m: base.get(f"test_{m}") for m in metrics})
@@ -161,7 +161,7 @@ def _per_fold(runs: pd.DataFrame) -> bool:
 
 def protocol_text(runs: pd.DataFrame) -> str:
     """How the final stage trained, in a sentence for the tables' captions."""
-    final = runs[runs["stage"] == "final"]
+    final = runs[runs["stage"] == Stage.FINAL]
     if _per_fold(final):
         return (
             "one model per validation fold on that fold's training classes (the Reality Check protocol): a seed's "

@@ -56,23 +56,34 @@ def resume_(
 
 
 def _resume(storage: Storage, given) -> None:
-    """Resume from the study folder's own config.yaml; a study file given with it must agree."""
-    from study.config import ConfigError, parse_study
-    from study.tune import PARENT_RUN_FILE
+    """Resume from the study folder's own config.yaml; a study file given with it must agree.
+
+    config.yaml holds secrets (database and tracking URLs) redacted: a study file given brings the
+    real values; otherwise each redacted one comes from its environment variable
+    (``DML_STUDY_OPTUNA_STORAGE``, ``MLFLOW_TRACKING_URI``)."""
+    from study.config import ConfigError, parse_study, restore_secrets
+    from study.vocab import CONFIG_FILE, PARENT_RUN_FILE
 
     if not _exists(storage.child(PARENT_RUN_FILE)):
         _fail(f"{storage}: not a study folder that can be resumed (no {PARENT_RUN_FILE}; expected runs/<study>)")
     # a local folder may have been reached from another working directory; a URI is absolute
     overrides = [f"output_dir={Path(storage.root).parent}"] if storage.is_local else []
+    source = f"{storage}/{CONFIG_FILE}"
     try:
-        cfg = parse_study(storage.child("config.yaml").read_text(), f"{storage}/config.yaml", overrides)
+        cfg = parse_study(storage.child(CONFIG_FILE).read_text(), source, overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    if given is not None:
-        saved, now = (c.model_dump(mode="json", exclude={"output_dir"}) for c in (cfg, given))
+    if given is not None:  # compared without secrets: the saved ones are redacted
+        saved, now = ({k: v for k, v in c.public_dump().items() if k != "output_dir"} for c in (cfg, given))
         changed = [k for k in saved if saved[k] != now[k]]
         if changed:
             _fail(f"{storage}: the study file differs from the study being resumed in '{changed[0]}'")
+        cfg = given.model_copy(update={"output_dir": cfg.output_dir})  # the file's real secrets
+    else:
+        try:
+            cfg = restore_secrets(cfg, os.environ)
+        except ConfigError as exc:
+            _fail(f"{source}: {exc}, or resume with the study file: dml-study run STUDY_FILE --resume")
     _check_tracking(cfg)
     _run(cfg, resume=True)
 
@@ -97,8 +108,8 @@ def _run(cfg, resume: bool) -> None:
     from analysis.runs import load_runs
     from analysis.tables import write_tables
     from study.data.images import UnreadableImageError
+    from study.stages import RayAddressError, run_study
     from study.tracking import resolve_tracking_uri
-    from study.tune import RayAddressError, run_study
 
     try:
         run_study(cfg, say=lambda line: typer.echo(line), resume=resume)

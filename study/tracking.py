@@ -14,11 +14,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from pydantic import SecretStr
+
+from study.redaction import redact
 
 TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
 TAG_STUDY = "dml_study.study"
@@ -31,21 +34,19 @@ TAG_ERROR = "dml_study.error"
 # the learning rates a trial trained with (backbone, and the loss's own parameters): searched or the study's
 TAG_LR = "dml_study.lr"
 TAG_LOSS_LR = "dml_study.loss_lr"
+# comma-separated: the metrics the loss reports about itself (its registration), and the searched
+# hyperparameters sampled on a log scale (its search space) — what analysis needs without importing torch
+TAG_TRIAL_METRICS = "dml_study.trial_metrics"
+TAG_LOG_PARAMS = "dml_study.log_params"
 
 _STATUS = {"COMPLETE": RunStatus.FINISHED, "PRUNED": RunStatus.KILLED, "FAIL": RunStatus.FAILED}
 
 
-def resolve_tracking_uri(config_uri: str | None) -> str | None:
-    """``MLFLOW_TRACKING_URI`` if set, else the study config's, else None (MLflow's default)."""
+def resolve_tracking_uri(config_uri: SecretStr | str | None) -> str | None:
+    """``MLFLOW_TRACKING_URI`` if set, else the study config's (``tracking.uri``), else None (MLflow's default)."""
+    if isinstance(config_uri, SecretStr):
+        config_uri = config_uri.get_secret_value()
     return os.environ.get("MLFLOW_TRACKING_URI") or config_uri or None
-
-
-def redact(uri: str) -> str:
-    """``uri`` without a password or token in its user-info part, safe to print."""
-    parts = urlsplit(uri)
-    if not parts.password and not parts.username:
-        return uri
-    return urlunsplit(parts._replace(netloc=f"***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
 
 
 def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:

@@ -30,6 +30,7 @@ def test_best_complete_trial_per_loss_and_baseline_row():
     )
     runs.loc[1, "effective_centers"] = 3.25  # reported by the loss of the best ms trial
     runs.loc[0, "effective_centers"] = 9.0
+    runs["trial_metrics"] = ["effective_centers"] * 4 + [""] * 2  # the tag that says it is a loss metric
     runs["lr"], runs["loss_lr"] = 1e-3, [1e-3, 2e-3, 1e-3, 1e-3, 1e-3, np.nan]  # the trials' effective lrs
     table = comparison_table(runs, "map_at_r")
     assert list(table["loss"]) == ["ms", "ns", "untrained"]
@@ -43,6 +44,14 @@ def test_best_complete_trial_per_loss_and_baseline_row():
     assert table.iloc[2].map_at_r == 0.05
     md = to_markdown(table)
     assert "| ms " in md and "**0.5000**" in md and "alpha=3.25" in md  # the best value is marked
+
+
+def test_loss_metrics_come_from_the_trial_metrics_column():
+    runs = pd.DataFrame([_run("ms", "search", "COMPLETE", 0.5), _run("ns", "search", "COMPLETE", 0.4)])
+    runs["effective_centers"], runs["custom_metric"] = [3.0, np.nan], [np.nan, 0.25]
+    assert comparison_table(runs, "map_at_r")["loss metrics"].tolist() == ["", ""]  # untagged: not loss metrics
+    runs["trial_metrics"] = ["effective_centers", "custom_metric"]
+    assert comparison_table(runs, "map_at_r")["loss metrics"].tolist() == ["effective_centers=3", "custom_metric=0.25"]
 
 
 def test_loss_without_complete_trial_still_listed():

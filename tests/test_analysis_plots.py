@@ -200,6 +200,24 @@ def test_hyperparameter_slices_none_when_nothing_varies_and_symlog_with_zeros():
     assert plots.hyperparameter_slices(runs, "ns", "map_at_r").axes[0].get_xscale() == "symlog"
 
 
+def test_hyperparameter_slices_follow_the_log_params_tag():
+    runs = _runs().assign(log_params="")
+    runs.loc[runs["loss"] == "ms", "log_params"] = "beta,other"  # beta spans 4x, alpha 1000x
+    alpha, beta, _ = plots.hyperparameter_slices(runs, "ms", "map_at_r").axes
+    assert alpha.get_xscale() == "linear" and beta.get_xscale() == "log"
+    runs.loc[runs["loss"] == "ns", "log_params"] = "temperature"
+    runs.loc[(runs["loss"] == "ns") & (runs["stage"] == "search"), "param.temperature"] = ["0.0", "0.05", "0.5"]
+    assert plots.hyperparameter_slices(runs, "ns", "map_at_r").axes[0].get_xscale() == "symlog"  # 0 kept in view
+
+
+def test_search_trials_are_numbered_by_their_trial_key():
+    runs = _runs()
+    runs.loc[runs["trial"] == "ms/10", "trial"] = "not a key"
+    search = plots._search(runs)
+    assert search.loc[search["loss"] == "ms", "number"].tolist()[:6] == [0, 1, 2, 3, 4, 5]
+    assert np.isnan(search.loc[search["run_name"] == "ms-10", "number"].iloc[0])
+
+
 def test_learning_curves_draw_the_best_trials_history():
     epochs = [1, 2, 3]
     history = pd.DataFrame(

@@ -13,19 +13,10 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.tracking import TAG_ERROR, TAG_LOSS_LR, TAG_LR, TAG_STATE
-from study.tune import trial_state
 from tests.conftest import TINY_STUDY, write_study
 
 runner = CliRunner()
 OPTUNA_TO_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def test_trial_state():
-    assert trial_state({"map_at_r": 0.3, "epoch": 3}, False, 3, "map_at_r") == "COMPLETE"
-    assert trial_state({"map_at_r": 0.3, "epoch": 1}, False, 3, "map_at_r") == "PRUNED"
-    assert trial_state({"map_at_r": float("nan"), "epoch": 3}, False, 3, "map_at_r") == "FAIL"
-    assert trial_state({"map_at_r": 0.3, "epoch": 3}, True, 3, "map_at_r") == "FAIL"
-    assert trial_state(None, False, 3, "map_at_r") == "FAIL"
 
 
 def test_study_end_to_end(workdir, ray_instance):

@@ -29,6 +29,7 @@ from analysis.claims import check_claims
 from analysis.runs import load_history, load_runs
 from analysis.study_report import hyperparameter_tables
 from analysis.tables import comparison_table, final_table, to_markdown
+from study.vocab import Stage
 
 STUDY = os.environ.get("DML_STUDY_NAME", "quickstart")
 runs = load_runs(STUDY, os.environ.get("MLFLOW_TRACKING_URI"))
@@ -75,7 +76,7 @@ figures = {
     "recall_at_k": plots.recall_at_k_curves(runs, objective),
     "learning_curves": plots.learning_curves(runs, history, objective),
 }
-for loss in sorted(runs.loc[runs["stage"] == "search", "loss"].unique()):
+for loss in sorted(runs.loc[runs["stage"] == Stage.SEARCH, "loss"].unique()):
     figure = plots.hyperparameter_slices(runs, loss, objective)
     if figure is not None:
         figures[f"slices_{loss}"] = figure

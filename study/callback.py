@@ -1,0 +1,88 @@
+"""Ray Tune → MLflow, on the driver: every trial of every stage mirrored into its child run.
+
+A trial's run is keyed by its :class:`~study.vocab.TrialKey` (a tag), so a retried or resumed trial
+continues its run and no epoch is logged twice. When a trial ends its test embeddings (final stage)
+are attached to the run and its checkpoint folder is deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ray import tune
+
+from study.config import StudyConfig
+from study.losses import declared_trial_metrics, has_parameters, loss_hyperparameters
+from study.search_space import SearchSpace
+from study.spec import DIVERGED, SPEC, Outcome, TrialSpec, result_metrics
+from study.tracking import TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_file
+
+
+class TrackingCallback(tune.Callback):
+    """Logs each trial of the losses in ``spaces`` to its MLflow child run through ``tracker``
+    (a :class:`~study.tracking.StudyTracker`, or anything with its methods)."""
+
+    def __init__(self, tracker, cfg: StudyConfig, spaces: dict[str, SearchSpace], say: Callable[[str], None]):
+        self.tracker, self.cfg, self.spaces, self.say = tracker, cfg, spaces, say
+        self.objective = cfg.search.objective
+        # tags every run of a loss carries: its own trial metrics, its log-scale parameters
+        self._loss_tags = {
+            loss: {
+                TAG_TRIAL_METRICS: ",".join(declared_trial_metrics(loss)),
+                TAG_LOG_PARAMS: ",".join(name for name, p in space.params.items() if p.log),
+            }
+            for loss, space in spaces.items()
+        }
+        self._has_parameters = {loss: has_parameters(loss) for loss in spaces}
+
+    def _start(self, spec: TrialSpec) -> None:
+        train = spec.train
+        resolved = {
+            "loss": spec.loss,
+            "loss_params": {**loss_hyperparameters(spec.loss), **spec.loss_kwargs},
+            "train": train.model_dump(mode="json"),
+            **self.cfg.model_dump(mode="json", include={"dataset", "model", "resources"}),
+            "seed": spec.seed,
+            "fold": spec.fold,
+        }
+        tags = {TAG_LR: str(train.lr), **self._loss_tags[spec.loss]}
+        if self._has_parameters[spec.loss]:  # the lr its own parameters (proxies, centers) trained with
+            tags[TAG_LOSS_LR] = str(train.lr * train.loss_lr_mult)
+        self.tracker.start_trial(
+            str(spec.key), spec.loss, spec.key.stage, spec.params, spec.key.run_name, resolved, tags=tags
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._start(trial.config[SPEC])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if DIVERGED in result:  # the trial's last word; logged when it completes
+            return
+        key = trial.config[SPEC].key
+        self.tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))
+        value = result.get(self.objective)
+        shown = f"{self.objective}={value:.4f}" if value is not None else f"loss={result['train_loss']:.4f}"
+        self.say(f"  {key} epoch {result['epoch']}: {shown}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        spec = trial.config[SPEC]
+        self._end(spec, Outcome.of(spec, trial.last_result, self.objective))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        spec = trial.config[SPEC]
+        self._start(spec)  # a no-op unless the trial failed before it was reported started
+        path = Path(trial.error_file) if trial.error_file else None
+        trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
+        self._end(spec, Outcome.of(spec, trial.last_result, self.objective, error=trace))
+
+    def _end(self, spec: TrialSpec, outcome: Outcome) -> None:
+        key, storage = spec.key, self.cfg.storage
+        embeddings = embeddings_file(storage, key)
+        if key.stage is Stage.FINAL and embeddings.exists():  # for the report's projection of test embeddings
+            self.tracker.log_file(str(key), EMBEDDINGS_ARTIFACT, embeddings.read_bytes())
+        self.tracker.end_trial(str(key), outcome.state, error=outcome.error)
+        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
+        checkpoint_dir(storage, key).delete()
+        self.say(f"  {key}: {outcome.state}")

@@ -1,0 +1,95 @@
+"""A trial's contract: the frozen spec the driver resolves once, and the typed outcome it ends with.
+
+The driver turns a sampled point (search) or the best point with a new seed (final stage) into a
+:class:`TrialSpec` — loss, loss keyword arguments, the trial's training recipe, seed, fold and key —
+and hands it to Ray as the trial's one config value. The worker runs it, the tracking callback logs
+it and the searcher tells Optuna its :class:`Outcome`; none of them resolves anything again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from study.config import StudyConfig, TrainConfig
+from study.search_space import SearchSpace
+from study.vocab import State, TrialKey
+
+SPEC = "spec"  # the one key of a trial's Ray config
+DIVERGED = "diverged"  # result key of a trial stopped by a non-finite loss: the reason, as text
+# What Ray adds to every result; everything else a trial reports is a metric of the trial.
+NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag", DIVERGED}
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial runs with, resolved on the driver."""
+
+    key: TrialKey
+    loss_kwargs: dict[str, Any]  # the loss's keyword arguments: sampled, the rest take the loss's defaults
+    train: TrainConfig  # the study's recipe with the trial's sampled overrides (and the final stage's epochs)
+    seed: int
+    params: dict[str, Any] = field(default_factory=dict)  # the sampled values as MLflow params
+
+    @property
+    def loss(self) -> str:
+        return self.key.loss
+
+    @property
+    def fold(self) -> int | None:
+        return self.key.fold
+
+    def __str__(self) -> str:  # what Ray prints and names the trial's folder after
+        return str(self.key)
+
+
+def search_spec(cfg: StudyConfig, space: SearchSpace, number: int, optuna_params: dict) -> TrialSpec:
+    """Search trial ``number`` of ``space``'s loss, from its Optuna parameters."""
+    values = space.from_optuna(optuna_params)
+    loss_kwargs, overrides = space.split(values)
+    key = TrialKey.search(space.loss, number)
+    return TrialSpec(key, loss_kwargs, cfg.train.model_copy(update=overrides), cfg.seed, values)
+
+
+def final_spec(cfg: StudyConfig, space: SearchSpace, optuna_params: dict, seed: int, fold: int | None) -> TrialSpec:
+    """A final-stage run of the point ``optuna_params`` (the best search trial's) with a new seed."""
+    values = space.from_optuna(optuna_params)
+    loss_kwargs, overrides = space.split(values)
+    train = cfg.train.model_copy(update={**overrides, "epochs": cfg.final.epochs or cfg.train.epochs})
+    params = values | {"seed": seed} | ({} if fold is None else {"fold": fold})
+    return TrialSpec(TrialKey.final(space.loss, seed, fold), loss_kwargs, train, seed, params)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended: its state, its objective value (COMPLETE only) and the error, if any."""
+
+    state: State
+    value: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, spec: TrialSpec, result: dict | None, objective: str, error: str | None = None) -> Outcome:
+        """COMPLETE (every epoch ran, the objective is finite), PRUNED (stopped early by the
+        scheduler) or FAIL (raised: ``error``; diverged; or no finite objective)."""
+        result = result or {}
+        if error is not None or DIVERGED in result:
+            return cls(State.FAIL, error=error or result[DIVERGED])
+        value = result.get(objective)
+        if value is None or not math.isfinite(value):
+            return cls(State.FAIL, error=f"no finite {objective} was reported")
+        if result.get("epoch", 0) < spec.train.epochs:
+            return cls(State.PRUNED, value)
+        return cls(State.COMPLETE, value)
+
+
+def result_metrics(result: dict) -> dict[str, float]:
+    """The metrics in a trial's result: its numbers, without what Ray adds."""
+    return {
+        k: v
+        for k, v in result.items()
+        if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

@@ -1,0 +1,272 @@
+"""The study's stages, orchestrated from the driver: baseline → each loss's search → each loss's
+final stage (and, with folds, its ensembles).
+
+A search is one Ray Tune run per loss: :class:`~study.searcher.StudySearcher` (Optuna TPE) suggests,
+ASHA stops the weak early, :class:`~study.callback.TrackingCallback` logs to MLflow, and
+:func:`study.worker.run_spec` trains. The paper defaults are the first trial of every loss. A final
+stage retrains the loss's best search trial with new seeds. Work that needs the data runs as a Ray
+task with a trial's resources; the driver only schedules and logs.
+
+Resume: a study continued in its folder keeps its finished trials, hands the trials its dead driver
+left RUNNING in Optuna to Ray again (they continue from their last epoch) and first repairs what a
+driver killed between telling Optuna and MLflow left behind (:func:`close_finished_runs`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from study import worker
+from study.callback import TrackingCallback
+from study.config import StudyConfig, search_spaces
+from study.data.images import UnreadableImageError
+from study.search_space import SearchSpace
+from study.searcher import StudySearcher
+from study.spec import SPEC, final_spec, result_metrics, search_spec
+from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
+from study.train import load_state
+from study.vocab import (
+    CONFIG_FILE,
+    OPTUNA_JOURNAL,
+    PARENT_RUN_FILE,
+    RAY_RESULTS,
+    Stage,
+    State,
+    TrialKey,
+    checkpoint_dir,
+)
+
+Say = Callable[[str], None]
+
+
+class RayAddressError(ValueError):
+    """RAY_ADDRESS names something ``ray.init`` cannot join."""
+
+
+def init_ray() -> None:
+    """Join the cluster RAY_ADDRESS names (set by ``ray job submit`` or the user), else start a local
+    instance ("local": never attach by surprise to another Ray on this machine) on loopback only."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise RayAddressError(
+            f"RAY_ADDRESS={address} is a dashboard (job submission) address; dml-study needs the "
+            "cluster's address: host:6379, ray://host:10001 or auto"
+        )
+    # a diverged trial's last result names the reason instead of the objective (see study.spec.Outcome)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if ray.is_initialized():
+        return
+    local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    ray.init(address=address or "local", include_dashboard=False, logging_level="warning", **local)
+
+
+def optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
+    """``search.optuna_storage`` (a database shared by many drivers), else a journal file in the
+    study folder (a local or shared folder: checked in config)."""
+    if cfg.search.optuna_storage:
+        return optuna.storages.RDBStorage(cfg.search.optuna_storage.get_secret_value())
+    journal = Path(cfg.storage.root) / OPTUNA_JOURNAL
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+
+
+def optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # no such study yet
+        return []
+
+
+def _tuner(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker, say: Say, name: str, **tune_config) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(worker.run_spec, cfg=cfg), {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_config.pop("param_space", None),
+        tune_config=tune.TuneConfig(
+            reuse_actors=True, trial_dirname_creator=lambda trial: trial.config[SPEC].key.run_name, **tune_config
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=cfg.storage.child(RAY_RESULTS).root,
+            storage_filesystem=cfg.storage.fs,
+            verbose=0,
+            callbacks=[TrackingCallback(tracker, cfg, spaces, say)],
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
+        ),
+    )
+
+
+def search(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say) -> None:
+    """Run what is left of ``space``'s loss's search (``search.trials_per_loss`` in all)."""
+    storage = optuna_storage(cfg)
+    study_name = f"{cfg.name}.{space.loss}"
+    earlier = optuna_trials(storage, study_name)  # a resumed study: what its earlier drivers left
+    finished = [t for t in earlier if t.state.is_finished()]
+    close_finished_runs(tracker, cfg, space.loss, finished)
+    remaining = cfg.search.trials_per_loss - len(finished)
+    say(f"searching {space.loss}: {remaining} of {cfg.search.trials_per_loss} trials to run")
+    if remaining <= 0:
+        return
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed + len(earlier)),  # a resumed search draws anew
+        load_if_exists=True,
+    )
+    searcher = StudySearcher(
+        study,
+        space,
+        lambda number, params: search_spec(cfg, space, number, params),
+        cfg.search.objective,
+        first=None if earlier else space.to_optuna(space.defaults()),
+    )
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=cfg.train.epochs,
+        grace_period=cfg.search.grace_period,
+        reduction_factor=cfg.search.reduction_factor,
+    )
+    tuner = _tuner(
+        cfg,
+        {space.loss: space},
+        tracker,
+        say,
+        space.loss,
+        metric=cfg.search.objective,
+        mode="max",
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent),
+        scheduler=scheduler,
+        num_samples=remaining,
+    )
+    tuner.fit()
+    # A pruned trial's worker may still write one more epoch after the callback deleted its folder.
+    for trial in optuna_trials(storage, study_name):
+        if trial.state.is_finished():
+            checkpoint_dir(cfg.storage, TrialKey.search(space.loss, trial.number)).delete()
+
+
+def final_seeds(cfg: StudyConfig) -> list[int]:
+    """The final stage's seeds: never the search's own seed."""
+    return [cfg.seed + 1 + i for i in range(cfg.final.seeds)]
+
+
+def final(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say) -> None:
+    """Retrain the loss's best configuration with each seed on every training class (``final.train_on:
+    all``) or per fold, and test it once; per fold, then evaluate each seed's ensemble of its fold models."""
+    trials = optuna_trials(optuna_storage(cfg), f"{cfg.name}.{space.loss}")
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete or not cfg.final.seeds:
+        say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
+        return
+    best = max(complete, key=lambda t: t.value)
+    folds = list(range(cfg.dataset.folds)) if cfg.final.train_on == "folds" else [None]
+    specs = [final_spec(cfg, space, best.params, seed, fold) for seed in final_seeds(cfg) for fold in folds]
+    todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
+    say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(specs)} runs to train")
+    if todo:
+        limit = {"max_concurrent_trials": cfg.search.max_concurrent}
+        name = f"{space.loss}-final"
+        _tuner(cfg, {space.loss: space}, tracker, say, name, param_space={SPEC: tune.grid_search(todo)}, **limit).fit()
+    if cfg.final.train_on == "folds":
+        for seed in final_seeds(cfg):
+            ensemble(cfg, space.loss, seed, folds, tracker, say)
+
+
+def state_of(tracker: StudyTracker, key: TrialKey) -> str | None:
+    """The state MLflow holds for run ``key``; None if it has no run."""
+    run = tracker.find_trial(str(key))
+    return None if run is None else run.data.tags.get(TAG_STATE)
+
+
+def _remote(cfg: StudyConfig, function, *args):
+    """``function(*args)`` as a Ray task with a trial's resources (the driver may have no GPU)."""
+    task = ray.remote(function).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
+    return ray.get(task.remote(*args))
+
+
+def ensemble(cfg: StudyConfig, loss: str, seed: int, folds: list[int], tracker: StudyTracker, say: Say) -> None:
+    """Seed ``seed``'s fold models' ensemble, evaluated on a worker and logged as its own run."""
+    key = TrialKey.ensemble(loss, seed)
+    if state_of(tracker, key) == State.COMPLETE:
+        return
+    result = _remote(cfg, worker.ensemble, cfg.storage, loss, seed, folds)
+    if isinstance(result, str):
+        say(f"  {key}: {result}, no ensemble")
+        return
+    tracker.start_trial(str(key), loss, Stage.ENSEMBLE, {"seed": seed, "folds": len(folds)}, key.run_name)
+    tracker.log_metrics(str(key), result, step=0)
+    tracker.end_trial(str(key), State.COMPLETE)
+    say(f"  {key}: {cfg.search.objective}={result[cfg.search.objective]:.4f}")
+
+
+def close_finished_runs(
+    tracker: StudyTracker, cfg: StudyConfig, loss: str, finished: list[optuna.trial.FrozenTrial]
+) -> None:
+    """A driver killed between telling Optuna and MLflow leaves a finished trial's run RUNNING:
+    log the epochs its checkpoint holds and end the run with Optuna's state."""
+    for trial in finished:
+        key = TrialKey.search(loss, trial.number)
+        run = tracker.find_trial(str(key))
+        if run is None or run.info.status != "RUNNING":
+            continue
+        tracker.start_trial(str(key), loss, Stage.SEARCH, {}, run.info.run_name)
+        state = load_state(checkpoint_dir(cfg.storage, key))
+        for result in state["history"] if state else []:
+            tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))
+        tracker.end_trial(str(key), State(trial.state.name))
+
+
+def baseline(cfg: StudyConfig, tracker: StudyTracker, say: Say) -> None:
+    """The untrained network's validation metrics (mean over folds) and test metrics (``test_<metric>``)."""
+    key = TrialKey.baseline()
+    if state_of(tracker, key) == State.COMPLETE:
+        return
+    try:  # the first to read the images: an unreadable one stops the study, named, before any trial
+        val, test = _remote(cfg, worker.untrained, cfg)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UnreadableImageError):
+            raise exc.cause from None
+        raise
+    tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained")
+    tracker.log_metrics(str(key), val | {f"test_{k}": v for k, v in test.items()}, step=0)
+    tracker.end_trial(str(key), State.COMPLETE)
+    say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
+
+
+def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> StudyTracker:
+    """Run every stage of the study; the study folder gets config.yaml, the Optuna journal,
+    checkpoints and Ray results. With ``resume`` the study in that folder continues: finished trials
+    are kept, unfinished ones go on from their last epoch, and the parent MLflow run is reused."""
+    spaces = search_spaces(cfg)
+    storage = cfg.storage
+    init_ray()  # before anything is written: a wrong cluster address leaves no trace
+    tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
+    if resume:
+        tracker.resume(storage.child(PARENT_RUN_FILE).read_text().strip())
+    else:
+        storage.fs.create_dir(storage.root, recursive=True)
+        config = cfg.public_dump()  # credentials redacted: the file and MLflow never see them
+        storage.child(CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        storage.child(PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
+    failed = True
+    try:
+        baseline(cfg, tracker, say)
+        for space in spaces.values():
+            search(cfg, space, tracker, say)
+        for space in spaces.values():
+            final(cfg, space, tracker, say)
+        failed = False
+    finally:
+        tracker.finish(failed=failed)
+    return tracker

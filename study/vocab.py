@@ -1,0 +1,131 @@
+"""The study's shared vocabulary: trial states, stages, trial keys and the study folder's layout.
+
+Imports neither torch, Ray nor MLflow: the pipeline (``study``) and the analysis (``analysis``) both
+speak it, so a state, a stage or a key is spelled in this one place.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from study.storage import Storage
+
+
+class State(StrEnum):
+    """How a trial ended (MLflow tag ``dml_study.state``); RUNNING while it has not."""
+
+    COMPLETE = "COMPLETE"  # ran every epoch
+    PRUNED = "PRUNED"  # stopped early by the scheduler (ASHA)
+    FAIL = "FAIL"  # raised, or its loss or metrics became non-finite
+    RUNNING = "RUNNING"
+
+
+class Stage(StrEnum):
+    """What a run is for (MLflow tag ``dml_study.stage``)."""
+
+    BASELINE = "baseline"  # the untrained network, evaluated once
+    SEARCH = "search"  # one hyperparameter trial, scored on validation classes
+    FINAL = "final"  # the best trial's configuration retrained with a new seed, tested once
+    ENSEMBLE = "ensemble"  # one seed's fold models, their embeddings concatenated, tested once
+
+
+@dataclass(frozen=True, order=True)
+class TrialKey:
+    """A run's identity within a study: its MLflow tag, run name and folder all derive from it.
+
+    Spelled ``baseline``, ``<loss>/<number>`` (search: the Optuna trial number),
+    ``<loss>/final/s<seed>`` (``-f<fold>`` when trained on one fold) and ``<loss>/ensemble/s<seed>``.
+    """
+
+    stage: Stage
+    loss: str | None = None
+    number: int | None = None
+    seed: int | None = None
+    fold: int | None = None
+
+    @classmethod
+    def baseline(cls) -> TrialKey:
+        return cls(Stage.BASELINE)
+
+    @classmethod
+    def search(cls, loss: str, number: int) -> TrialKey:
+        return cls(Stage.SEARCH, loss, number=number)
+
+    @classmethod
+    def final(cls, loss: str, seed: int, fold: int | None = None) -> TrialKey:
+        return cls(Stage.FINAL, loss, seed=seed, fold=fold)
+
+    @classmethod
+    def ensemble(cls, loss: str, seed: int) -> TrialKey:
+        return cls(Stage.ENSEMBLE, loss, seed=seed)
+
+    def __str__(self) -> str:
+        if self.stage is Stage.BASELINE:
+            return "baseline"
+        if self.stage is Stage.SEARCH:
+            return f"{self.loss}/{self.number}"
+        fold = "" if self.fold is None else f"-f{self.fold}"
+        return f"{self.loss}/{self.stage}/s{self.seed}{fold}"
+
+    @classmethod
+    def parse(cls, text: str) -> TrialKey:
+        """The key spelled ``text`` (the inverse of ``str``); ValueError for anything else."""
+        parts = text.split("/")
+        try:
+            if parts == ["baseline"]:
+                return cls.baseline()
+            if len(parts) == 2 and parts[1].isdigit():
+                return cls.search(parts[0], int(parts[1]))
+            if len(parts) == 3 and parts[2].startswith("s") and parts[1] in (Stage.FINAL, Stage.ENSEMBLE):
+                seed, _, fold = parts[2][1:].partition("-f")
+                key = cls(Stage(parts[1]), parts[0], seed=int(seed), fold=int(fold) if fold else None)
+                if str(key) == text:
+                    return key
+        except ValueError:
+            pass
+        raise ValueError(f"not a trial key: {text!r}")
+
+    @property
+    def run_name(self) -> str:
+        """The MLflow run name: the key with dashes (a slash reads as a path in the UI)."""
+        return str(self).replace("/", "-")
+
+
+# The study folder (``<output_dir>/<study>``): what lives where.
+CONFIG_FILE = "config.yaml"  # the study's resolved configuration, secrets redacted: what resume reads
+PARENT_RUN_FILE = "mlflow_run_id"  # the study's parent MLflow run
+OPTUNA_JOURNAL = "optuna.journal"  # Optuna's storage unless search.optuna_storage names a database
+RAY_RESULTS = "ray"  # Ray Tune's experiment folders
+CHECKPOINT_FILE = "trial.pt"  # inside a trial's checkpoint folder
+
+
+def checkpoint_dir(storage: Storage, key: TrialKey) -> Storage:
+    """A trial's checkpoint folder: ``checkpoints/<key>``; deleted once the trial has ended."""
+    return storage.child("checkpoints", *str(key).split("/"))
+
+
+def embeddings_file(storage: Storage, key: TrialKey) -> Storage:
+    """A final-stage run's test embeddings: ``embeddings/<key>.npz`` (for ensembles and plots)."""
+    *folders, name = str(key).split("/")
+    return storage.child("embeddings", *folders, f"{name}.npz")
+
+
+EMBEDDINGS_ARTIFACT = "embeddings.npz"  # the same file, attached to the final run in MLflow
+
+
+def embeddings_bytes(saved: dict[str, np.ndarray]) -> bytes:
+    """Test embeddings as ``.npz`` bytes: ``test``, ``test_labels``, ``ks`` (the Recall@K list) and,
+    with a query/gallery protocol, ``gallery`` and ``gallery_labels``."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **saved)
+    return buffer.getvalue()
+
+
+def read_embeddings(data: bytes) -> dict[str, np.ndarray]:
+    """The inverse of :func:`embeddings_bytes`."""
+    with np.load(io.BytesIO(data)) as npz:
+        return {name: npz[name] for name in npz.files}

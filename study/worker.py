@@ -1,0 +1,73 @@
+"""What runs on Ray's workers: a trial from its spec, the untrained baseline, a fold ensemble.
+
+The driver may have no GPU and no dataset nearby; everything that touches the data or a model runs
+here, with a trial's resources. Results travel back through ``tune.report`` (trials) or as a task's
+return value (baseline, ensemble); test embeddings through the study folder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from ray import tune
+
+from study import metrics
+from study.config import StudyConfig
+from study.spec import DIVERGED, SPEC
+from study.storage import Storage
+from study.train import NonFiniteLossError, evaluate_untrained, load_data, run_final, run_trial, set_threads
+from study.vocab import Stage, TrialKey, checkpoint_dir, embeddings_bytes, embeddings_file, read_embeddings
+
+
+def run_spec(config: dict, *, cfg: StudyConfig) -> None:
+    """Ray Tune's trainable: the trial ``config[SPEC]`` — a search trial, or a final-stage run that
+    also leaves its test embeddings in the study folder. A non-finite loss ends it at once (a retry
+    would diverge again) with a result that names the reason."""
+    spec = config[SPEC]
+    set_threads(cfg.resources.cpu)
+    data = load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
+    folder = checkpoint_dir(cfg.storage, spec.key)
+    model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
+    try:
+        if spec.key.stage is Stage.SEARCH:
+            run_trial(model, loss, kwargs, spec.train, data, seed=spec.seed, report=tune.report, checkpoint_dir=folder)
+            return
+        _, saved = run_final(
+            model,
+            loss,
+            kwargs,
+            spec.train,
+            data,
+            seed=spec.seed,
+            fold=spec.fold,
+            report=tune.report,
+            checkpoint_dir=folder,
+        )
+        embeddings_file(cfg.storage, spec.key).write_bytes(embeddings_bytes(saved))
+    except NonFiniteLossError as exc:
+        tune.report({DIVERGED: f"{type(exc).__name__}: {exc}"})
+
+
+def untrained(cfg: StudyConfig) -> tuple[dict, dict]:
+    """The untrained network's validation metrics (mean over folds) and test metrics."""
+    set_threads(cfg.resources.cpu)
+    return evaluate_untrained(cfg.model, cfg.train, load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed), cfg.seed)
+
+
+def ensemble(storage: Storage, loss: str, seed: int, folds: list[int]) -> dict[str, float] | str:
+    """Reality Check's ensemble of one seed's fold models: their test embeddings concatenated (each
+    block unit-norm, the whole scaled back to unit norm), evaluated like one model's. Returns the
+    metrics, or why there are none (a fold's run left no embeddings)."""
+    parts = []
+    for fold in folds:
+        path = embeddings_file(storage, TrialKey.final(loss, seed, fold))
+        if not path.exists():
+            return f"fold {fold} has no test embeddings (its run failed)"
+        parts.append(read_embeddings(path.read_bytes()))
+    scale = 1 / math.sqrt(len(parts))
+    test = np.concatenate([p["test"] for p in parts], axis=1) * scale
+    gallery = None
+    if "gallery" in parts[0]:
+        gallery = (np.concatenate([p["gallery"] for p in parts], axis=1) * scale, parts[0]["gallery_labels"])
+    return metrics.evaluate(test, parts[0]["test_labels"], ks=parts[0]["ks"].tolist(), seed=seed, gallery=gallery)

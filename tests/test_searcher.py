@@ -1,0 +1,196 @@
+"""The trial spec, its outcome, the Optuna searcher and the MLflow callback — without a Ray study."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.callback import TrackingCallback
+from study.config import parse_study, search_spaces
+from study.searcher import StudySearcher
+from study.spec import DIVERGED, SPEC, Outcome, final_spec, search_spec
+from study.stages import close_finished_runs
+from study.tracking import TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_STATE, TAG_TRIAL_METRICS, StudyTracker
+from study.train import save_state
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, TrialKey, checkpoint_dir, embeddings_file
+from tests.conftest import TINY_STUDY
+
+SEARCH = {
+    "losses": ["multi_similarity", "proxy_anchor"],
+    "trials_per_loss": 3,
+    "train": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+}
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    import yaml
+
+    text = yaml.safe_dump({**TINY_STUDY, "search": SEARCH, "output_dir": str(tmp_path / "runs")})
+    return parse_study(text, "study.yaml")
+
+
+@pytest.fixture
+def spaces(cfg):
+    return search_spaces(cfg)
+
+
+def _searcher(cfg, space, study, first=True):
+    make = lambda number, params: search_spec(cfg, space, number, params)  # noqa: E731
+    return StudySearcher(study, space, make, "map_at_r", first=space.to_optuna(space.defaults()) if first else None)
+
+
+def test_search_spec_resolves_a_point_once(cfg, spaces):
+    space = spaces["proxy_anchor"]
+    spec = search_spec(cfg, space, 5, {"alpha": 16.0, "so_weight_is_zero": True, "loss_lr_mult": 10.0, "lr": 3e-3})
+    assert spec.key == TrialKey.search("proxy_anchor", 5) and spec.loss == "proxy_anchor" and spec.fold is None
+    assert spec.loss_kwargs == {"alpha": 16.0, "so_weight": 0.0}
+    assert (spec.train.lr, spec.train.loss_lr_mult, spec.train.epochs) == (3e-3, 10.0, cfg.train.epochs)
+    assert spec.train.batch_size == cfg.train.batch_size and spec.seed == cfg.seed
+    assert spec.params == {"alpha": 16.0, "so_weight": 0.0, "loss_lr_mult": 10.0, "lr": 3e-3}
+
+
+def test_final_spec_keeps_the_point_with_a_new_seed_and_the_final_epochs(cfg, spaces):
+    cfg = cfg.model_copy(update={"final": cfg.final.model_copy(update={"epochs": 7})})
+    spec = final_spec(cfg, spaces["multi_similarity"], {"alpha": 3.0, "lr": 2e-3}, seed=4, fold=1)
+    assert spec.key == TrialKey.final("multi_similarity", 4, 1) and spec.seed == 4 and spec.fold == 1
+    assert (spec.train.epochs, spec.train.lr, spec.loss_kwargs) == (7, 2e-3, {"alpha": 3.0})
+    assert spec.params == {"alpha": 3.0, "lr": 2e-3, "seed": 4, "fold": 1}
+
+
+def test_outcome(cfg, spaces):
+    spec = search_spec(cfg, spaces["multi_similarity"], 0, {})  # 2 epochs
+    assert Outcome.of(spec, {"map_at_r": 0.3, "epoch": 2}, "map_at_r") == Outcome(State.COMPLETE, 0.3)
+    assert Outcome.of(spec, {"map_at_r": 0.3, "epoch": 1}, "map_at_r") == Outcome(State.PRUNED, 0.3)
+    assert Outcome.of(spec, {DIVERGED: "NonFiniteLossError: nan", "epoch": 1}, "map_at_r") == Outcome(
+        State.FAIL, error="NonFiniteLossError: nan"
+    )
+    assert Outcome.of(spec, {"map_at_r": 0.3, "epoch": 2}, "map_at_r", error="trace").state is State.FAIL
+    assert Outcome.of(spec, {"map_at_r": float("nan"), "epoch": 2}, "map_at_r").state is State.FAIL
+    assert Outcome.of(spec, None, "map_at_r").state is State.FAIL
+
+
+def test_searcher_starts_from_the_defaults_and_tells_optuna_each_outcome(cfg, spaces):
+    space = spaces["multi_similarity"]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    searcher = _searcher(cfg, space, study)
+    specs = [searcher.suggest(f"t{i}")[SPEC] for i in range(4)]
+    assert [s.key.number for s in specs] == [0, 1, 2, 3]
+    assert specs[0].params == space.defaults()  # the paper's point first, the study's lr with it
+    assert specs[1].params != specs[0].params and specs[1].train.lr != specs[0].train.lr
+    searcher.on_trial_complete("t0", {"map_at_r": 0.4, "epoch": 2})
+    searcher.on_trial_complete("t1", {"map_at_r": 0.2, "epoch": 1})
+    searcher.on_trial_complete("t2", {DIVERGED: "NonFiniteLossError", "epoch": 1})
+    searcher.on_trial_complete("t3", {"map_at_r": 0.9, "epoch": 2}, error=True)
+    searcher.on_trial_complete("t0", {"map_at_r": 0.1, "epoch": 2})  # told once only
+    states = [(t.state.name, t.value) for t in study.trials]
+    assert states == [("COMPLETE", 0.4), ("PRUNED", None), ("FAIL", None), ("FAIL", None)]
+
+
+def test_trials_a_dead_driver_left_running_go_first_with_their_numbers_and_params(cfg, spaces):
+    space = spaces["multi_similarity"]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    first = _searcher(cfg, space, study)
+    left = [first.suggest(f"t{i}")[SPEC] for i in range(3)]
+    first.on_trial_complete("t1", {"map_at_r": 0.5, "epoch": 2})  # 0 and 2 stay RUNNING: the driver dies
+
+    again = _searcher(cfg, space, study, first=False)
+    resumed = [again.suggest(f"u{i}")[SPEC] for i in range(3)]
+    assert [s.key.number for s in resumed] == [0, 2, 3]
+    assert resumed[0] == left[0] and resumed[1] == left[2]  # the same spec: same params, same checkpoint key
+    for i in range(3):
+        again.on_trial_complete(f"u{i}", {"map_at_r": 0.1 * i, "epoch": 2})
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+
+
+class FakeTracker:
+    """Records what the callback asks of the tracker."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def _trial(spec, last_result=None, error_file=None):
+    return SimpleNamespace(config={SPEC: spec}, last_result=last_result, error_file=error_file)
+
+
+def test_callback_logs_a_search_trial_from_its_spec(cfg, spaces):
+    tracker, said = FakeTracker(), []
+    callback = TrackingCallback(tracker, cfg, spaces, said.append)
+    spec = search_spec(cfg, spaces["proxy_anchor"], 2, {"alpha": 16.0, "loss_lr_mult": 10.0, "lr": 2e-3})
+    folder = checkpoint_dir(cfg.storage, spec.key)
+    folder.child("trial.pt").write_bytes(b"weights")
+    trial = _trial(spec, {"map_at_r": 0.25, "epoch": 2, "proxy_abs_cos": 0.1, "time_this_iter_s": 3.0})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, trial.last_result)
+    callback.on_trial_complete(0, [], trial)
+
+    (start, start_args, start_kwargs), (log, log_args, log_kwargs), (end, end_args, end_kwargs) = tracker.calls
+    assert start == "start_trial" and log == "log_metrics" and end == "end_trial"
+    key, loss, stage, params, run_name, resolved = start_args
+    assert (key, loss, stage, run_name) == ("proxy_anchor/2", "proxy_anchor", Stage.SEARCH, "proxy_anchor-2")
+    assert params == spec.params and resolved["loss_params"]["alpha"] == 16.0 and resolved["train"]["lr"] == 2e-3
+    assert start_kwargs["tags"][TAG_LR] == "0.002" and float(start_kwargs["tags"][TAG_LOSS_LR]) == pytest.approx(0.02)
+    assert start_kwargs["tags"][TAG_TRIAL_METRICS] == "proxy_abs_cos"
+    assert "lr" in start_kwargs["tags"][TAG_LOG_PARAMS].split(",")
+    assert log_args == ("proxy_anchor/2", {"map_at_r": 0.25, "proxy_abs_cos": 0.1}) and log_kwargs == {"step": 2}
+    assert end_args == ("proxy_anchor/2", State.COMPLETE) and end_kwargs == {"error": None}
+    assert not folder.exists()  # the checkpoint of an ended trial is deleted
+    assert said[-1] == "  proxy_anchor/2: COMPLETE"
+
+
+def test_callback_fails_a_diverged_trial_with_its_reason_and_tags_no_loss_lr_without_parameters(cfg, spaces):
+    tracker = FakeTracker()
+    callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
+    spec = search_spec(cfg, spaces["multi_similarity"], 0, {})
+    trial = _trial(spec, {DIVERGED: "NonFiniteLossError: loss is nan", "epoch": 1})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, trial.last_result)  # not a metric: nothing logged
+    callback.on_trial_complete(0, [], trial)
+    assert [c[0] for c in tracker.calls] == ["start_trial", "end_trial"]
+    assert TAG_LOSS_LR not in tracker.calls[0][2]["tags"]
+    assert tracker.calls[1][1:] == (("multi_similarity/0", State.FAIL), {"error": "NonFiniteLossError: loss is nan"})
+
+
+def test_callback_attaches_a_final_runs_embeddings_and_keeps_a_raised_trials_trace(cfg, spaces, tmp_path):
+    tracker = FakeTracker()
+    callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
+    spec = final_spec(cfg, spaces["multi_similarity"], {}, seed=1, fold=None)
+    embeddings_file(cfg.storage, spec.key).write_bytes(b"npz")
+    trace = tmp_path / "error.txt"
+    trace.write_text("Traceback ...\nRuntimeError: worker died")
+    callback.on_trial_error(0, [], _trial(spec, {"epoch": 1}, error_file=str(trace)))
+    names = [c[0] for c in tracker.calls]
+    assert names == ["start_trial", "log_file", "end_trial"]
+    assert tracker.calls[1][1] == ("multi_similarity/final/s1", EMBEDDINGS_ARTIFACT, b"npz")
+    assert tracker.calls[2][1] == ("multi_similarity/final/s1", State.FAIL)
+    assert tracker.calls[2][2]["error"].endswith("RuntimeError: worker died")
+    assert tracker.calls[0][1][2] == Stage.FINAL and tracker.calls[0][1][3]["seed"] == 1
+
+
+def test_resume_repair_closes_runs_a_killed_driver_left_running(cfg, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = StudyTracker("repair", uri)
+    parent = tracker.start({}, "map_at_r")
+    key = TrialKey.search("multi_similarity", 0)
+    tracker.start_trial(str(key), "multi_similarity", Stage.SEARCH, {"alpha": 2.0}, key.run_name)
+    tracker.log_metrics(str(key), {"map_at_r": 0.1}, step=1)  # the driver died after epoch 1 was logged
+    history = [{"epoch": 1, "map_at_r": 0.1}, {"epoch": 2, "map_at_r": 0.2, "time_this_iter_s": 1.0}]
+    save_state(checkpoint_dir(cfg.storage, key), {"history": history})
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.2))
+
+    again = StudyTracker("repair", uri)
+    again.resume(parent)
+    close_finished_runs(again, cfg, "multi_similarity", study.trials)
+    run = again.find_trial(str(key))
+    client = MlflowClient(uri)
+    assert run.data.tags[TAG_STATE] == "COMPLETE" and run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "map_at_r")] == [(1, 0.1), (2, 0.2)]
+    assert "time_this_iter_s" not in run.data.metrics
