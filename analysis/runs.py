@@ -65,7 +65,7 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
     ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state`` (RUNNING until the trial ended),
     ``wall_seconds``, ``lr`` and ``loss_lr`` (the learning rates it trained with: backbone and the loss's
     own parameters, NaN for a loss without parameters), ``trial_metrics`` and ``log_params`` (comma-separated:
-    the loss's own trial metrics, the hyperparameters searched on a log scale; "" for runs logged before
+    the loss's own trial metrics, the hyperparameters searched on a log scale; None for runs logged before
     those tags),
     ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
     value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them).
@@ -91,8 +91,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
                 "wall_seconds": ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000,
                 "lr": float(run.data.tags.get(TAG_LR, "nan")),
                 "loss_lr": float(run.data.tags.get(TAG_LOSS_LR, "nan")),
-                "trial_metrics": run.data.tags.get(TAG_TRIAL_METRICS, ""),
-                "log_params": run.data.tags.get(TAG_LOG_PARAMS, ""),
+                "trial_metrics": run.data.tags.get(TAG_TRIAL_METRICS),
+                "log_params": run.data.tags.get(TAG_LOG_PARAMS),
                 **run.data.metrics,
                 **{f"param.{k}": v for k, v in run.data.params.items()},
             }
@@ -174,12 +174,12 @@ def is_log_scale(runs: pd.DataFrame, param: str, values) -> bool:
 
     ``runs`` are the trials it was searched in (one loss's): True when any of them lists ``param`` in its
     ``log_params`` column (the search space says so), whatever range ``values`` span. Runs logged before
-    that tag (the column absent or empty in every run) fall back to the data: ``values`` are numbers,
+    that tag (the column absent or None in every run) fall back to the data: ``values`` are numbers,
     none negative, and the positive ones span ≥ ``LOG_RANGE``×. A caller that takes logarithms must
     still handle a 0 among the values (a log-scale weight with 0 allowed: "off")."""
-    tags = runs["log_params"].map(_names) if "log_params" in runs else pd.Series([], dtype=object)
-    if any(tags):
-        return any(param.removeprefix("param.") in names for names in tags)
+    tagged = runs["log_params"].dropna() if "log_params" in runs else []
+    if len(tagged):  # the search space's word, even "none of them" (an empty tag)
+        return any(param.removeprefix("param.") in _names(names) for names in tagged)
     numbers = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
     positive = numbers[numbers > 0]
     return bool(

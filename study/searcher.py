@@ -21,7 +21,34 @@ from study.vocab import State
 _TOLD = {State.PRUNED: optuna.trial.TrialState.PRUNED, State.FAIL: optuna.trial.TrialState.FAIL}
 
 
-class StudySearcher(Searcher):
+class _Stateless(Searcher):
+    """A searcher whose state lives elsewhere (Optuna's storage, MLflow): nothing for Ray to save."""
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return metric in (None, self.metric) and mode in (None, self.mode) and not config
+
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+class SpecList(_Stateless):
+    """Suggests the given specs in order, each once (a final stage's runs)."""
+
+    def __init__(self, specs: list[TrialSpec]):
+        super().__init__()
+        self._todo = list(specs)
+
+    def suggest(self, trial_id: str) -> dict | str:
+        return {SPEC: self._todo.pop(0)} if self._todo else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+
+class StudySearcher(_Stateless):
     """Suggests trials of ``space`` from ``study`` (TPE or any Optuna sampler); each suggestion is
     ``{SPEC: make_spec(number, optuna_params)}``. With ``first`` (a new study), the first trial is
     that point (the paper's defaults)."""
@@ -40,9 +67,6 @@ class StudySearcher(Searcher):
         self._running: dict[str, TrialSpec] = {}  # Ray trial id → the spec it runs
         if first is not None:
             study.enqueue_trial(first)
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return metric in (None, self.metric) and mode in (None, self.mode) and not config
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._orphans:

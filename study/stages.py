@@ -30,7 +30,7 @@ from study.callback import TrackingCallback
 from study.config import StudyConfig, search_spaces
 from study.data.images import UnreadableImageError
 from study.search_space import SearchSpace
-from study.searcher import StudySearcher
+from study.searcher import SpecList, StudySearcher
 from study.spec import SPEC, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.train import load_state
@@ -87,11 +87,11 @@ def optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list
 
 def _tuner(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker, say: Say, name: str, **tune_config) -> tune.Tuner:
     trainable = tune.with_resources(
-        tune.with_parameters(worker.run_spec, cfg=cfg), {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+        tune.with_parameters(worker.run_spec, cfg=cfg, storage=cfg.storage),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
     return tune.Tuner(
         trainable,
-        param_space=tune_config.pop("param_space", None),
         tune_config=tune.TuneConfig(
             reuse_actors=True, trial_dirname_creator=lambda trial: trial.config[SPEC].key.run_name, **tune_config
         ),
@@ -175,9 +175,12 @@ def final(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say)
     todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(specs)} runs to train")
     if todo:
-        limit = {"max_concurrent_trials": cfg.search.max_concurrent}
-        name = f"{space.loss}-final"
-        _tuner(cfg, {space.loss: space}, tracker, say, name, param_space={SPEC: tune.grid_search(todo)}, **limit).fit()
+        runs = {
+            "search_alg": SpecList(todo),
+            "num_samples": len(todo),
+            "max_concurrent_trials": cfg.search.max_concurrent,
+        }
+        _tuner(cfg, {space.loss: space}, tracker, say, f"{space.loss}-final", **runs).fit()
     if cfg.final.train_on == "folds":
         for seed in final_seeds(cfg):
             ensemble(cfg, space.loss, seed, folds, tracker, say)

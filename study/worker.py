@@ -20,14 +20,15 @@ from study.train import NonFiniteLossError, evaluate_untrained, load_data, run_f
 from study.vocab import Stage, TrialKey, checkpoint_dir, embeddings_bytes, embeddings_file, read_embeddings
 
 
-def run_spec(config: dict, *, cfg: StudyConfig) -> None:
+def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
     """Ray Tune's trainable: the trial ``config[SPEC]`` — a search trial, or a final-stage run that
-    also leaves its test embeddings in the study folder. A non-finite loss ends it at once (a retry
-    would diverge again) with a result that names the reason."""
+    also leaves its test embeddings in the study folder ``storage`` (resolved on the driver: a worker
+    runs in its trial's folder). A non-finite loss ends it at once (a retry would diverge again) with
+    a result that names the reason."""
     spec = config[SPEC]
     set_threads(cfg.resources.cpu)
     data = load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
-    folder = checkpoint_dir(cfg.storage, spec.key)
+    folder = checkpoint_dir(storage, spec.key)
     model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
     try:
         if spec.key.stage is Stage.SEARCH:
@@ -44,7 +45,7 @@ def run_spec(config: dict, *, cfg: StudyConfig) -> None:
             report=tune.report,
             checkpoint_dir=folder,
         )
-        embeddings_file(cfg.storage, spec.key).write_bytes(embeddings_bytes(saved))
+        embeddings_file(storage, spec.key).write_bytes(embeddings_bytes(saved))
     except NonFiniteLossError as exc:
         tune.report({DIVERGED: f"{type(exc).__name__}: {exc}"})
 

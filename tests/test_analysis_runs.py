@@ -61,6 +61,8 @@ def test_is_log_scale_follows_the_tag_whatever_the_range():
     assert not is_log_scale(tagged, "beta", [0.001, 1.0, 10.0])  # >= 100x, but searched linearly
     partly = pd.DataFrame({"log_params": ["", "alpha"]})  # one run tagged: the tag is the rule
     assert is_log_scale(partly, "alpha", [1.0, 2.0]) and not is_log_scale(partly, "beta", [0.001, 1.0])
+    none = pd.DataFrame({"log_params": ["", ""]})  # tagged: no parameter of this loss is on a log scale
+    assert not is_log_scale(none, "margin", [0.001, 1.0])
 
 
 @pytest.mark.parametrize(
@@ -76,7 +78,7 @@ def test_is_log_scale_follows_the_tag_whatever_the_range():
     ],
 )
 def test_is_log_scale_without_tags_falls_back_to_the_range(values, log):
-    for runs in (pd.DataFrame({"log_params": ["", np.nan]}), pd.DataFrame({"loss": ["ms"]})):
+    for runs in (pd.DataFrame({"log_params": [None, np.nan]}), pd.DataFrame({"loss": ["ms"]})):
         assert is_log_scale(runs, "x", pd.Series(values)) is log
 
 

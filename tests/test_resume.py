@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from study.tracking import TAG_ERROR, TAG_ROLE, TAG_STATE, TAG_TRIAL
+from study.vocab import TrialKey
 from tests.conftest import TINY_STUDY, write_study
 
 DML_STUDY = str(Path(sys.executable).parent / "dml-study")
@@ -128,7 +129,8 @@ def test_sigkilled_driver_resumes_with_nothing_lost_or_doubled(workdir):
     numbers = set()
     for result in (workdir / "runs" / "tiny" / "ray").glob("*/*/result.json"):
         for line in result.read_text().splitlines():
-            numbers.add((result.parent.parent.name, json.loads(line)["config"]["optuna_trial"]))
+            key = TrialKey.parse(json.loads(line)["config"]["spec"])  # a spec is written as its key
+            numbers.add((key.loss, key.number))
     assert unfinished <= numbers <= {(loss, n) for loss in losses for n in range(3)}
 
 
