@@ -5,11 +5,9 @@ also logged as artifacts of the study's parent MLflow run (``report/``) so they 
 from __future__ import annotations
 
 import datetime
-import io
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
@@ -21,7 +19,7 @@ from analysis.report import Section, environment_info, render_html
 from analysis.runs import find_parent, load_history, load_parent_config, load_runs
 from analysis.tables import export, formatted, protocol_text, write_tables
 from study.storage import Storage
-from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, read_embeddings
 
 ARTIFACTS = "report"  # folder of the parent run's artifacts
 
@@ -50,10 +48,8 @@ def best_embeddings(runs: pd.DataFrame, objective: str, tracking_uri: str | None
         if EMBEDDINGS_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
             continue
         with tempfile.TemporaryDirectory() as folder:
-            data = np.load(
-                io.BytesIO(Path(client.download_artifacts(run_id, EMBEDDINGS_ARTIFACT, folder)).read_bytes())
-            )
-            found[loss] = (data["test"], data["test_labels"])
+            data = read_embeddings(Path(client.download_artifacts(run_id, EMBEDDINGS_ARTIFACT, folder)).read_bytes())
+        found[loss] = (data["test"], data["test_labels"])
     return found
 
 

@@ -49,8 +49,7 @@ from study.data.transforms import eval_transform, train_transform
 from study.losses import create_loss
 from study.models import EmbeddingNet
 from study.storage import Storage
-
-CHECKPOINT = "trial.pt"
+from study.vocab import CHECKPOINT_FILE
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,14 +60,14 @@ def save_state(folder: Storage, state: dict) -> None:
     """Write ``state`` atomically: a crash mid-write leaves the previous checkpoint intact."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    folder.child(CHECKPOINT).write_bytes(buffer.getvalue())
+    folder.child(CHECKPOINT_FILE).write_bytes(buffer.getvalue())
 
 
 def load_state(folder: Storage | None) -> dict | None:
     """The trial's last checkpoint in ``folder``, or None; tensors and plain types only."""
-    if folder is None or not folder.child(CHECKPOINT).exists():
+    if folder is None or not folder.child(CHECKPOINT_FILE).exists():
         return None
-    data = io.BytesIO(folder.child(CHECKPOINT).read_bytes())
+    data = io.BytesIO(folder.child(CHECKPOINT_FILE).read_bytes())
     return torch.load(data, map_location="cpu", weights_only=True)
 
 

@@ -197,6 +197,7 @@ FAKE_SLURM = {
 }
 
 
+@pytest.mark.slow
 def test_sbatch_starts_head_and_workers_runs_the_study_and_tears_down(tmp_path):
     log = tmp_path / "log"
     env = clean_env(
@@ -311,6 +312,7 @@ def ray_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_submit_runs_a_study_as_a_ray_job(tmp_path, ray_head):
     from mlflow import MlflowClient
 

@@ -58,6 +58,7 @@ def _answers(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_study_on_an_object_store_survives_a_killed_driver(workdir, bucket):
     optuna_url = f"sqlite:///{workdir / 'optuna.db'}"
     path = _study(workdir, ["multi_similarity"], trials=3, optuna_storage=optuna_url)

@@ -21,6 +21,8 @@ from study.tracking import TAG_ERROR, TAG_ROLE, TAG_STATE, TAG_TRIAL
 from study.vocab import TrialKey
 from tests.conftest import TINY_STUDY, write_study
 
+pytestmark = pytest.mark.slow  # real Ray studies
+
 DML_STUDY = str(Path(sys.executable).parent / "dml-study")
 EPOCHS = 4
 # Slow enough per epoch (about a second) that a kill lands mid-trial.

@@ -16,6 +16,8 @@ from study.cli import app
 from tests.chromium import ensure_chromium, render
 from tests.conftest import REPO, TINY_STUDY, write_study
 
+pytestmark = pytest.mark.slow  # real Ray studies
+
 runner = CliRunner()
 
 

@@ -54,6 +54,7 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_study_logs_to_a_tracking_server_and_optuna_to_an_rdb(workdir, ray_instance, mlflow_server, monkeypatch):
     """The cluster set-up: MLflow behind a server, Optuna in a database (SQLite standing in for
     PostgreSQL), neither URL logged as a parameter."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -19,6 +20,7 @@ runner = CliRunner()
 OPTUNA_TO_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
+@pytest.mark.slow
 def test_study_end_to_end(workdir, ray_instance):
     # normalized_softmax's class weights get an absurd lr multiplier in its space: its trials diverge
     # to a non-finite loss, must be FAIL in Optuna and FAILED in MLflow, and the study goes on.
