@@ -111,7 +111,10 @@ class SearchConfig(_Strict):
     losses: list[str] = Field(min_length=1)
     trials_per_loss: int = Field(6, ge=1)
     objective: Literal["map_at_r", "recall_at_1"] = "map_at_r"
-    max_concurrent: int = Field(2, ge=1)
+    max_concurrent: int = Field(2, ge=1)  # per loss: TPE degrades with many parallel suggestions
+    # trials at once across the study (every loss's search and final runs share the cluster);
+    # None: as many as the cluster's resources fit
+    max_concurrent_total: int | None = Field(None, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_retries: int = Field(1, ge=0)  # a trial that raises restarts from its last epoch this often

@@ -34,20 +34,6 @@ class _Stateless(Searcher):
         pass
 
 
-class SpecList(_Stateless):
-    """Suggests the given specs in order, each once (a final stage's runs)."""
-
-    def __init__(self, specs: list[TrialSpec]):
-        super().__init__()
-        self._todo = list(specs)
-
-    def suggest(self, trial_id: str) -> dict | str:
-        return {SPEC: self._todo.pop(0)} if self._todo else Searcher.FINISHED
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        pass
-
-
 class StudySearcher(_Stateless):
     """Suggests trials of ``space`` from ``study`` (TPE or any Optuna sampler); each suggestion is
     ``{SPEC: make_spec(number, optuna_params)}``. With ``first`` (a new study), the first trial is

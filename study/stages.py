@@ -1,15 +1,17 @@
-"""The study's stages, orchestrated from the driver: baseline → each loss's search → each loss's
-final stage (and, with folds, its ensembles).
+"""The study's stages, orchestrated from the driver: the untrained baseline, then every loss's
+search and final stage in one Ray Tune run, then the fold ensembles.
 
-A search is one Ray Tune run per loss: :class:`~study.searcher.StudySearcher` (Optuna TPE) suggests,
-ASHA stops the weak early, :class:`~study.callback.TrackingCallback` logs to MLflow, and
-:func:`study.worker.run_spec` trains. The paper defaults are the first trial of every loss. A final
-stage retrains the loss's best search trial with new seeds. Work that needs the data runs as a Ray
-task with a trial's resources; the driver only schedules and logs.
+The Tune run's searcher is :class:`~study.schedule.StudySchedule`: each loss's Optuna TPE
+(:class:`~study.searcher.StudySearcher`, the paper defaults first) side by side, and a loss's final
+runs (its best point, new seeds) as soon as its search has ended; :class:`~study.schedule.PerLossASHA`
+stops weak search trials within each loss; :class:`~study.callback.TrackingCallback` logs to MLflow
+and :func:`study.worker.run_spec` trains. Work that needs the data otherwise (baseline, ensembles)
+runs as a Ray task with a trial's resources; the driver only schedules and logs.
 
 Resume: a study continued in its folder keeps its finished trials, hands the trials its dead driver
-left RUNNING in Optuna to Ray again (they continue from their last epoch) and first repairs what a
-driver killed between telling Optuna and MLflow left behind (:func:`close_finished_runs`).
+left RUNNING in Optuna to Ray again (they continue from their last epoch), skips final runs already
+COMPLETE in MLflow, and first repairs what a driver killed between telling Optuna and MLflow left
+behind (:func:`close_finished_runs`). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
 
 from study import worker
 from study.callback import TrackingCallback
 from study.config import StudyConfig, search_spaces
 from study.data.images import UnreadableImageError
+from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
-from study.searcher import SpecList, StudySearcher
-from study.spec import SPEC, final_spec, result_metrics, search_spec
+from study.searcher import StudySearcher
+from study.spec import SPEC, TrialSpec, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.train import load_state
 from study.vocab import (
@@ -85,38 +87,19 @@ def optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list
         return []
 
 
-def _tuner(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker, say: Say, name: str, **tune_config) -> tune.Tuner:
-    trainable = tune.with_resources(
-        tune.with_parameters(worker.run_spec, cfg=cfg, storage=cfg.storage),
-        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
-    )
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            reuse_actors=True, trial_dirname_creator=lambda trial: trial.config[SPEC].key.run_name, **tune_config
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=cfg.storage.child(RAY_RESULTS).root,
-            storage_filesystem=cfg.storage.fs,
-            verbose=0,
-            callbacks=[TrackingCallback(tracker, cfg, spaces, say)],
-            failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
-        ),
-    )
-
-
-def search(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say) -> None:
-    """Run what is left of ``space``'s loss's search (``search.trials_per_loss`` in all)."""
+def _searcher(
+    cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say
+) -> tuple[StudySearcher | None, int]:
+    """``space``'s loss's searcher and how many of its ``search.trials_per_loss`` trials are left to
+    run; a resumed study first repairs what its dead driver left (:func:`close_finished_runs`)."""
     storage = optuna_storage(cfg)
     study_name = f"{cfg.name}.{space.loss}"
-    earlier = optuna_trials(storage, study_name)  # a resumed study: what its earlier drivers left
-    finished = [t for t in earlier if t.state.is_finished()]
-    close_finished_runs(tracker, cfg, space.loss, finished)
-    remaining = cfg.search.trials_per_loss - len(finished)
-    say(f"searching {space.loss}: {remaining} of {cfg.search.trials_per_loss} trials to run")
+    earlier = optuna_trials(storage, study_name)
+    close_finished_runs(tracker, cfg, space.loss, [t for t in earlier if t.state.is_finished()])
+    remaining = cfg.search.trials_per_loss - sum(t.state.is_finished() for t in earlier)
+    say(f"searching {space.loss}: {max(remaining, 0)} of {cfg.search.trials_per_loss} trials to run")
     if remaining <= 0:
-        return
+        return None, 0
     study = optuna.create_study(
         study_name=study_name,
         storage=storage,
@@ -124,36 +107,9 @@ def search(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say
         sampler=optuna.samplers.TPESampler(seed=cfg.seed + len(earlier)),  # a resumed search draws anew
         load_if_exists=True,
     )
-    searcher = StudySearcher(
-        study,
-        space,
-        lambda number, params: search_spec(cfg, space, number, params),
-        cfg.search.objective,
-        first=None if earlier else space.to_optuna(space.defaults()),
-    )
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=cfg.train.epochs,
-        grace_period=cfg.search.grace_period,
-        reduction_factor=cfg.search.reduction_factor,
-    )
-    tuner = _tuner(
-        cfg,
-        {space.loss: space},
-        tracker,
-        say,
-        space.loss,
-        metric=cfg.search.objective,
-        mode="max",
-        search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent),
-        scheduler=scheduler,
-        num_samples=remaining,
-    )
-    tuner.fit()
-    # A pruned trial's worker may still write one more epoch after the callback deleted its folder.
-    for trial in optuna_trials(storage, study_name):
-        if trial.state.is_finished():
-            checkpoint_dir(cfg.storage, TrialKey.search(space.loss, trial.number)).delete()
+    first = None if earlier else space.to_optuna(space.defaults())  # the paper's point first
+    make_spec = lambda number, params: search_spec(cfg, space, number, params)  # noqa: E731
+    return StudySearcher(study, space, make_spec, cfg.search.objective, first=first), remaining
 
 
 def final_seeds(cfg: StudyConfig) -> list[int]:
@@ -161,29 +117,75 @@ def final_seeds(cfg: StudyConfig) -> list[int]:
     return [cfg.seed + 1 + i for i in range(cfg.final.seeds)]
 
 
-def final(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say) -> None:
-    """Retrain the loss's best configuration with each seed on every training class (``final.train_on:
-    all``) or per fold, and test it once; per fold, then evaluate each seed's ensemble of its fold models."""
+def _folds(cfg: StudyConfig) -> list[int | None]:
+    return list(range(cfg.dataset.folds)) if cfg.final.train_on == "folds" else [None]
+
+
+def final_specs(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say) -> list[TrialSpec]:
+    """The loss's final runs still to train: its best search trial's point retrained with each seed on
+    every training class (``final.train_on: all``) or on each fold's, tested once."""
     trials = optuna_trials(optuna_storage(cfg), f"{cfg.name}.{space.loss}")
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete or not cfg.final.seeds:
         say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
-        return
+        return []
     best = max(complete, key=lambda t: t.value)
-    folds = list(range(cfg.dataset.folds)) if cfg.final.train_on == "folds" else [None]
-    specs = [final_spec(cfg, space, best.params, seed, fold) for seed in final_seeds(cfg) for fold in folds]
+    specs = [final_spec(cfg, space, best.params, seed, fold) for seed in final_seeds(cfg) for fold in _folds(cfg)]
     todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(specs)} runs to train")
-    if todo:
-        runs = {
-            "search_alg": SpecList(todo),
-            "num_samples": len(todo),
-            "max_concurrent_trials": cfg.search.max_concurrent,
-        }
-        _tuner(cfg, {space.loss: space}, tracker, say, f"{space.loss}-final", **runs).fit()
-    if cfg.final.train_on == "folds":
-        for seed in final_seeds(cfg):
-            ensemble(cfg, space.loss, seed, folds, tracker, say)
+    return todo
+
+
+def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: StudyTracker, say: Say) -> None:
+    """Every loss's search and final stage in one Ray Tune run (:mod:`study.schedule`), then the
+    fold ensembles."""
+    searches = {loss: _searcher(cfg, space, tracker, say) for loss, space in spaces.items()}
+    schedule = StudySchedule(
+        searches, lambda loss: final_specs(cfg, spaces[loss], tracker, say), cfg.search.max_concurrent
+    )
+    scheduler = PerLossASHA(
+        lambda: ASHAScheduler(
+            time_attr="epoch",
+            metric=cfg.search.objective,
+            mode="max",
+            max_t=cfg.train.epochs,
+            grace_period=cfg.search.grace_period,
+            reduction_factor=cfg.search.reduction_factor,
+        )
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(worker.run_spec, cfg=cfg, storage=cfg.storage),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
+    )
+    tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=cfg.search.objective,
+            mode="max",
+            search_alg=schedule,
+            scheduler=scheduler,
+            num_samples=-1,  # until the schedule says it is finished
+            max_concurrent_trials=cfg.search.max_concurrent_total,
+            reuse_actors=True,
+            trial_dirname_creator=lambda trial: trial.config[SPEC].key.run_name,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage.child(RAY_RESULTS).root,
+            storage_filesystem=cfg.storage.fs,
+            verbose=0,
+            callbacks=[TrackingCallback(tracker, cfg, spaces, say)],
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
+        ),
+    ).fit()
+    for loss in spaces:
+        # A pruned trial's worker may still write one more epoch after the callback deleted its folder.
+        for trial in optuna_trials(optuna_storage(cfg), f"{cfg.name}.{loss}"):
+            if trial.state.is_finished():
+                checkpoint_dir(cfg.storage, TrialKey.search(loss, trial.number)).delete()
+        if cfg.final.train_on == "folds" and cfg.final.seeds:
+            for seed in final_seeds(cfg):
+                ensemble(cfg, loss, seed, _folds(cfg), tracker, say)
 
 
 def state_of(tracker: StudyTracker, key: TrialKey) -> str | None:
@@ -265,10 +267,7 @@ def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> Study
     failed = True
     try:
         baseline(cfg, tracker, say)
-        for space in spaces.values():
-            search(cfg, space, tracker, say)
-        for space in spaces.values():
-            final(cfg, space, tracker, say)
+        search_and_final(cfg, spaces, tracker, say)
         failed = False
     finally:
         tracker.finish(failed=failed)

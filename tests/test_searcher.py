@@ -194,3 +194,71 @@ def test_resume_repair_closes_runs_a_killed_driver_left_running(cfg, tmp_path):
     assert run.data.tags[TAG_STATE] == "COMPLETE" and run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "map_at_r")] == [(1, 0.1), (2, 0.2)]
     assert "time_this_iter_s" not in run.data.metrics
+
+
+def test_the_study_schedule_interleaves_losses_and_starts_a_final_stage_when_its_search_ends(cfg, spaces):
+    from ray.tune.search import Searcher
+
+    from study.schedule import StudySchedule
+
+    def searcher(loss):
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+        return _searcher(cfg, spaces[loss], study), 2
+
+    finals_asked = []
+
+    def finals(loss):
+        finals_asked.append(loss)
+        return [final_spec(cfg, spaces[loss], {}, seed=s, fold=None) for s in (1, 2)]
+
+    schedule = StudySchedule(
+        {"multi_similarity": searcher("multi_similarity"), "proxy_anchor": searcher("proxy_anchor")}, finals, 1
+    )
+    key = lambda suggestion: str(suggestion[SPEC].key)  # noqa: E731
+    assert key(schedule.suggest("a")) == "multi_similarity/0"
+    assert key(schedule.suggest("b")) == "proxy_anchor/0"  # side by side, one trial each at a time
+    assert schedule.suggest("c") is None  # both at their limit: wait
+    schedule.on_trial_complete("a", {"map_at_r": 0.3, "epoch": 2})
+    assert key(schedule.suggest("c")) == "multi_similarity/1"
+    schedule.on_trial_complete("c", {"map_at_r": 0.2, "epoch": 1})
+    assert finals_asked == []  # nothing final before its search ended
+    # multi_similarity's search has ended: its final runs go first, while proxy_anchor's search goes on
+    assert [key(schedule.suggest(t)) for t in "de"] == ["multi_similarity/final/s1", "multi_similarity/final/s2"]
+    assert finals_asked == ["multi_similarity"]
+    schedule.on_trial_complete("b", {"map_at_r": 0.1, "epoch": 2})
+    assert key(schedule.suggest("f")) == "proxy_anchor/1"
+    schedule.on_trial_complete("f", {"map_at_r": 0.1, "epoch": 2})
+    assert [key(schedule.suggest(t)) for t in "gh"] == ["proxy_anchor/final/s1", "proxy_anchor/final/s2"]
+    assert schedule.suggest("i") == Searcher.FINISHED
+    states = {t.number: t.state.name for t in schedule._searchers["multi_similarity"].study.trials}
+    assert states == {0: "COMPLETE", 1: "PRUNED"}  # each told to its own loss's Optuna study
+
+
+def test_per_loss_asha_never_compares_losses_and_never_stops_a_final_run(cfg, spaces):
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from study.schedule import PerLossASHA
+
+    def asha():
+        return ASHAScheduler(
+            time_attr="epoch", metric="map_at_r", mode="max", max_t=4, grace_period=1, reduction_factor=2
+        )
+
+    scheduler = PerLossASHA(asha)
+    trials = {
+        name: _trial(spec)
+        for name, spec in {
+            "ms_good": search_spec(cfg, spaces["multi_similarity"], 0, {}),
+            "ms_bad": search_spec(cfg, spaces["multi_similarity"], 1, {}),
+            "pa": search_spec(cfg, spaces["proxy_anchor"], 0, {}),
+            "final": final_spec(cfg, spaces["multi_similarity"], {}, seed=1, fold=None),
+        }.items()
+    }
+    for trial in trials.values():
+        trial.trial_id = str(id(trial))
+        scheduler.on_trial_add(None, trial)
+    decide = lambda name, value: scheduler.on_trial_result(None, trials[name], {"epoch": 1, "map_at_r": value})  # noqa: E731
+    assert decide("ms_good", 0.5) == TrialScheduler.CONTINUE
+    assert decide("ms_bad", 0.1) == TrialScheduler.STOP  # below its own loss's rung
+    assert decide("pa", 0.01) == TrialScheduler.CONTINUE  # first of its loss: not compared with the others
+    assert decide("final", 0.0) == TrialScheduler.CONTINUE

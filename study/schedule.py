@@ -1,0 +1,105 @@
+"""One schedule for the whole study: every loss's search and final stage as one stream of trials.
+
+A single Ray Tune run holds the study. :class:`StudySchedule` (its searcher) interleaves the losses'
+searches — each loss's TPE bounded by its own ``search.max_concurrent``, since many parallel
+suggestions degrade TPE — and suggests a loss's final runs as soon as that loss's search has ended,
+ahead of further search trials; no loss or stage waits for another. :class:`PerLossASHA` (its
+scheduler) stops weak search trials with one ASHA per loss, never comparing losses, and lets final
+runs train to the end. The cluster stays as full as ``search.max_concurrent_total`` (default: as
+many trials as its resources fit) allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from study.searcher import StudySearcher, _Stateless
+from study.spec import SPEC, TrialSpec
+from study.vocab import Stage
+
+
+class StudySchedule(_Stateless):
+    """Suggests search trials of every loss in ``searches`` (loss → its searcher and how many trials
+    it still has to run), round-robin, at most ``max_concurrent`` per loss at a time; once a loss's
+    search has ended, ``finals(loss)`` gives its final runs, which go first."""
+
+    def __init__(
+        self,
+        searches: dict[str, tuple[StudySearcher | None, int]],
+        finals: Callable[[str], list[TrialSpec]],
+        max_concurrent: int,
+    ):
+        super().__init__()
+        self._searchers = {loss: searcher for loss, (searcher, _) in searches.items()}
+        self._left = {loss: left for loss, (_, left) in searches.items()}
+        self._running = dict.fromkeys(searches, 0)
+        self._awaiting_final = list(searches)
+        self._finals, self._max_concurrent = finals, max_concurrent
+        self._queue: list[TrialSpec] = []
+        self._owner: dict[str, str] = {}  # Ray trial id → loss, for search trials in flight
+        self._next = 0  # round-robin position among the losses
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        for loss in list(self._awaiting_final):  # searches that have ended release their final runs
+            if not self._left[loss] and not self._running[loss]:
+                self._awaiting_final.remove(loss)
+                self._queue += self._finals(loss)
+        if self._queue:
+            return {SPEC: self._queue.pop(0)}
+        losses = list(self._left)
+        for i in range(len(losses)):
+            loss = losses[(self._next + i) % len(losses)]
+            if self._left[loss] and self._running[loss] < self._max_concurrent:
+                self._next = (self._next + i + 1) % len(losses)
+                self._left[loss] -= 1
+                self._running[loss] += 1
+                self._owner[trial_id] = loss
+                return self._searchers[loss].suggest(trial_id)
+        done = not self._awaiting_final and not any(self._left.values()) and not self._owner
+        return Searcher.FINISHED if done else None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        loss = self._owner.pop(trial_id, None)
+        if loss is not None:
+            self._running[loss] -= 1
+            self._searchers[loss].on_trial_complete(trial_id, result, error)
+
+
+class PerLossASHA(FIFOScheduler):
+    """ASHA within each loss's search trials (``make_asha()`` builds one per loss); final runs are
+    never stopped."""
+
+    def __init__(self, make_asha: Callable[[], ASHAScheduler]):
+        super().__init__()
+        self._make_asha = make_asha
+        self._asha: dict[str, ASHAScheduler] = {}
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True  # each ASHA is built with the study's objective
+
+    def _of(self, trial) -> ASHAScheduler | None:
+        spec = trial.config[SPEC]
+        if spec.key.stage is not Stage.SEARCH:
+            return None
+        if spec.loss not in self._asha:
+            self._asha[spec.loss] = self._make_asha()
+        return self._asha[spec.loss]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if asha := self._of(trial):
+            asha.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        asha = self._of(trial)
+        return asha.on_trial_result(tune_controller, trial, result) if asha else TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if asha := self._of(trial):
+            asha.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        if asha := self._of(trial):
+            asha.on_trial_remove(tune_controller, trial)
