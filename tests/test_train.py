@@ -69,6 +69,7 @@ def quickstart(tmp_path_factory):
     return study, _prepare(study)
 
 
+@pytest.mark.slow  # the quickstart's whole training budget, per loss
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_beats_the_untrained_network_in_the_quickstarts_budget(quickstart, loss):
     """Each loss with its search space's defaults (paper values, e.g. proxies at lr × 100), at the study's
