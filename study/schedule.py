@@ -16,12 +16,12 @@ from collections.abc import Callable
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from study.searcher import StudySearcher, _Stateless
+from study.searcher import StatelessSearcher, StudySearcher
 from study.spec import SPEC, TrialSpec
 from study.vocab import Stage
 
 
-class StudySchedule(_Stateless):
+class StudySchedule(StatelessSearcher):
     """Suggests search trials of every loss in ``searches`` (loss → its searcher and how many trials
     it still has to run), round-robin, at most ``max_concurrent`` per loss at a time; once a loss's
     search has ended, ``finals(loss)`` gives its final runs, which go first."""

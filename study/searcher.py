@@ -21,7 +21,7 @@ from study.vocab import State
 _TOLD = {State.PRUNED: optuna.trial.TrialState.PRUNED, State.FAIL: optuna.trial.TrialState.FAIL}
 
 
-class _Stateless(Searcher):
+class StatelessSearcher(Searcher):
     """A searcher whose state lives elsewhere (Optuna's storage, MLflow): nothing for Ray to save."""
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -34,7 +34,7 @@ class _Stateless(Searcher):
         pass
 
 
-class StudySearcher(_Stateless):
+class StudySearcher(StatelessSearcher):
     """Suggests trials of ``space`` from ``study`` (TPE or any Optuna sampler); each suggestion is
     ``{SPEC: make_spec(number, optuna_params)}``. With ``first`` (a new study), the first trial is
     that point (the paper's defaults)."""
