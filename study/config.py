@@ -165,22 +165,21 @@ class StudyConfig(_Strict):
         return Storage.at(self.output_dir).child(self.name)
 
     def public_dump(self) -> dict:
-        """The config as JSON-compatible values, every secret (a ``SecretStr`` anywhere in the model,
-        found by type) with its credentials redacted (:func:`~study.redaction.redact`): what
-        ``config.yaml`` and MLflow get. A value without credentials is kept as it is."""
-        return _public(self, self.model_dump(mode="json"))
+        """What ``config.yaml`` and MLflow get: :func:`public_dump` of this config."""
+        return public_dump(self)
 
 
-def _public(value: Any, dumped: Any) -> Any:
-    """``dumped`` (``value`` dumped in JSON mode) with each ``SecretStr`` in ``value`` redacted."""
-    if isinstance(value, SecretStr):
-        return redact(value.get_secret_value())
-    if isinstance(value, BaseModel):
-        return {name: _public(getattr(value, name), dumped[name]) for name in type(value).model_fields}
-    if isinstance(value, (list, tuple)):
-        return [_public(v, d) for v, d in zip(value, dumped, strict=True)]
-    if isinstance(value, dict):
-        return {key: _public(v, d) for v, (key, d) in zip(value.values(), dumped.items(), strict=True)}
+def public_dump(model: BaseModel) -> dict:
+    """``model`` as JSON-compatible values, every secret (a ``SecretStr`` anywhere in it, found by
+    type: :func:`secret_fields`) with its credentials redacted (:func:`~study.redaction.redact`).
+    A value without credentials is kept as it is."""
+    dumped = model.model_dump(mode="json")
+    for path, secret in secret_fields(model).items():
+        *parents, leaf = path
+        node = dumped
+        for part in parents:
+            node = node[part]
+        node[leaf] = redact(secret.get_secret_value())
     return dumped
 
 

@@ -88,11 +88,10 @@ def optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list
 
 
 def _searcher(
-    cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say
+    cfg: StudyConfig, storage: optuna.storages.BaseStorage, space: SearchSpace, tracker: StudyTracker, say: Say
 ) -> tuple[StudySearcher | None, int]:
     """``space``'s loss's searcher and how many of its ``search.trials_per_loss`` trials are left to
     run; a resumed study first repairs what its dead driver left (:func:`close_finished_runs`)."""
-    storage = optuna_storage(cfg)
     study_name = f"{cfg.name}.{space.loss}"
     earlier = optuna_trials(storage, study_name)
     close_finished_runs(tracker, cfg, space.loss, [t for t in earlier if t.state.is_finished()])
@@ -121,10 +120,12 @@ def _folds(cfg: StudyConfig) -> list[int | None]:
     return list(range(cfg.dataset.folds)) if cfg.final.train_on == "folds" else [None]
 
 
-def final_specs(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say: Say) -> list[TrialSpec]:
+def final_specs(
+    cfg: StudyConfig, storage: optuna.storages.BaseStorage, space: SearchSpace, tracker: StudyTracker, say: Say
+) -> list[TrialSpec]:
     """The loss's final runs still to train: its best search trial's point retrained with each seed on
     every training class (``final.train_on: all``) or on each fold's, tested once."""
-    trials = optuna_trials(optuna_storage(cfg), f"{cfg.name}.{space.loss}")
+    trials = optuna_trials(storage, f"{cfg.name}.{space.loss}")
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete or not cfg.final.seeds:
         say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
@@ -139,9 +140,10 @@ def final_specs(cfg: StudyConfig, space: SearchSpace, tracker: StudyTracker, say
 def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: StudyTracker, say: Say) -> None:
     """Every loss's search and final stage in one Ray Tune run (:mod:`study.schedule`), then the
     fold ensembles."""
-    searches = {loss: _searcher(cfg, space, tracker, say) for loss, space in spaces.items()}
+    storage = optuna_storage(cfg)
+    searches = {loss: _searcher(cfg, storage, space, tracker, say) for loss, space in spaces.items()}
     schedule = StudySchedule(
-        searches, lambda loss: final_specs(cfg, spaces[loss], tracker, say), cfg.search.max_concurrent
+        searches, lambda loss: final_specs(cfg, storage, spaces[loss], tracker, say), cfg.search.max_concurrent
     )
     scheduler = PerLossASHA(
         lambda: ASHAScheduler(
@@ -180,7 +182,7 @@ def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: 
     ).fit()
     for loss in spaces:
         # A pruned trial's worker may still write one more epoch after the callback deleted its folder.
-        for trial in optuna_trials(optuna_storage(cfg), f"{cfg.name}.{loss}"):
+        for trial in optuna_trials(storage, f"{cfg.name}.{loss}"):
             if trial.state.is_finished():
                 checkpoint_dir(cfg.storage, TrialKey.search(loss, trial.number)).delete()
         if cfg.final.train_on == "folds" and cfg.final.seeds:

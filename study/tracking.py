@@ -22,14 +22,15 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import SecretStr
 
 from study.redaction import redact
+from study.vocab import State
 
 TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
 TAG_STUDY = "dml_study.study"
 TAG_OBJECTIVE = "dml_study.objective"
 TAG_TRIAL = "dml_study.trial"  # unique trial key within a study
 TAG_LOSS = "dml_study.loss"
-TAG_STAGE = "dml_study.stage"  # "baseline" | "search" | "final" | "ensemble"
-TAG_STATE = "dml_study.state"  # "COMPLETE" | "PRUNED" | "FAIL"
+TAG_STAGE = "dml_study.stage"  # a study.vocab.Stage
+TAG_STATE = "dml_study.state"  # a study.vocab.State (COMPLETE, PRUNED or FAIL once ended)
 TAG_ERROR = "dml_study.error"
 # the learning rates a trial trained with (backbone, and the loss's own parameters): searched or the study's
 TAG_LR = "dml_study.lr"
@@ -39,7 +40,7 @@ TAG_LOSS_LR = "dml_study.loss_lr"
 TAG_TRIAL_METRICS = "dml_study.trial_metrics"
 TAG_LOG_PARAMS = "dml_study.log_params"
 
-_STATUS = {"COMPLETE": RunStatus.FINISHED, "PRUNED": RunStatus.KILLED, "FAIL": RunStatus.FAILED}
+_STATUS = {State.COMPLETE: RunStatus.FINISHED, State.PRUNED: RunStatus.KILLED, State.FAIL: RunStatus.FAILED}
 
 
 def resolve_tracking_uri(config_uri: SecretStr | str | None) -> str | None:

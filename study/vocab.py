@@ -33,7 +33,7 @@ class Stage(StrEnum):
     ENSEMBLE = "ensemble"  # one seed's fold models, their embeddings concatenated, tested once
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class TrialKey:
     """A run's identity within a study: its MLflow tag, run name and folder all derive from it.
 

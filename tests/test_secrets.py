@@ -15,7 +15,15 @@ from typer.testing import CliRunner
 
 import study.cli
 from study.cli import app
-from study.config import ConfigError, _public, load_study, parse_study, restore_secrets, secret_env, secret_fields
+from study.config import (
+    ConfigError,
+    load_study,
+    parse_study,
+    public_dump,
+    restore_secrets,
+    secret_env,
+    secret_fields,
+)
 from study.redaction import redact, redact_text
 from study.tracking import StudyTracker, resolve_tracking_uri
 from tests.conftest import TINY_STUDY, write_study
@@ -107,7 +115,7 @@ def test_public_dump_finds_secrets_by_type():
         by_name={"db": "postgresql://w:s3cr3t@h/db"},
         token="https://x:s3cr3t@h",
     )
-    public = _public(model, model.model_dump(mode="json"))
+    public = public_dump(model)
     assert "s3cr3t" not in json.dumps(public) and "**********" not in json.dumps(public)
     assert public == {
         "inner": {"key": "https://u:***@h", "plain": "x"},
