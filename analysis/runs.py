@@ -27,6 +27,7 @@ from study.tracking import (
     TAG_OBJECTIVE,
     TAG_ROLE,
     TAG_STAGE,
+    TAG_STALE,
     TAG_STATE,
     TAG_TRIAL,
     TAG_TRIAL_METRICS,
@@ -58,8 +59,9 @@ def find_parent(client: MlflowClient, name: str):
     return parents[0]
 
 
-def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.DataFrame:
-    """One row per child run of each study's latest parent run.
+def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: bool = False) -> pd.DataFrame:
+    """One row per child run of each study's latest parent run; final runs and ensembles superseded by
+    a better search trial (tagged stale on resume) only with ``stale``.
 
     Columns: ``study``, ``dataset``, ``objective``, ``mode`` (finetune / features), ``run_id``,
     ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state`` (RUNNING until the trial ended),
@@ -97,6 +99,7 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None) -> pd.D
                 **{f"param.{k}": v for k, v in run.data.params.items()},
             }
             for run in children
+            if stale or TAG_STALE not in run.data.tags
         ]
         frame = pd.DataFrame(rows)
         frame.insert(0, "study", name)

@@ -108,13 +108,20 @@ def _run(cfg, resume: bool) -> None:
     from analysis.runs import load_runs
     from analysis.tables import write_tables
     from study.data.images import UnreadableImageError
-    from study.stages import RayAddressError, run_study
+    from study.stages import RayAddressError, StudyInterrupted, run_study
     from study.tracking import resolve_tracking_uri
 
     try:
         run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
     except RayAddressError as exc:  # raised before anything is written
         _fail(str(exc))
+    except StudyInterrupted:
+        typer.echo(
+            f"dml-study: interrupted; finished trials are kept, unfinished ones go on from their last epoch "
+            f"with: dml-study resume {cfg.storage}",
+            err=True,
+        )
+        raise typer.Exit(130) from None
     except UnreadableImageError as exc:  # found by the baseline, before any trial; fix it, then --resume
         _fail(f"{exc}; fix or remove it, then run again with --resume")
     typer.echo(write_tables(load_runs(cfg.name, resolve_tracking_uri(cfg.tracking.uri)), cfg.storage)[0])

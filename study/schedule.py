@@ -39,7 +39,7 @@ class StudySchedule(StatelessSearcher):
         self._awaiting_final = list(searches)
         self._finals, self._max_concurrent = finals, max_concurrent
         self._queue: list[TrialSpec] = []
-        self._owner: dict[str, str] = {}  # Ray trial id → loss, for search trials in flight
+        self._owner: dict[str, str | None] = {}  # Ray trial id in flight → its loss (search), None (final)
         self._next = 0  # round-robin position among the losses
 
     def suggest(self, trial_id: str) -> dict | str | None:
@@ -48,6 +48,7 @@ class StudySchedule(StatelessSearcher):
                 self._awaiting_final.remove(loss)
                 self._queue += self._finals(loss)
         if self._queue:
+            self._owner[trial_id] = None
             return {SPEC: self._queue.pop(0)}
         losses = list(self._left)
         for i in range(len(losses)):
@@ -58,8 +59,13 @@ class StudySchedule(StatelessSearcher):
                 self._running[loss] += 1
                 self._owner[trial_id] = loss
                 return self._searchers[loss].suggest(trial_id)
-        done = not self._awaiting_final and not any(self._left.values()) and not self._owner
-        return Searcher.FINISHED if done else None
+        return Searcher.FINISHED if self.finished else None
+
+    @property
+    def finished(self) -> bool:
+        """Every trial of the study has been suggested and has ended. False after ``Tuner.fit``
+        returned means the run was interrupted (Ctrl-C), with trials left unfinished."""
+        return not (self._queue or self._awaiting_final or any(self._left.values()) or self._owner)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         loss = self._owner.pop(trial_id, None)

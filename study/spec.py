@@ -54,13 +54,16 @@ def search_spec(cfg: StudyConfig, space: SearchSpace, number: int, optuna_params
     return TrialSpec(key, loss_kwargs, cfg.train.model_copy(update=overrides), cfg.seed, values)
 
 
-def final_spec(cfg: StudyConfig, space: SearchSpace, optuna_params: dict, seed: int, fold: int | None) -> TrialSpec:
-    """A final-stage run of the point ``optuna_params`` (the best search trial's) with a new seed."""
+def final_spec(
+    cfg: StudyConfig, space: SearchSpace, number: int, optuna_params: dict, seed: int, fold: int | None
+) -> TrialSpec:
+    """A final-stage run of search trial ``number``'s point ``optuna_params`` (the loss's best) with a
+    new seed."""
     values = space.from_optuna(optuna_params)
     loss_kwargs, overrides = space.split(values)
     train = cfg.train.model_copy(update={**overrides, "epochs": cfg.final.epochs or cfg.train.epochs})
     params = values | {"seed": seed} | ({} if fold is None else {"fold": fold})
-    return TrialSpec(TrialKey.final(space.loss, seed, fold), loss_kwargs, train, seed, params)
+    return TrialSpec(TrialKey.final(space.loss, number, seed, fold), loss_kwargs, train, seed, params)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from study import worker
 from study.callback import TrackingCallback
 from study.config import StudyConfig, search_spaces
 from study.data.images import UnreadableImageError
+from study.local_ray import start_local_ray
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
 from study.searcher import StudySearcher
@@ -54,9 +55,14 @@ class RayAddressError(ValueError):
     """RAY_ADDRESS names something ``ray.init`` cannot join."""
 
 
+class StudyInterrupted(Exception):
+    """Ctrl-C (SIGINT): the study stopped with trials unfinished; ``resume`` continues it."""
+
+
 def init_ray() -> None:
     """Join the cluster RAY_ADDRESS names (set by ``ray job submit`` or the user), else start a local
-    instance ("local": never attach by surprise to another Ray on this machine) on loopback only."""
+    instance ("local": never attach by surprise to another Ray on this machine) that listens on
+    loopback only (:func:`~study.local_ray.start_local_ray`)."""
     address = os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         raise RayAddressError(
@@ -67,8 +73,10 @@ def init_ray() -> None:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
         return
-    local = {} if address else {"_node_ip_address": "127.0.0.1"}
-    ray.init(address=address or "local", include_dashboard=False, logging_level="warning", **local)
+    if address:
+        ray.init(address=address, include_dashboard=False, logging_level="warning")
+    else:
+        start_local_ray(include_dashboard=False, logging_level="warning")
 
 
 def optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
@@ -120,18 +128,27 @@ def _folds(cfg: StudyConfig) -> list[int | None]:
     return list(range(cfg.dataset.folds)) if cfg.final.train_on == "folds" else [None]
 
 
+def best_trial(storage: optuna.storages.BaseStorage, cfg: StudyConfig, loss: str) -> optuna.trial.FrozenTrial | None:
+    """The loss's best COMPLETE search trial, or None."""
+    complete = [t for t in optuna_trials(storage, f"{cfg.name}.{loss}") if t.state == optuna.trial.TrialState.COMPLETE]
+    return max(complete, key=lambda t: t.value, default=None)
+
+
 def final_specs(
     cfg: StudyConfig, storage: optuna.storages.BaseStorage, space: SearchSpace, tracker: StudyTracker, say: Say
 ) -> list[TrialSpec]:
     """The loss's final runs still to train: its best search trial's point retrained with each seed on
-    every training class (``final.train_on: all``) or on each fold's, tested once."""
-    trials = optuna_trials(storage, f"{cfg.name}.{space.loss}")
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete or not cfg.final.seeds:
+    every training class (``final.train_on: all``) or on each fold's, tested once. Final runs of an
+    earlier best (a better trial appeared on resume) are tagged stale."""
+    best = best_trial(storage, cfg, space.loss)
+    if best is None or not cfg.final.seeds:
         say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
         return []
-    best = max(complete, key=lambda t: t.value)
-    specs = [final_spec(cfg, space, best.params, seed, fold) for seed in final_seeds(cfg) for fold in _folds(cfg)]
+    stale = tracker.supersede(space.loss, best.number)
+    if stale:
+        say(f"final {space.loss}: {len(stale)} runs of an earlier best trial superseded (tagged stale)")
+    seeds = final_seeds(cfg)
+    specs = [final_spec(cfg, space, best.number, best.params, seed, fold) for seed in seeds for fold in _folds(cfg)]
     todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(specs)} runs to train")
     return todo
@@ -159,7 +176,7 @@ def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: 
         tune.with_parameters(worker.run_spec, cfg=cfg, storage=cfg.storage),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
-    tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=cfg.search.objective,
@@ -179,15 +196,19 @@ def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: 
             callbacks=[TrackingCallback(tracker, cfg, spaces, say)],
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
         ),
-    ).fit()
+    )
+    tuner.fit()  # Ctrl-C: Ray Tune stops its trials (each keeps its last epoch's checkpoint) and returns
+    if not schedule.finished:
+        raise StudyInterrupted
     for loss in spaces:
         # A pruned trial's worker may still write one more epoch after the callback deleted its folder.
         for trial in optuna_trials(storage, f"{cfg.name}.{loss}"):
             if trial.state.is_finished():
                 checkpoint_dir(cfg.storage, TrialKey.search(loss, trial.number)).delete()
-        if cfg.final.train_on == "folds" and cfg.final.seeds:
+        best = best_trial(storage, cfg, loss)
+        if cfg.final.train_on == "folds" and cfg.final.seeds and best is not None:
             for seed in final_seeds(cfg):
-                ensemble(cfg, loss, seed, _folds(cfg), tracker, say)
+                ensemble(cfg, loss, best.number, seed, _folds(cfg), tracker, say)
 
 
 def state_of(tracker: StudyTracker, key: TrialKey) -> str | None:
@@ -202,12 +223,15 @@ def _remote(cfg: StudyConfig, function, *args):
     return ray.get(task.remote(*args))
 
 
-def ensemble(cfg: StudyConfig, loss: str, seed: int, folds: list[int], tracker: StudyTracker, say: Say) -> None:
-    """Seed ``seed``'s fold models' ensemble, evaluated on a worker and logged as its own run."""
-    key = TrialKey.ensemble(loss, seed)
+def ensemble(
+    cfg: StudyConfig, loss: str, number: int, seed: int, folds: list[int], tracker: StudyTracker, say: Say
+) -> None:
+    """Seed ``seed``'s fold models (retraining search trial ``number``) as one ensemble, evaluated on a
+    worker and logged as its own run."""
+    key = TrialKey.ensemble(loss, number, seed)
     if state_of(tracker, key) == State.COMPLETE:
         return
-    result = _remote(cfg, worker.ensemble, cfg.storage, loss, seed, folds)
+    result = _remote(cfg, worker.ensemble, cfg.storage, loss, number, seed, folds)
     if isinstance(result, str):
         say(f"  {key}: {result}, no ensemble")
         return
@@ -266,11 +290,14 @@ def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> Study
         config = cfg.public_dump()  # credentials redacted: the file and MLflow never see them
         storage.child(CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         storage.child(PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
-    failed = True
+    status = "FAILED"
     try:
         baseline(cfg, tracker, say)
         search_and_final(cfg, spaces, tracker, say)
-        failed = False
+        status = "FINISHED"
+    except (KeyboardInterrupt, StudyInterrupted):  # Ctrl-C in a Ray task, or during the Tune run
+        status = "KILLED"
+        raise StudyInterrupted from None
     finally:
-        tracker.finish(failed=failed)
+        tracker.finish(status)
     return tracker

@@ -22,7 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import SecretStr
 
 from study.redaction import redact
-from study.vocab import State
+from study.vocab import Stage, State, TrialKey
 
 TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
 TAG_STUDY = "dml_study.study"
@@ -32,6 +32,7 @@ TAG_LOSS = "dml_study.loss"
 TAG_STAGE = "dml_study.stage"  # a study.vocab.Stage
 TAG_STATE = "dml_study.state"  # a study.vocab.State (COMPLETE, PRUNED or FAIL once ended)
 TAG_ERROR = "dml_study.error"
+TAG_STALE = "dml_study.stale"  # on final runs and ensembles of a search trial no longer the loss's best
 # the learning rates a trial trained with (backbone, and the loss's own parameters): searched or the study's
 TAG_LR = "dml_study.lr"
 TAG_LOSS_LR = "dml_study.loss_lr"
@@ -116,8 +117,28 @@ class StudyTracker:
         )
         return found[0] if found else None
 
-    def finish(self, failed: bool = False) -> None:
-        self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the parent run: FINISHED, FAILED, or KILLED (interrupted; ``resume`` continues it)."""
+        self.client.set_terminated(self.parent_id, status)
+
+    def supersede(self, loss: str, best: int) -> list[str]:
+        """Tag stale the final runs and ensembles of ``loss`` that retrain a search trial other than
+        ``best`` (a better one was found after they ran, on resume): kept in MLflow, out of every
+        table. Returns their keys."""
+        stale = []
+        for stage in (Stage.FINAL, Stage.ENSEMBLE):
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' and tags.`{TAG_LOSS}` = '{loss}' "
+                f"and tags.`{TAG_STAGE}` = '{stage}'",
+                max_results=10_000,
+            )
+            for run in runs:
+                key = run.data.tags[TAG_TRIAL]
+                if TrialKey.parse(key).number != best and TAG_STALE not in run.data.tags:
+                    self.client.set_tag(run.info.run_id, TAG_STALE, f"superseded by {loss}/{best}")
+                    stale.append(key)
+        return stale
 
     def start_trial(
         self,

@@ -38,7 +38,9 @@ class TrialKey:
     """A run's identity within a study: its MLflow tag, run name and folder all derive from it.
 
     Spelled ``baseline``, ``<loss>/<number>`` (search: the Optuna trial number),
-    ``<loss>/final/s<seed>`` (``-f<fold>`` when trained on one fold) and ``<loss>/ensemble/s<seed>``.
+    ``<loss>/final/<number>/s<seed>`` (``-f<fold>`` when trained on one fold) and
+    ``<loss>/ensemble/<number>/s<seed>``: a final run and an ensemble carry the number of the search
+    trial whose point they retrain, so a better trial found later (on resume) gets runs of its own.
     """
 
     stage: Stage
@@ -56,12 +58,12 @@ class TrialKey:
         return cls(Stage.SEARCH, loss, number=number)
 
     @classmethod
-    def final(cls, loss: str, seed: int, fold: int | None = None) -> TrialKey:
-        return cls(Stage.FINAL, loss, seed=seed, fold=fold)
+    def final(cls, loss: str, number: int, seed: int, fold: int | None = None) -> TrialKey:
+        return cls(Stage.FINAL, loss, number=number, seed=seed, fold=fold)
 
     @classmethod
-    def ensemble(cls, loss: str, seed: int) -> TrialKey:
-        return cls(Stage.ENSEMBLE, loss, seed=seed)
+    def ensemble(cls, loss: str, number: int, seed: int) -> TrialKey:
+        return cls(Stage.ENSEMBLE, loss, number=number, seed=seed)
 
     def __str__(self) -> str:
         if self.stage is Stage.BASELINE:
@@ -69,7 +71,7 @@ class TrialKey:
         if self.stage is Stage.SEARCH:
             return f"{self.loss}/{self.number}"
         fold = "" if self.fold is None else f"-f{self.fold}"
-        return f"{self.loss}/{self.stage}/s{self.seed}{fold}"
+        return f"{self.loss}/{self.stage}/{self.number}/s{self.seed}{fold}"
 
     @classmethod
     def parse(cls, text: str) -> TrialKey:
@@ -80,10 +82,11 @@ class TrialKey:
                 return cls.baseline()
             if len(parts) == 2 and parts[1].isdigit():
                 return cls.search(parts[0], int(parts[1]))
-            if len(parts) == 3 and parts[2].startswith("s") and parts[1] in (Stage.FINAL, Stage.ENSEMBLE):
-                seed, _, fold = parts[2][1:].partition("-f")
-                key = cls(Stage(parts[1]), parts[0], seed=int(seed), fold=int(fold) if fold else None)
-                if str(key) == text:
+            if len(parts) == 4 and parts[3].startswith("s") and parts[1] in (Stage.FINAL, Stage.ENSEMBLE):
+                seed, _, fold = parts[3][1:].partition("-f")
+                number = int(parts[2])
+                key = cls(Stage(parts[1]), parts[0], number=number, seed=int(seed), fold=int(fold) if fold else None)
+                if str(key) == text and number >= 0 and not (fold and key.stage is Stage.ENSEMBLE):
                     return key
         except ValueError:
             pass

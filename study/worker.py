@@ -56,13 +56,13 @@ def untrained(cfg: StudyConfig) -> tuple[dict, dict]:
     return evaluate_untrained(cfg.model, cfg.train, load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed), cfg.seed)
 
 
-def ensemble(storage: Storage, loss: str, seed: int, folds: list[int]) -> dict[str, float] | str:
-    """Reality Check's ensemble of one seed's fold models: their test embeddings concatenated (each
-    block unit-norm, the whole scaled back to unit norm), evaluated like one model's. Returns the
-    metrics, or why there are none (a fold's run left no embeddings)."""
+def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[int]) -> dict[str, float] | str:
+    """Reality Check's ensemble of one seed's fold models (retraining search trial ``number``): their
+    test embeddings concatenated (each block unit-norm, the whole scaled back to unit norm), evaluated
+    like one model's. Returns the metrics, or why there are none (a fold's run left no embeddings)."""
     parts = []
     for fold in folds:
-        path = embeddings_file(storage, TrialKey.final(loss, seed, fold))
+        path = embeddings_file(storage, TrialKey.final(loss, number, seed, fold))
         if not path.exists():
             return f"fold {fold} has no test embeddings (its run failed)"
         parts.append(read_embeddings(path.read_bytes()))

@@ -53,8 +53,10 @@ def ray_instance():
     """One local Ray instance for the whole session (auth off; a short temp dir for its sockets)."""
     import ray
 
+    from study.local_ray import start_local_ray
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rt{os.getpid()}", logging_level="error")
+    start_local_ray(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rt{os.getpid()}", logging_level="error")
     yield ray
     ray.shutdown()
 

@@ -42,7 +42,7 @@ def _final(loss, seed, recall, fold=None):
     """A final-stage run with recall_at_k = recall * k (test classes)."""
     return {
         "run_id": f"id-{loss}-s{seed}-f{fold}",
-        "trial": f"{loss}/final/s{seed}" + ("" if fold is None else f"-f{fold}"),
+        "trial": f"{loss}/final/0/s{seed}" + ("" if fold is None else f"-f{fold}"),
         "loss": loss,
         "stage": "final",
         "state": "COMPLETE",

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.tracking import TAG_STAGE, TAG_STATE, TAG_TRIAL
+from study.vocab import TrialKey
 from tests.conftest import TINY_STUDY, write_study
 
 runner = CliRunner()
@@ -69,8 +70,10 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
         by_stage.setdefault(run.data.tags[TAG_STAGE], []).append(run)
     assert len(by_stage["search"]) == 2
     finals = [r for r in by_stage["final"] if r.data.tags[TAG_TRIAL].startswith("multi_similarity/")]
-    assert sorted(r.data.tags[TAG_TRIAL] for r in finals) == [
-        f"multi_similarity/final/s{s}-f{f}" for s in (1, 2) for f in range(3)
+    keys = [TrialKey.parse(r.data.tags[TAG_TRIAL]) for r in finals]
+    (best,) = {key.number for key in keys}  # all retrain the loss's best search trial
+    assert sorted((key.seed, key.fold) for key in keys) == [
+        (s, f) for s in (1, 2) for f in range(3)
     ]  # seeds 1, 2 (never the search's seed 0), per fold
     assert all(r.data.tags[TAG_STATE] == "COMPLETE" for r in finals + by_stage["ensemble"])
     assert len(by_stage["ensemble"]) == 2
@@ -82,7 +85,7 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     # the search trials never saw a test class: their configs train and validate on classes 1–6 only
     study_dir = workdir / "runs" / "tiny"
-    saved = np.load(io.BytesIO((study_dir / "embeddings/multi_similarity/final/s1-f0.npz").read_bytes()))
+    saved = np.load(io.BytesIO((study_dir / f"embeddings/multi_similarity/final/{best}/s1-f0.npz").read_bytes()))
     assert saved["test"].shape == (36, 16) and set(saved["test_labels"]) == set(range(101, 107))
     # ... and the same embeddings are an artifact of its MLflow run (the report projects them)
     s1f0 = next(r for r in finals if r.data.tags[TAG_TRIAL].endswith("s1-f0"))
@@ -113,7 +116,7 @@ def test_the_final_stage_trains_each_seed_on_every_training_class_by_default(wor
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`dml_study.role` = 'trial'")
     finals = [r for r in runs if r.data.tags[TAG_STAGE] == "final"]
-    assert sorted(r.data.tags[TAG_TRIAL] for r in finals) == ["multi_similarity/final/s1", "multi_similarity/final/s2"]
+    assert sorted(r.data.tags[TAG_TRIAL] for r in finals) == [f"multi_similarity/final/0/s{s}" for s in (1, 2)]
     assert not [r for r in runs if r.data.tags[TAG_STAGE] == "ensemble"]
     config = json.loads(Path(client.download_artifacts(finals[0].info.run_id, "config.json", str(workdir))).read_text())
     assert config["train"]["epochs"] == 1 and "fold" not in finals[0].data.params and config.get("fold") is None

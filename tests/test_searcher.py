@@ -55,8 +55,8 @@ def test_search_spec_resolves_a_point_once(cfg, spaces):
 
 def test_final_spec_keeps_the_point_with_a_new_seed_and_the_final_epochs(cfg, spaces):
     cfg = cfg.model_copy(update={"final": cfg.final.model_copy(update={"epochs": 7})})
-    spec = final_spec(cfg, spaces["multi_similarity"], {"alpha": 3.0, "lr": 2e-3}, seed=4, fold=1)
-    assert spec.key == TrialKey.final("multi_similarity", 4, 1) and spec.seed == 4 and spec.fold == 1
+    spec = final_spec(cfg, spaces["multi_similarity"], 3, {"alpha": 3.0, "lr": 2e-3}, seed=4, fold=1)
+    assert spec.key == TrialKey.final("multi_similarity", 3, 4, 1) and spec.seed == 4 and spec.fold == 1
     assert (spec.train.epochs, spec.train.lr, spec.loss_kwargs) == (7, 2e-3, {"alpha": 3.0})
     assert spec.params == {"alpha": 3.0, "lr": 2e-3, "seed": 4, "fold": 1}
 
@@ -161,14 +161,14 @@ def test_callback_fails_a_diverged_trial_with_its_reason_and_tags_no_loss_lr_wit
 def test_callback_attaches_a_final_runs_embeddings_and_keeps_a_raised_trials_trace(cfg, spaces, tmp_path):
     tracker = FakeTracker()
     callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
-    spec = final_spec(cfg, spaces["multi_similarity"], {}, seed=1, fold=None)
+    spec = final_spec(cfg, spaces["multi_similarity"], 0, {}, seed=1, fold=None)
     embeddings_file(cfg.storage, spec.key).write_bytes(b"npz")
     trace = tmp_path / "error.txt"
     trace.write_text("Traceback ...\nRuntimeError: worker died")
     callback.on_trial_error(0, [], _trial(spec, {"epoch": 1}, error_file=str(trace)))
     names = [c[0] for c in tracker.calls]
     assert names == ["start_trial", "log_file", "end_trial"]
-    assert tracker.calls[1][1] == ("multi_similarity/final/s1", EMBEDDINGS_ARTIFACT, b"npz")
+    assert tracker.calls[1][1] == ("multi_similarity/final/0/s1", EMBEDDINGS_ARTIFACT, b"npz")
     assert tracker.calls[2][1] == ("multi_similarity/final/s1", State.FAIL)
     assert tracker.calls[2][2]["error"].endswith("RuntimeError: worker died")
     assert tracker.calls[0][1][2] == Stage.FINAL and tracker.calls[0][1][3]["seed"] == 1
@@ -209,7 +209,7 @@ def test_the_study_schedule_interleaves_losses_and_starts_a_final_stage_when_its
 
     def finals(loss):
         finals_asked.append(loss)
-        return [final_spec(cfg, spaces[loss], {}, seed=s, fold=None) for s in (1, 2)]
+        return [final_spec(cfg, spaces[loss], 0, {}, seed=s, fold=None) for s in (1, 2)]
 
     schedule = StudySchedule(
         {"multi_similarity": searcher("multi_similarity"), "proxy_anchor": searcher("proxy_anchor")}, finals, 1
@@ -223,13 +223,16 @@ def test_the_study_schedule_interleaves_losses_and_starts_a_final_stage_when_its
     schedule.on_trial_complete("c", {"map_at_r": 0.2, "epoch": 1})
     assert finals_asked == []  # nothing final before its search ended
     # multi_similarity's search has ended: its final runs go first, while proxy_anchor's search goes on
-    assert [key(schedule.suggest(t)) for t in "de"] == ["multi_similarity/final/s1", "multi_similarity/final/s2"]
+    assert [key(schedule.suggest(t)) for t in "de"] == ["multi_similarity/final/0/s1", "multi_similarity/final/0/s2"]
     assert finals_asked == ["multi_similarity"]
     schedule.on_trial_complete("b", {"map_at_r": 0.1, "epoch": 2})
     assert key(schedule.suggest("f")) == "proxy_anchor/1"
     schedule.on_trial_complete("f", {"map_at_r": 0.1, "epoch": 2})
-    assert [key(schedule.suggest(t)) for t in "gh"] == ["proxy_anchor/final/s1", "proxy_anchor/final/s2"]
-    assert schedule.suggest("i") == Searcher.FINISHED
+    assert [key(schedule.suggest(t)) for t in "gh"] == ["proxy_anchor/final/0/s1", "proxy_anchor/final/0/s2"]
+    assert schedule.suggest("i") is None and not schedule.finished  # final runs still in flight
+    for trial_id in "degh":
+        schedule.on_trial_complete(trial_id, {"map_at_r": 0.1, "epoch": 2})
+    assert schedule.suggest("i") == Searcher.FINISHED and schedule.finished
     states = {t.number: t.state.name for t in schedule._searchers["multi_similarity"].study.trials}
     assert states == {0: "COMPLETE", 1: "PRUNED"}  # each told to its own loss's Optuna study
 
@@ -251,7 +254,7 @@ def test_per_loss_asha_never_compares_losses_and_never_stops_a_final_run(cfg, sp
             "ms_good": search_spec(cfg, spaces["multi_similarity"], 0, {}),
             "ms_bad": search_spec(cfg, spaces["multi_similarity"], 1, {}),
             "pa": search_spec(cfg, spaces["proxy_anchor"], 0, {}),
-            "final": final_spec(cfg, spaces["multi_similarity"], {}, seed=1, fold=None),
+            "final": final_spec(cfg, spaces["multi_similarity"], 0, {}, seed=1, fold=None),
         }.items()
     }
     for trial in trials.values():

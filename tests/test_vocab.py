@@ -22,9 +22,9 @@ KEYS = [
     (TrialKey.baseline(), "baseline"),
     (TrialKey.search("multi_similarity", 0), "multi_similarity/0"),
     (TrialKey.search("soft_triple", 17), "soft_triple/17"),
-    (TrialKey.final("pddm", 3), "pddm/final/s3"),
-    (TrialKey.final("pddm", 3, fold=2), "pddm/final/s3-f2"),
-    (TrialKey.ensemble("proxy_anchor", 1), "proxy_anchor/ensemble/s1"),
+    (TrialKey.final("pddm", 0, 3), "pddm/final/0/s3"),
+    (TrialKey.final("pddm", 12, 3, fold=2), "pddm/final/12/s3-f2"),
+    (TrialKey.ensemble("proxy_anchor", 5, 1), "proxy_anchor/ensemble/5/s1"),
 ]
 
 
@@ -37,7 +37,10 @@ def test_keys_are_spelled_once_and_parse_back(key, text):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "ms", "ms/x", "ms/-1", "ms/final", "ms/final/3", "ms/final/s", "ms/final/s1-f", "ms/search/s1", "a/b/c/d"],
+    [
+        *("", "ms", "ms/x", "ms/-1", "ms/final", "ms/final/3", "ms/final/s", "ms/final/s1-f", "ms/search/s1"),
+        *("ms/final/s1", "ms/final/x/s1", "ms/final/-1/s1", "ms/final/01/s1", "ms/ensemble/2/s1-f0", "a/b/c/d/e"),
+    ],
 )
 def test_anything_else_is_not_a_key(text):
     with pytest.raises(ValueError, match="not a trial key"):
@@ -53,8 +56,8 @@ def test_states_and_stages_are_the_strings_mlflow_holds():
 def test_layout(tmp_path):
     storage = Storage.at(tmp_path / "study")
     assert checkpoint_dir(storage, TrialKey.search("ms", 4)).root == str(tmp_path / "study/checkpoints/ms/4")
-    assert embeddings_file(storage, TrialKey.final("ms", 1, 0)).root == str(
-        tmp_path / "study/embeddings/ms/final/s1-f0.npz"
+    assert embeddings_file(storage, TrialKey.final("ms", 7, 1, 0)).root == str(
+        tmp_path / "study/embeddings/ms/final/7/s1-f0.npz"
     )
 
 
