@@ -169,7 +169,7 @@ def test_callback_attaches_a_final_runs_embeddings_and_keeps_a_raised_trials_tra
     names = [c[0] for c in tracker.calls]
     assert names == ["start_trial", "log_file", "end_trial"]
     assert tracker.calls[1][1] == ("multi_similarity/final/0/s1", EMBEDDINGS_ARTIFACT, b"npz")
-    assert tracker.calls[2][1] == ("multi_similarity/final/s1", State.FAIL)
+    assert tracker.calls[2][1] == ("multi_similarity/final/0/s1", State.FAIL)
     assert tracker.calls[2][2]["error"].endswith("RuntimeError: worker died")
     assert tracker.calls[0][1][2] == Stage.FINAL and tracker.calls[0][1][3]["seed"] == 1
 
