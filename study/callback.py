@@ -15,12 +15,13 @@ from ray import tune
 from study.config import StudyConfig
 from study.losses import declared_trial_metrics, has_parameters, loss_hyperparameters
 from study.search_space import SearchSpace
+from study.searcher import DriverOnly
 from study.spec import DIVERGED, SPEC, Outcome, TrialSpec, result_metrics
 from study.tracking import TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_file
 
 
-class TrackingCallback(tune.Callback):
+class TrackingCallback(DriverOnly, tune.Callback):
     """Logs each trial of the losses in ``spaces`` to its MLflow child run through ``tracker``
     (a :class:`~study.tracking.StudyTracker`, or anything with its methods)."""
 

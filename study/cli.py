@@ -35,14 +35,13 @@ def run(
         _fail(str(exc))
     if new and resume:
         _fail("--new and --resume exclude each other")
-    if _exists(cfg.storage) and not (new or resume):
+    if _holds_anything(cfg.storage) and not (new or resume):
         _fail(f"{cfg.storage} already exists: pass --resume to continue it or --new to replace it")
     if resume:
         _resume(cfg.storage, cfg)
         return
     _check_tracking(cfg)
-    cfg.storage.delete()  # --new
-    _run(cfg, resume=False)
+    _run(cfg, resume=False, replace=new)
 
 
 @app.command("resume")
@@ -95,6 +94,16 @@ def _exists(storage: Storage) -> bool:
         _fail(f"{storage}: cannot read the study storage ({str(exc).splitlines()[0]})")
 
 
+def _holds_anything(storage: Storage) -> bool:
+    """The study folder exists with something in it besides a lock (a driver that stopped before
+    writing anything leaves its lock files)."""
+    from study.lock import FLOCK_FILE, LOCK_FILE
+
+    if not _exists(storage):
+        return False
+    return any(info.base_name not in (LOCK_FILE, FLOCK_FILE) for info in storage.list())
+
+
 def _check_tracking(cfg) -> None:
     from study.tracking import check_tracking_server, resolve_tracking_uri
 
@@ -104,15 +113,24 @@ def _check_tracking(cfg) -> None:
         _fail(str(exc))
 
 
-def _run(cfg, resume: bool) -> None:
+def _run(cfg, resume: bool, replace: bool = False) -> None:
+    """Run or resume the study while holding its folder's lock: one driver per study. A new run
+    (``--new``) first empties the folder, under the lock, so a live study is never deleted."""
     from analysis.runs import load_runs
     from analysis.tables import write_tables
     from study.data.images import UnreadableImageError
+    from study.journal import JournalCorruptError
+    from study.lock import FLOCK_FILE, LOCK_FILE, StudyLock, StudyLockedError
     from study.stages import RayAddressError, StudyInterrupted, run_study
     from study.tracking import resolve_tracking_uri
 
     try:
-        run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
+        with StudyLock(cfg.storage):
+            if replace:
+                cfg.storage.clear(keep=(LOCK_FILE, FLOCK_FILE))
+            run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
+    except (StudyLockedError, JournalCorruptError) as exc:
+        _fail(str(exc))
     except RayAddressError as exc:  # raised before anything is written
         _fail(str(exc))
     except StudyInterrupted:

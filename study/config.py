@@ -226,6 +226,14 @@ def restore_secrets(cfg: StudyConfig, environ: dict[str, str]) -> StudyConfig:
     return cfg
 
 
+def without_secrets(cfg: StudyConfig) -> StudyConfig:
+    """``cfg`` with every secret's credentials redacted: what Ray gets (its workers never need them,
+    and Ray pickles a trial's parameters into its experiment state and temp folder)."""
+    for path, value in secret_fields(cfg).items():
+        cfg = _replace(cfg, path, SecretStr(redact(value.get_secret_value())))
+    return cfg
+
+
 def _replace(value: Any, path: tuple, new: Any) -> Any:
     """``value`` with the item at ``path`` (model fields, dict keys, list indices) replaced by ``new``."""
     if not path:

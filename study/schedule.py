@@ -16,7 +16,7 @@ from collections.abc import Callable
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from study.searcher import StatelessSearcher, StudySearcher
+from study.searcher import DriverOnly, StatelessSearcher, StudySearcher
 from study.spec import SPEC, TrialSpec
 from study.vocab import Stage
 
@@ -74,7 +74,7 @@ class StudySchedule(StatelessSearcher):
             self._searchers[loss].on_trial_complete(trial_id, result, error)
 
 
-class PerLossASHA(FIFOScheduler):
+class PerLossASHA(DriverOnly, FIFOScheduler):
     """ASHA within each loss's search trials (``make_asha()`` builds one per loss); final runs are
     never stopped."""
 

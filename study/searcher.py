@@ -21,7 +21,17 @@ from study.vocab import State
 _TOLD = {State.PRUNED: optuna.trial.TrialState.PRUNED, State.FAIL: optuna.trial.TrialState.FAIL}
 
 
-class StatelessSearcher(Searcher):
+class DriverOnly:
+    """Lives on the driver for one Ray Tune run and is never persisted. Ray pickles a run's searcher,
+    scheduler and callbacks into its experiment state (``tuner.pkl``); these hold the study's
+    tracking and Optuna storage URLs, credentials included. dml-study never restores a Tuner (a
+    resumed study builds a new one from its folder, Optuna and MLflow), so they pickle as empty."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+
+class StatelessSearcher(DriverOnly, Searcher):
     """A searcher whose state lives elsewhere (Optuna's storage, MLflow): nothing for Ray to save."""
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:

@@ -28,8 +28,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from study import worker
 from study.callback import TrackingCallback
-from study.config import StudyConfig, search_spaces
+from study.config import StudyConfig, search_spaces, without_secrets
 from study.data.images import UnreadableImageError
+from study.journal import clear_writer_lock, repair_journal
 from study.local_ray import start_local_ray
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
@@ -86,6 +87,18 @@ def optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(cfg.search.optuna_storage.get_secret_value())
     journal = Path(cfg.storage.root) / OPTUNA_JOURNAL
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+
+
+def repair_optuna_journal(cfg: StudyConfig, say: Say) -> None:
+    """Cut what a driver killed mid-write left at the journal's end (a torn last record, Optuna's
+    writer lock): Optuna would glue its next record onto it and never read the study again. Only the
+    driver writes the journal, and it holds the study's lock (:class:`~study.lock.StudyLock`)."""
+    if cfg.search.optuna_storage or not cfg.storage.is_local:
+        return
+    journal = Path(cfg.storage.root) / OPTUNA_JOURNAL
+    if cut := repair_journal(journal):
+        say(f"{OPTUNA_JOURNAL}: cut a torn last record ({cut} bytes) left by a killed driver")
+    clear_writer_lock(journal)
 
 
 def optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list[optuna.trial.FrozenTrial]:
@@ -173,7 +186,7 @@ def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: 
         )
     )
     trainable = tune.with_resources(
-        tune.with_parameters(worker.run_spec, cfg=cfg, storage=cfg.storage),
+        tune.with_parameters(worker.run_spec, cfg=without_secrets(cfg), storage=cfg.storage),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
     tuner = tune.Tuner(
@@ -220,6 +233,7 @@ def state_of(tracker: StudyTracker, key: TrialKey) -> str | None:
 def _remote(cfg: StudyConfig, function, *args):
     """``function(*args)`` as a Ray task with a trial's resources (the driver may have no GPU)."""
     task = ray.remote(function).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
+    args = [without_secrets(a) if isinstance(a, StudyConfig) else a for a in args]
     return ray.get(task.remote(*args))
 
 
@@ -284,6 +298,7 @@ def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> Study
     init_ray()  # before anything is written: a wrong cluster address leaves no trace
     tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
     if resume:
+        repair_optuna_journal(cfg, say)
         tracker.resume(storage.child(PARENT_RUN_FILE).read_text().strip())
     else:
         storage.fs.create_dir(storage.root, recursive=True)

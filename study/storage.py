@@ -67,5 +67,19 @@ class Storage:
         if self.exists():
             self.fs.delete_dir(self.root)
 
+    def list(self) -> list[pafs.FileInfo]:
+        """This folder's entries (not recursive; none if it does not exist)."""
+        return self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove everything in this folder but the entries named in ``keep`` (a lock held on it)."""
+        for info in self.list():
+            if info.base_name in keep:
+                continue
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(info.path)
+            else:
+                self.fs.delete_file(info.path)
+
     def __str__(self) -> str:
         return self.display

@@ -11,17 +11,16 @@ import json
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import requests
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import SecretStr
 
-from study.redaction import redact
+from study.redaction import redact, redact_text
 from study.vocab import Stage, State, TrialKey
 
 TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
@@ -56,15 +55,15 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     does not answer, so a study fails before anything is scheduled. Other stores need no check."""
     if not uri or urlsplit(uri).scheme not in ("http", "https"):
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        reason = f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = str(getattr(exc, "reason", exc))
+    try:  # requests sends a URL's user:password@ as basic auth, as MLflow's own client does
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        if response.status_code == 200:
+            return
+        reason = f"HTTP {response.status_code}"
+    except requests.Timeout:
+        reason = f"no answer within {timeout:g} s"
+    except requests.RequestException as exc:  # its text repeats the URL: the cause's last words suffice
+        reason = redact_text(str(exc).rsplit(": ", 1)[-1].strip(" ')\""))
     raise ConnectionError(f"MLflow tracking server {redact(uri)} is unreachable ({reason})")
 
 
@@ -82,6 +81,8 @@ class StudyTracker:
     """Logs a study into MLflow experiment ``name``; the parent run is created by ``start``."""
 
     def __init__(self, name: str, tracking_uri: str | None):
+        # MLflow prints each ended run's URL, a tracking URL's credentials included: never
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.name = name
         experiment = self.client.get_experiment_by_name(name)

@@ -66,3 +66,26 @@ def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     assert [(k.number, k.seed) for k in finals] == [(best.number, 1)]  # the best trial's point, retrained
     assert all(state == "COMPLETE" for key, state in states.items() if "/final/" in key)
     assert MlflowClient().get_run(parents[0].info.run_id).info.status == "FINISHED"
+
+
+def test_a_torn_journal_tail_is_repaired_on_resume(workdir):
+    path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
+    driver = _start_in_terminal(workdir, "run", str(path))
+    _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    journal = workdir / "runs" / "tiny" / "optuna.journal"
+    os.truncate(journal, journal.stat().st_size - 40)  # a record torn by the kill
+    outputs = []
+    for _ in range(2):  # the repaired journal stays readable run after run
+        resumed = _start_in_terminal(workdir, "resume", "runs/tiny")
+        out, err = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, out + err
+        outputs.append(out)
+    assert "optuna.journal: cut a torn last record (" in outputs[0]
+    parents, children = _mlflow_trials(workdir)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    trials = _optuna(workdir, "multi_similarity")
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
+    states = {r.data.tags[TAG_TRIAL]: r.data.tags[TAG_STATE] for r in children}
+    assert states == {f"multi_similarity/{t.number}": t.state.name for t in trials}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from study.tracking import TAG_ROLE, StudyTracker
 from tests.conftest import TINY_STUDY, write_study
 
 runner = CliRunner()
+PASSWORD = "pw-9c1e-never-written"
 
 
 def _free_port() -> int:
@@ -57,17 +59,31 @@ def mlflow_server(tmp_path):
 @pytest.mark.slow
 def test_study_logs_to_a_tracking_server_and_optuna_to_an_rdb(workdir, ray_instance, mlflow_server, monkeypatch):
     """The cluster set-up: MLflow behind a server, Optuna in a database (SQLite standing in for
-    PostgreSQL), neither URL logged as a parameter."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    optuna_url = f"sqlite:///{workdir / 'optuna.db'}"
+    PostgreSQL), neither URL logged as a parameter. The tracking URL carries a password (the server
+    ignores it): no file the study or Ray writes holds it, and Ray holds neither URL."""
+    secret_uri = mlflow_server.replace("http://", f"http://user:{PASSWORD}@")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    optuna_url = f"sqlite:///{workdir / 'optuna-db-4f2a.db'}"  # SQLite has no password: its path stands in
     search = {
         **TINY_STUDY["search"],
         "losses": ["multi_similarity"],
         "trials_per_loss": 2,
         "optuna_storage": optuna_url,
     }
-    result = runner.invoke(app, ["run", str(write_study(workdir, search=search))])
+    study = write_study(workdir, search=search, tracking={"uri": secret_uri})
+    result = runner.invoke(app, ["run", str(study)])
     assert result.exit_code == 0, result.output
+    assert PASSWORD not in result.output
+    ray_temp = Path(f"/tmp/rt{os.getpid()}")  # the session's Ray instance (tests/conftest.py)
+    for folder, secrets in (
+        (workdir / "runs", [PASSWORD]),
+        (workdir / "artifacts", [PASSWORD]),
+        (workdir / "runs" / "tiny" / "ray", [PASSWORD, "optuna-db-4f2a"]),
+        (ray_temp, [PASSWORD, "optuna-db-4f2a"]),
+    ):
+        for file in (f for f in folder.rglob("*") if f.is_file() and not f.is_socket()):
+            data = file.read_bytes()
+            assert not [s for s in secrets if s.encode() in data], file
     assert not (workdir / "mlflow.db").exists()  # nothing went to the local default store
     assert not (workdir / "runs" / "tiny" / "optuna.journal").exists()
     trials = optuna.load_study(study_name="tiny.multi_similarity", storage=optuna_url).get_trials()
@@ -81,7 +97,7 @@ def test_study_logs_to_a_tracking_server_and_optuna_to_an_rdb(workdir, ray_insta
     parent = next(r for r in runs if r.data.tags[TAG_ROLE] == "study")
     # the config's URLs are logged redacted (tests/test_secrets.py); these carry no credentials
     assert parent.data.params["search.optuna_storage"] == optuna_url
-    assert not any("http" in v for v in parent.data.params.values())  # MLFLOW_TRACKING_URI is not the config's
+    assert parent.data.params["tracking.uri"] == mlflow_server.replace("http://", "http://user:***@")
     trial = next(r for r in runs if r.data.tags.get("dml_study.stage") == "search")
     config = json.loads(Path(client.download_artifacts(trial.info.run_id, "config.json", str(workdir))).read_text())
     assert config["loss"] == "multi_similarity"  # the artifact went through the server's artifact proxy

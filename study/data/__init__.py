@@ -17,7 +17,7 @@ import torch
 
 from study.data.images import ImageIndex, load_images
 from study.data.loaders import INDEXES
-from study.data.splits import first_half_split
+from study.data.splits import first_half_split, require_disjoint, single_image_classes
 from study.data.synthetic import make_synthetic
 
 DATASETS = ("synthetic", *INDEXES)
@@ -55,10 +55,35 @@ def recall_ks(name: str) -> tuple[int, ...]:
 
 
 def index_dataset(name: str, root: str | Path | None, **options) -> ImageIndex:
-    """Read an image dataset's index files: fast, and raises DatasetLayoutError on a wrong folder."""
+    """Read an image dataset's index files: fast, and raises DatasetLayoutError on a wrong folder.
+
+    Also checks, for every loader, that the train and test splits are class-disjoint: a loader bug or a
+    hand-made layout that mixes them would otherwise evaluate on classes seen in training, silently."""
     if root is None:
         raise ValueError(f"dataset.root: the {name} dataset needs the folder it is in")
-    return INDEXES[name](Path(root), **options)
+    index = INDEXES[name](Path(root), **options)
+    require_disjoint(index.labels, index.split, name)
+    return index
+
+
+def index_warnings(index: ImageIndex, name: str = "dataset") -> list[str]:
+    """One-line warnings about dataset ``name``'s index that do not stop a study but skew it: classes with a
+    single image (:func:`~study.data.splits.single_image_classes`), which can never be answered queries."""
+    why = {  # split → (for one class, for several)
+        "train": (
+            "it gives no positive pair in training and cannot be a validation query",
+            "they give no positive pair in training and cannot be validation queries",
+        ),
+        "test": (
+            "it cannot be a query (no other image of its class)",
+            "they cannot be queries (no other image of their class)",
+        ),
+    }
+    warnings = []
+    for split, count in single_image_classes(index.labels, index.split).items():
+        classes = f"1 {split} class has" if count == 1 else f"{count} {split} classes have"
+        warnings.append(f"{name}: {classes} a single image; {why[split][count > 1]}")
+    return warnings
 
 
 def create_dataset(

@@ -7,10 +7,11 @@ split and is not used.
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.datasets.utils import download_url
 
 from study.data.images import DatasetLayoutError, ImageIndex
 from study.data.layout import check_listed, dataset_folder, read_rows, require
@@ -32,7 +33,7 @@ def index_cub200(root: Path, *, download: bool = False) -> ImageIndex:
     """
     folder = dataset_folder(root, ["images.txt"], [TOP])
     if download and not (folder / "images.txt").exists():
-        download_and_extract_archive(URL, Path(root), filename=f"{TOP}.tgz", md5=MD5, remove_finished=True)
+        _download(Path(root).expanduser().resolve())
         folder = dataset_folder(root, ["images.txt"], [TOP])
     images = read_rows(folder / "images.txt", "cub200", EXPECTED, columns=2)
     classes = dict(read_rows(folder / "image_class_labels.txt", "cub200", EXPECTED, columns=2))
@@ -46,3 +47,37 @@ def index_cub200(root: Path, *, download: bool = False) -> ImageIndex:
     check_listed(paths, "images.txt", "cub200", EXPECTED)
     labels = np.array([int(classes[image_id]) for image_id, _ in images], dtype=np.int64)
     return ImageIndex(paths=paths, labels=labels, split=np.where(labels <= TRAIN_CLASSES, "train", "test"))
+
+
+def _download(root: Path) -> None:
+    """Download the archive into ``root`` (checked against :data:`MD5`), extract it there, then delete it.
+
+    A failed or corrupt download is deleted before the error: left behind, a truncated archive would
+    be taken for the dataset's. Extraction uses tarfile's "data" filter, and checks every member before
+    writing any: a member that would land outside ``root`` (``../x``, an absolute path, a link out)
+    refuses the whole archive, and nothing is written.
+    """
+    archive = root / f"{TOP}.tgz"
+    try:
+        download_url(URL, str(root), filename=archive.name, md5=MD5)  # reuses a complete archive already there
+    except BaseException as error:  # Ctrl-C too: a partial archive must not stay
+        archive.unlink(missing_ok=True)
+        if not isinstance(error, Exception):
+            raise
+        # torchvision raises a plain RuntimeError when the MD5 differs (RecursionError, a subclass: redirects)
+        reason = (
+            "its MD5 differs" if type(error) is RuntimeError else " ".join(f"{type(error).__name__}: {error}".split())
+        )
+        raise DatasetLayoutError(
+            f"cub200: cannot download {URL} ({reason}); expected an archive with MD5 {MD5}; the partial or "
+            f"corrupt archive was deleted: try again, or download and extract it into {root} by hand"
+        ) from error
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                tarfile.data_filter(member, str(root))
+            tar.extractall(root, filter="data")
+    except (tarfile.TarError, OSError) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise DatasetLayoutError(f"cub200: cannot extract {archive} into {root} ({reason})") from error
+    archive.unlink()

@@ -29,10 +29,15 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 # Part of the cache key: bump it when _decode changes, so that old cache files are not reused.
-CACHE_VERSION = 2  # 2: aspect kept (S × w_i, portrait transposed), not a center square
+# 2: aspect kept (S × w_i, portrait transposed), not a center square
+# 3: EXIF orientation applied, 16-bit scaled to 8-bit (was clipped to white), transparency on white
+CACHE_VERSION = 3
+# EXIF orientations that turn the image a quarter (swap width and height)
+QUARTER_TURNS = (5, 6, 7, 8)
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class DatasetLayoutError(ValueError):
@@ -198,21 +203,41 @@ def _stored_width(image_size: tuple[int, int], size: int, max_width: int) -> int
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+    """(width, height) from the file's header, without decoding the pixels: the size :func:`_decode` sees,
+    after the EXIF orientation (a quarter turn swaps width and height)."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            turned = image.getexif().get(ExifTags.Base.Orientation, 1) in QUARTER_TURNS
+            return (height, width) if turned else (width, height)
     except Exception as error:
         raise _unreadable(path, error) from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, as a viewer shows it. PIL's plain ``convert("RGB")`` gets three kinds of
+    files wrong: it ignores the EXIF orientation (phone photos come out on their side), clips 16-bit
+    values to 255 (a 16-bit PNG comes out white) and drops transparency, exposing whatever colour the
+    transparent pixels happen to hold (often black or editing leftovers); those are laid on white, the
+    background of product photos. 16-bit values keep their top 8 bits (``v >> 8``). Palette, grey, CMYK
+    and the other modes convert as PIL does (CMYK JPEGs: Pillow undoes Adobe's inverted storage)."""
+    image = ImageOps.exif_transpose(image)  # first: every step below works on the upright image
+    if image.mode in SIXTEEN_BIT:
+        grey = np.clip(np.asarray(image).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _decode(path: Path, size: int, max_width: int) -> tuple[np.ndarray, bool]:
     """One image as uint8 (3, size, w) and whether it is stored transposed: RGB, shorter side resized to
     ``size`` (what torchvision's ``Resize(size)`` does to the file), the longer side along the columns, its
-    central ``max_width`` px when longer."""
+    central ``max_width`` px when longer; colours and orientation as a viewer shows them (:func:`_to_rgb`)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             transposed = image.height > image.width
             long = _long_side(image.size, size)
             width, height = (size, long) if transposed else (long, size)

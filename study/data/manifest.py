@@ -1,13 +1,21 @@
 """Any image dataset described by one CSV or Parquet file: a row per image.
 
-Columns: ``path`` (relative to the manifest's folder, or absolute) and ``label`` (any values:
-numbered 0.. in sorted order); optional ``split`` ("train"/"test"; without it, the first half of
-the sorted classes is train, the second half test, the DML convention) and optional ``is_query``
-and ``is_gallery`` (both or neither; true/false or 1/0) for query/gallery protocols.
+Columns: ``path`` (relative to the manifest's folder, or absolute) and ``label`` (any values);
+optional ``split`` ("train"/"test"; without it, the first half of the sorted classes is train, the
+second half test, the DML convention) and optional ``is_query`` and ``is_gallery`` (both or
+neither; true/false or 1/0) for query/gallery protocols. With ``split``, the splits must be
+class-disjoint.
+
+Labels are read as text, in CSV and Parquet alike: ``1``, ``01`` and ``1.0`` are three classes (read
+as numbers, they would silently merge, or differ between the two formats). Classes are numbered 0.. in
+sorted order: integers (``-?[0-9]+``) by value first (``2`` before ``10``, so that a manifest made
+from numbered classes splits as the numbers do; equal values by their text, ``01`` before ``1``),
+then every other label in text order.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +23,12 @@ import pandas as pd
 
 from study.data.images import DatasetLayoutError, ImageIndex
 from study.data.layout import check_listed, require
-from study.data.splits import first_half_split
+from study.data.splits import first_half_split, require_disjoint
 
 EXPECTED = "a .csv or .parquet file with columns path, label and optionally split, is_query and is_gallery"
 SPLITS = ("train", "test")
+TEXT_COLUMNS = ("path", "label", "split")  # read as str: see the module docstring
+INTEGER = re.compile(r"-?[0-9]+")
 
 
 def index_manifest(root: Path) -> ImageIndex:
@@ -33,13 +43,16 @@ def index_manifest(root: Path) -> ImageIndex:
             raise DatasetLayoutError(
                 f"manifest: {path}: column {column} is missing or has empty values; expected {EXPECTED}"
             )
-    labels = pd.factorize(table["label"], sort=True)[0].astype(np.int64)
+    names = table["label"].astype(str).to_numpy()
+    classes = sorted(set(names), key=_class_order)
+    labels = pd.Categorical(names, categories=classes).codes.astype(np.int64)
     if "split" in table.columns:
         split = table["split"].to_numpy()
         if not np.isin(split, SPLITS).all():
             bad = next(value for value in split if value not in SPLITS)
             raise DatasetLayoutError(f"manifest: {path}: column split has value {bad!r}; allowed: {', '.join(SPLITS)}")
         split = split.astype(str)
+        require_disjoint(labels, split, f"manifest: {path}", name=lambda c: repr(classes[c]))
     else:
         split = first_half_split(labels)
     paths = [path.parent / p for p in table["path"].astype(str)]
@@ -48,11 +61,19 @@ def index_manifest(root: Path) -> ImageIndex:
     return ImageIndex(paths=paths, labels=labels, split=split, is_query=is_query, is_gallery=is_gallery)
 
 
+def _class_order(label: str) -> tuple[int, int, str]:
+    """Sort key of a class label: integers by value (then text), before every other label (by text)."""
+    return (0, int(label), label) if INTEGER.fullmatch(label) else (1, 0, label)
+
+
 def _read(path: Path) -> pd.DataFrame:
-    """The table; only the file's suffix decides the format."""
+    """The table, ``path``, ``label`` and ``split`` as text; only the file's suffix decides the format.
+
+    In a CSV only an empty cell is missing (a class may be called ``NA`` or ``null``)."""
     try:
         if path.suffix.lower() == ".csv":
-            return pd.read_csv(path)
+            dtype = dict.fromkeys(TEXT_COLUMNS, str)
+            return pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""])
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
     except (OSError, ValueError) as error:

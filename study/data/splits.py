@@ -46,3 +46,37 @@ def validation_folds(
             )
         result.append((np.flatnonzero(np.isin(labels, fit)), np.flatnonzero(np.isin(labels, val))))
     return result
+
+
+def shared_classes(labels: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """The classes (sorted) with images in both the "train" and the "test" split: empty when the splits
+    are class-disjoint, as every protocol here needs (a test class seen in training inflates recall)."""
+    return np.intersect1d(labels[split == "train"], labels[split == "test"])
+
+
+def require_disjoint(labels: np.ndarray, split: np.ndarray, where: str, name=lambda c: f"class id {c}") -> None:
+    """DatasetLayoutError (``where``: the dataset or file) unless the splits are class-disjoint;
+    ``name(class)`` spells the first shared class."""
+    from study.data.images import DatasetLayoutError
+
+    shared = shared_classes(labels, split)
+    if len(shared):
+        count = "1 class has" if len(shared) == 1 else f"{len(shared)} classes have"
+        raise DatasetLayoutError(
+            f"{where}: {count} images in both train and test (first: {name(shared[0])}); "
+            "the splits must be class-disjoint"
+        )
+
+
+def single_image_classes(labels: np.ndarray, split: np.ndarray) -> dict[str, int]:
+    """Per split ("train", "test"), how many classes have exactly one image; splits with none are left out.
+
+    Such a class can never be a query with an answer (retrieval excludes the query itself) and gives no
+    positive pair in training: worth a warning, not an error, as real datasets have a few.
+    """
+    counts = {}
+    for name in ("train", "test"):
+        _, sizes = np.unique(labels[split == name], return_counts=True)
+        if (single := int((sizes == 1).sum())) > 0:
+            counts[name] = single
+    return counts
