@@ -16,7 +16,7 @@ from study.config import StudyConfig
 from study.losses import declared_trial_metrics, has_parameters, loss_hyperparameters
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly
-from study.spec import DIVERGED, SPEC, Outcome, TrialSpec, result_metrics
+from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
 from study.tracking import TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_file
 
@@ -59,7 +59,7 @@ class TrackingCallback(DriverOnly, tune.Callback):
         self._start(trial.config[SPEC])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if DIVERGED in result:  # the trial's last word; logged when it completes
+        if FAILED in result:  # the trial's last word; logged when it completes
             return
         key = trial.config[SPEC].key
         self.tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))

@@ -19,9 +19,11 @@ from study.search_space import SearchSpace
 from study.vocab import State, TrialKey
 
 SPEC = "spec"  # the one key of a trial's Ray config
-DIVERGED = "diverged"  # result key of a trial stopped by a non-finite loss: the reason, as text
+# result key of a trial that ended itself with an error no retry can fix (a non-finite loss, a
+# deterministic exception: see study.worker.DETERMINISTIC): the reason, as text
+FAILED = "failed"
 # What Ray adds to every result; everything else a trial reports is a metric of the trial.
-NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag", DIVERGED}
+NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag", FAILED}
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ class Outcome:
         """COMPLETE (every epoch ran, the objective is finite), PRUNED (stopped early by the
         scheduler) or FAIL (raised: ``error``; diverged; or no finite objective)."""
         result = result or {}
-        if error is not None or DIVERGED in result:
-            return cls(State.FAIL, error=error or result[DIVERGED])
+        if error is not None or FAILED in result:
+            return cls(State.FAIL, error=error or result[FAILED])
         value = result.get(objective)
         if value is None or not math.isfinite(value):
             return cls(State.FAIL, error=f"no finite {objective} was reported")

@@ -8,23 +8,28 @@ return value (baseline, ensemble); test embeddings through the study folder.
 from __future__ import annotations
 
 import math
+import traceback
 
 import numpy as np
 from ray import tune
 
 from study import metrics
 from study.config import StudyConfig
-from study.spec import DIVERGED, SPEC
+from study.spec import FAILED, SPEC
 from study.storage import Storage
 from study.train import NonFiniteLossError, evaluate_untrained, load_data, run_final, run_trial, set_threads
 from study.vocab import Stage, TrialKey, checkpoint_dir, embeddings_bytes, embeddings_file, read_embeddings
+
+# Errors a trial's code raises the same way on every attempt (a bug, a setting the data cannot
+# satisfy); anything else (a lost worker, out of memory, I/O) may pass and is retried by Ray Tune.
+DETERMINISTIC = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, NotImplementedError)
 
 
 def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
     """Ray Tune's trainable: the trial ``config[SPEC]`` — a search trial, or a final-stage run that
     also leaves its test embeddings in the study folder ``storage`` (resolved on the driver: a worker
-    runs in its trial's folder). A non-finite loss ends it at once (a retry would diverge again) with
-    a result that names the reason."""
+    runs in its trial's folder). A non-finite loss or a deterministic error ends it at once (a retry
+    would fail again) with a result that names the reason."""
     spec = config[SPEC]
     set_threads(cfg.resources.cpu)
     data = load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
@@ -47,7 +52,9 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
         )
         embeddings_file(storage, spec.key).write_bytes(embeddings_bytes(saved))
     except NonFiniteLossError as exc:
-        tune.report({DIVERGED: f"{type(exc).__name__}: {exc}"})
+        tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
+    except DETERMINISTIC:  # the same spec would raise again: fail now, with the trace, instead of retrying
+        tune.report({FAILED: traceback.format_exc()})
 
 
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:

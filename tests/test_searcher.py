@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from study.callback import TrackingCallback
 from study.config import parse_study, search_spaces
 from study.searcher import StudySearcher
-from study.spec import DIVERGED, SPEC, Outcome, final_spec, search_spec
+from study.spec import FAILED, SPEC, Outcome, final_spec, search_spec
 from study.stages import close_finished_runs
 from study.tracking import TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_STATE, TAG_TRIAL_METRICS, StudyTracker
 from study.train import save_state
@@ -65,7 +65,7 @@ def test_outcome(cfg, spaces):
     spec = search_spec(cfg, spaces["multi_similarity"], 0, {})  # 2 epochs
     assert Outcome.of(spec, {"map_at_r": 0.3, "epoch": 2}, "map_at_r") == Outcome(State.COMPLETE, 0.3)
     assert Outcome.of(spec, {"map_at_r": 0.3, "epoch": 1}, "map_at_r") == Outcome(State.PRUNED, 0.3)
-    assert Outcome.of(spec, {DIVERGED: "NonFiniteLossError: nan", "epoch": 1}, "map_at_r") == Outcome(
+    assert Outcome.of(spec, {FAILED: "NonFiniteLossError: nan", "epoch": 1}, "map_at_r") == Outcome(
         State.FAIL, error="NonFiniteLossError: nan"
     )
     assert Outcome.of(spec, {"map_at_r": 0.3, "epoch": 2}, "map_at_r", error="trace").state is State.FAIL
@@ -83,7 +83,7 @@ def test_searcher_starts_from_the_defaults_and_tells_optuna_each_outcome(cfg, sp
     assert specs[1].params != specs[0].params and specs[1].train.lr != specs[0].train.lr
     searcher.on_trial_complete("t0", {"map_at_r": 0.4, "epoch": 2})
     searcher.on_trial_complete("t1", {"map_at_r": 0.2, "epoch": 1})
-    searcher.on_trial_complete("t2", {DIVERGED: "NonFiniteLossError", "epoch": 1})
+    searcher.on_trial_complete("t2", {FAILED: "NonFiniteLossError", "epoch": 1})
     searcher.on_trial_complete("t3", {"map_at_r": 0.9, "epoch": 2}, error=True)
     searcher.on_trial_complete("t0", {"map_at_r": 0.1, "epoch": 2})  # told once only
     states = [(t.state.name, t.value) for t in study.trials]
@@ -149,7 +149,7 @@ def test_callback_fails_a_diverged_trial_with_its_reason_and_tags_no_loss_lr_wit
     tracker = FakeTracker()
     callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
     spec = search_spec(cfg, spaces["multi_similarity"], 0, {})
-    trial = _trial(spec, {DIVERGED: "NonFiniteLossError: loss is nan", "epoch": 1})
+    trial = _trial(spec, {FAILED: "NonFiniteLossError: loss is nan", "epoch": 1})
     callback.on_trial_start(0, [], trial)
     callback.on_trial_result(0, [], trial, trial.last_result)  # not a metric: nothing logged
     callback.on_trial_complete(0, [], trial)
@@ -265,3 +265,26 @@ def test_per_loss_asha_never_compares_losses_and_never_stops_a_final_run(cfg, sp
     assert decide("ms_bad", 0.1) == TrialScheduler.STOP  # below its own loss's rung
     assert decide("pa", 0.01) == TrialScheduler.CONTINUE  # first of its loss: not compared with the others
     assert decide("final", 0.0) == TrialScheduler.CONTINUE
+
+
+def test_a_deterministic_error_fails_the_trial_with_its_trace_and_anything_else_is_left_to_retries(
+    cfg, spaces, monkeypatch
+):
+    import dataclasses
+
+    from study import worker
+
+    reported = []
+    monkeypatch.setattr(worker.tune, "report", reported.append)
+    spec = search_spec(cfg, spaces["multi_similarity"], 0, {})
+    bad = dataclasses.replace(spec, loss_kwargs={**spec.loss_kwargs, "no_such_argument": 1})
+    worker.run_spec({SPEC: bad}, cfg=cfg, storage=cfg.storage)  # returns: Ray Tune sees it end, no retry
+    assert len(reported) == 1 and "Traceback" in reported[0][FAILED] and "no_such_argument" in reported[0][FAILED]
+    assert Outcome.of(bad, reported[0], "map_at_r").state == State.FAIL
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")  # may pass on another worker
+
+    monkeypatch.setattr(worker, "run_trial", lost)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        worker.run_spec({SPEC: spec}, cfg=cfg, storage=cfg.storage)
