@@ -41,6 +41,7 @@ def run(
         _resume(cfg.storage, cfg)
         return
     _check_tracking(cfg)
+    _preflight(cfg)
     _run(cfg, resume=False, replace=new)
 
 
@@ -84,6 +85,7 @@ def _resume(storage: Storage, given) -> None:
         except ConfigError as exc:
             _fail(f"{source}: {exc}, or resume with the study file: dml-study run STUDY_FILE --resume")
     _check_tracking(cfg)
+    _preflight(cfg, parent_id=storage.child(PARENT_RUN_FILE).read_text().strip())
     _run(cfg, resume=True)
 
 
@@ -92,6 +94,24 @@ def _exists(storage: Storage) -> bool:
         return storage.exists()
     except OSError as exc:  # an unreachable object store, missing credentials, ...
         _fail(f"{storage}: cannot read the study storage ({str(exc).splitlines()[0]})")
+
+
+def _preflight(cfg, parent_id: str | None = None) -> None:
+    """What can be decided before Ray starts (:mod:`study.preflight`): exit 2 with one line, or go on
+    after printing the warnings."""
+    from study.data.images import DatasetLayoutError
+    from study.preflight import PreflightError, check_parent_run, check_study
+    from study.stages import RayAddressError, ray_address
+    from study.tracking import resolve_tracking_uri
+
+    try:
+        ray_address()
+        if parent_id is not None:
+            check_parent_run(resolve_tracking_uri(cfg.tracking.uri), parent_id, str(cfg.storage))
+        for warning in check_study(cfg):
+            typer.echo(f"warning: {warning}", err=True)
+    except (PreflightError, DatasetLayoutError, RayAddressError) as exc:
+        _fail(str(exc))
 
 
 def _holds_anything(storage: Storage) -> bool:
@@ -105,10 +125,18 @@ def _holds_anything(storage: Storage) -> bool:
 
 
 def _check_tracking(cfg) -> None:
-    from study.tracking import check_tracking_server, resolve_tracking_uri
+    from study.tracking import resolve_tracking_uri
+
+    _check_server(resolve_tracking_uri(cfg.tracking.uri))
+
+
+def _check_server(uri: str | None) -> None:
+    """An http(s) tracking server answers within seconds, else exit 2 with one line (MLflow's own
+    client would retry for minutes)."""
+    from study.tracking import check_tracking_server
 
     try:
-        check_tracking_server(resolve_tracking_uri(cfg.tracking.uri))
+        check_tracking_server(uri)
     except ConnectionError as exc:
         _fail(str(exc))
 
@@ -121,17 +149,20 @@ def _run(cfg, resume: bool, replace: bool = False) -> None:
     from study.data.images import UnreadableImageError
     from study.journal import JournalCorruptError
     from study.lock import FLOCK_FILE, LOCK_FILE, StudyLock, StudyLockedError
+    from study.preflight import PreflightError
     from study.stages import RayAddressError, StudyInterrupted, run_study
     from study.tracking import resolve_tracking_uri
 
+    lock = StudyLock(cfg.storage)
     try:
-        with StudyLock(cfg.storage):
-            if replace:
-                cfg.storage.clear(keep=(LOCK_FILE, FLOCK_FILE))
-            run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
-    except (StudyLockedError, JournalCorruptError) as exc:
+        lock.acquire()
+    except StudyLockedError as exc:
         _fail(str(exc))
-    except RayAddressError as exc:  # raised before anything is written
+    try:
+        if replace:
+            cfg.storage.clear(keep=(LOCK_FILE, FLOCK_FILE))
+        run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
+    except (JournalCorruptError, PreflightError, RayAddressError) as exc:  # raised before anything is written
         _fail(str(exc))
     except StudyInterrupted:
         typer.echo(
@@ -142,6 +173,10 @@ def _run(cfg, resume: bool, replace: bool = False) -> None:
         raise typer.Exit(130) from None
     except UnreadableImageError as exc:  # found by the baseline, before any trial; fix it, then --resume
         _fail(f"{exc}; fix or remove it, then run again with --resume")
+    finally:
+        if not _holds_anything(cfg.storage):  # stopped before writing anything: leave no trace
+            cfg.storage.delete()
+        lock.release()
     typer.echo(write_tables(load_runs(cfg.name, resolve_tracking_uri(cfg.tracking.uri)), cfg.storage)[0])
     typer.echo(f"results: {cfg.storage}/results.md, results.csv; browse the runs with `mlflow ui`")
     typer.echo(f"the HTML report (tables, plots, hyperparameter analysis): dml-study report {cfg.name}")
@@ -159,8 +194,9 @@ def report(
     from study.tracking import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per download otherwise
+    uri = tracking_uri or resolve_tracking_uri(None)
+    _check_server(uri)
     try:
-        uri = tracking_uri or resolve_tracking_uri(None)
         markdown, html = write_report(study, uri, Storage.at(out or f"runs/{study}"))
     except StudyNotFoundError as exc:
         _fail(str(exc))
@@ -182,8 +218,10 @@ def compare(
     names = list(dict.fromkeys(studies))
     if len(names) < 2:
         _fail("compare needs two or more different studies; for one, use `dml-study report STUDY`")
+    uri = tracking_uri or resolve_tracking_uri(None)
+    _check_server(uri)
     try:
-        markdown, _, _ = write_tables(load_runs(names, tracking_uri or resolve_tracking_uri(None)), Storage.at(out))
+        markdown, _, _ = write_tables(load_runs(names, uri), Storage.at(out))
     except (StudyNotFoundError, IncomparableStudiesError) as exc:
         _fail(str(exc))
     typer.echo(markdown)

@@ -148,7 +148,7 @@ class TrackingConfig(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)  # a folder and run name
     output_dir: str = "runs"  # a folder, or an object-store URI (s3://bucket/runs)
     seed: int = 0
     dataset: DatasetConfig = DatasetConfig()

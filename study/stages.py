@@ -32,6 +32,7 @@ from study.config import StudyConfig, search_spaces, without_secrets
 from study.data.images import UnreadableImageError
 from study.journal import clear_writer_lock, repair_journal
 from study.local_ray import start_local_ray
+from study.preflight import check_cluster
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
 from study.searcher import StudySearcher
@@ -60,16 +61,22 @@ class StudyInterrupted(Exception):
     """Ctrl-C (SIGINT): the study stopped with trials unfinished; ``resume`` continues it."""
 
 
-def init_ray() -> None:
-    """Join the cluster RAY_ADDRESS names (set by ``ray job submit`` or the user), else start a local
-    instance ("local": never attach by surprise to another Ray on this machine) that listens on
-    loopback only (:func:`~study.local_ray.start_local_ray`)."""
+def ray_address() -> str | None:
+    """RAY_ADDRESS, if set: the cluster to join; RayAddressError for what ``ray.init`` cannot join."""
     address = os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         raise RayAddressError(
             f"RAY_ADDRESS={address} is a dashboard (job submission) address; dml-study needs the "
             "cluster's address: host:6379, ray://host:10001 or auto"
         )
+    return address
+
+
+def init_ray() -> None:
+    """Join the cluster RAY_ADDRESS names (set by ``ray job submit`` or the user), else start a local
+    instance ("local": never attach by surprise to another Ray on this machine) that listens on
+    loopback only (:func:`~study.local_ray.start_local_ray`)."""
+    address = ray_address()
     # a diverged trial's last result names the reason instead of the objective (see study.spec.Outcome)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
@@ -296,6 +303,7 @@ def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> Study
     spaces = search_spaces(cfg)
     storage = cfg.storage
     init_ray()  # before anything is written: a wrong cluster address leaves no trace
+    check_cluster(cfg)  # ... nor a trial no node can hold
     tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
     if resume:
         repair_optuna_journal(cfg, say)

@@ -240,13 +240,16 @@ def test_a_second_run_or_resume_on_a_live_study_exits_2_naming_the_holder(workdi
 
     from study.cli import app
     from study.config import load_study
+    from study.tracking import StudyTracker
     from tests.conftest import write_study
 
     path = write_study(workdir)
     folder = workdir / "runs" / "tiny"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(load_study(path).public_dump(), sort_keys=False))
-    (folder / "mlflow_run_id").write_text("0" * 32)
+    cfg = load_study(path)
+    parent = StudyTracker(cfg.name, os.environ["MLFLOW_TRACKING_URI"]).start(cfg.public_dump(), "map_at_r")
+    (folder / "mlflow_run_id").write_text(parent)
     before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".lock")}
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(folder)],
