@@ -12,6 +12,13 @@ not normalised again here.
   query's class; queries with R = 0 are left out and counted.
 - ``nmi``: faiss k-means (fixed seed, k = number of classes) against the labels,
   sklearn's arithmetic normalisation.
+- ``submode_recall_at_1`` and ``submode_chance``, when the data says which sub-mode
+  of its class each sample shows: class collapse (Levi et al., "Rethinking
+  Preventing Class-Collapsing in Metric Learning with Margin-Based Losses", ICCV
+  2021). Recall@1 cannot see it: a class squeezed to one point still retrieves
+  its own class first. Whether the nearest *same-class* sample is of the query's
+  own sub-mode can: 1 when sub-modes stay apart, the chance level when the class
+  collapsed and its samples lie in random order.
 
 Metric names are MLflow-safe (``recall_at_1``, never ``recall@1``).
 """
@@ -128,6 +135,46 @@ def nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, use_gpu: bool
     return float(normalized_mutual_info_score(labels, assignment[:, 0], average_method="arithmetic"))
 
 
+def submode_recall_at_1(embeddings: np.ndarray, labels: np.ndarray, submodes: np.ndarray) -> tuple[float, float, int]:
+    """(sub-mode Recall@1, its chance level, number of queries counted): how far classes keep their sub-modes.
+
+    A query counts when its class has another sample of its sub-mode and one of another sub-mode (else the
+    answer is forced, or undefined). Sub-mode Recall@1 is the fraction of those queries whose nearest other
+    sample *of the same class* (inner product, i.e. cosine on the unit embeddings, as every metric here;
+    the query itself excluded by index; a tie goes to the lower index) is of the query's sub-mode. The chance
+    level is the same fraction if a class's other samples came in random order: the mean over the same
+    queries of (s − 1)/(c − 1), s the number of samples of the query's sub-mode in its class, c the number
+    of its class. Equal to chance: the class collapsed onto one blob, its sub-modes mixed (what Levi et al.
+    2021 say margin losses do); 1: each sub-mode its own cluster. Both are NaN when no query counts.
+
+    ``submodes`` are compared within a class only (the same id in two classes names two sub-modes). The
+    neighbours are searched by brute force per class, in float64: classes are small, and a search over
+    everything would need as many neighbours as the largest class to find the nearest of one's own.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    _, classes = np.unique(np.asarray(labels), return_inverse=True)
+    submodes = np.asarray(submodes)
+    hits: list[np.ndarray] = []
+    chance: list[np.ndarray] = []
+    order = np.argsort(classes, kind="stable")  # each class's members in index order: ties to the lower index
+    for members in np.split(order, np.flatnonzero(np.diff(classes[order])) + 1):
+        c = len(members)
+        same = submodes[members][:, None] == submodes[members][None, :]
+        s = same.sum(axis=1)  # the query's sub-mode in its class, itself included
+        counted = (s >= 2) & (s < c)
+        if not counted.any():
+            continue
+        sims = x[members] @ x[members].T
+        np.fill_diagonal(sims, -np.inf)
+        nearest = sims.argmax(axis=1)
+        hits.append(same[np.arange(c), nearest][counted])
+        chance.append(((s - 1) / (c - 1))[counted])
+    if not hits:
+        return float("nan"), float("nan"), 0
+    hit, level = np.concatenate(hits), np.concatenate(chance)
+    return float(hit.mean()), float(level.mean()), len(hit)
+
+
 def evaluate(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -135,12 +182,17 @@ def evaluate(
     seed: int = 0,
     use_gpu: bool | None = None,
     gallery: tuple[np.ndarray, np.ndarray] | None = None,
+    submodes: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Recall@k for each k, MAP@R, R-Precision, the R = 0 count and NMI, as MLflow-safe names.
+    """Recall@k for each k, MAP@R, R-Precision, the R = 0 count and NMI, as MLflow-safe names; with
+    ``submodes`` (one per sample), also ``submode_recall_at_1`` and ``submode_chance``
+    (:func:`submode_recall_at_1`), absent without them.
 
     ``embeddings`` (N×d) must already be L2-normalised; they are not normalised here.
     ``use_gpu=None`` uses a GPU when faiss sees one. With ``gallery`` = (embeddings, labels) the
-    samples are queries retrieved from the gallery (In-Shop); NMI then clusters queries and gallery.
+    samples are queries retrieved from the gallery (In-Shop); NMI then clusters queries and gallery, and
+    ``submodes`` are ignored: a query/gallery protocol has its own retrieval set, which the sub-mode
+    metric, a within-set search, does not model.
     """
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
@@ -152,6 +204,8 @@ def evaluate(
         raise ValueError(f"need at least 2 samples to evaluate retrieval, got {len(labels)}")
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks!r}")
+    if submodes is not None and np.shape(submodes) != labels.shape:
+        raise ValueError(f"need one sub-mode per label: labels {labels.shape}, submodes {np.shape(submodes)}")
     base, base_labels = (embeddings, labels) if gallery is None else (np.asarray(gallery[0]), np.asarray(gallery[1]))
     exclude = int(gallery is None)
     max_r = int(np.unique(base_labels, return_counts=True)[1].max()) - exclude
@@ -165,4 +219,6 @@ def evaluate(
     result["queries_without_positives"] = float(left_out)
     everything = embeddings if gallery is None else np.concatenate([embeddings, base])
     result["nmi"] = nmi(everything, labels if gallery is None else np.concatenate([labels, base_labels]), seed, use_gpu)
+    if submodes is not None and gallery is None:
+        result["submode_recall_at_1"], result["submode_chance"], _ = submode_recall_at_1(embeddings, labels, submodes)
     return result

@@ -76,7 +76,9 @@ class PreparedData:
     """A dataset ready for trials. ``inputs``: uint8 images (N, 3, S, W) — a tensor, or a read-only
     memory map of the image cache — or, in feature mode, the frozen trunk's float32 features (N, F).
     ``widths`` / ``transposed``: an image cache's geometry (each image's valid width, stored transposed);
-    None for synthetic data."""
+    None for synthetic data. ``submodes``: each image's sub-mode where the dataset knows it (synthetic data,
+    a manifest's ``submode`` column), else None; indexed like ``labels``, so that every evaluated set —
+    a fold's validation classes, the test classes — brings its own for the class-collapse metric."""
 
     inputs: torch.Tensor | np.ndarray
     labels: np.ndarray
@@ -88,6 +90,11 @@ class PreparedData:
     ks: tuple[int, ...] = (1, 2, 4, 8)  # Recall@K as the dataset's papers report it
     widths: np.ndarray | None = None
     transposed: np.ndarray | None = None
+    submodes: np.ndarray | None = None
+
+    def submodes_of(self, idx: np.ndarray) -> np.ndarray | None:
+        """The sub-modes of samples ``idx`` (for :func:`study.metrics.evaluate`), or None when unknown."""
+        return None if self.submodes is None else self.submodes[np.asarray(idx)]
 
     def geometry(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The transforms' geometry arguments for samples ``idx`` (gathered like their pixels); {} without."""
@@ -120,6 +127,7 @@ def prepare_data(dataset: DatasetConfig, model: ModelConfig, train: TrainConfig,
         ks=recall_ks(dataset.name),
         widths=ds.widths,
         transposed=ds.transposed,
+        submodes=ds.submodes,
     )
     if train.mode == "features":  # features, not images: the image geometry no longer applies
         features = extract_features(model, train, data, seed)
@@ -257,15 +265,18 @@ def _trunk_key(model: ModelConfig, train: TrainConfig, seed: int) -> str:
 def evaluate_split(
     model: EmbeddingNet, data: PreparedData, inputs, split: np.ndarray, train: TrainConfig, device, seed: int
 ) -> dict[str, float]:
-    """Retrieval metrics of samples ``split`` among themselves (validation, or test without a gallery)."""
+    """Retrieval metrics of samples ``split`` among themselves (validation, or test without a gallery), with
+    the class-collapse metric where the data has sub-modes."""
     embeddings = embed(model, data, inputs, split, train, device)
-    return metrics.evaluate(embeddings, data.labels[split], ks=data.ks, seed=seed)
+    return metrics.evaluate(embeddings, data.labels[split], ks=data.ks, seed=seed, submodes=data.submodes_of(split))
 
 
 def evaluate_test(
     model: EmbeddingNet, data: PreparedData, inputs, train: TrainConfig, device, seed: int
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Test metrics (queries against the gallery where the protocol has one) and the embeddings."""
+    """Test metrics (queries against the gallery where the protocol has one) and the embeddings. Without a
+    gallery and with sub-modes, also the class-collapse metric; the sub-modes are then saved too
+    (``test_submodes``), so that the embeddings alone can be evaluated again the same way."""
     saved = {"test": embed(model, data, inputs, data.test, train, device), "test_labels": data.labels[data.test]}
     saved["ks"] = np.array(data.ks)
     gallery = None
@@ -273,7 +284,12 @@ def evaluate_test(
         saved |= {"gallery": embed(model, data, inputs, data.gallery, train, device)}
         saved["gallery_labels"] = data.labels[data.gallery]
         gallery = (saved["gallery"], saved["gallery_labels"])
-    return metrics.evaluate(saved["test"], saved["test_labels"], ks=data.ks, seed=seed, gallery=gallery), saved
+    elif data.submodes is not None:
+        saved["test_submodes"] = data.submodes_of(data.test)
+    result = metrics.evaluate(
+        saved["test"], saved["test_labels"], ks=data.ks, seed=seed, gallery=gallery, submodes=saved.get("test_submodes")
+    )
+    return result, saved
 
 
 def build_model(model: ModelConfig, seed: int, channels_last: bool = False) -> EmbeddingNet:

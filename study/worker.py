@@ -78,4 +78,6 @@ def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[in
     gallery = None
     if "gallery" in parts[0]:
         gallery = (np.concatenate([p["gallery"] for p in parts], axis=1) * scale, parts[0]["gallery_labels"])
-    return metrics.evaluate(test, parts[0]["test_labels"], ks=parts[0]["ks"].tolist(), seed=seed, gallery=gallery)
+    submodes = parts[0].get("test_submodes") if gallery is None else None
+    labels, ks = parts[0]["test_labels"], parts[0]["ks"].tolist()
+    return metrics.evaluate(test, labels, ks=ks, seed=seed, gallery=gallery, submodes=submodes)

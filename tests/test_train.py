@@ -60,6 +60,8 @@ def test_trial_is_deterministic_and_reports_each_epoch(study, data):
     assert [r["epoch"] for r in reports] == [1, 2]
     assert _without_timing(reports[-1]) == _without_timing(first)
     assert {"recall_at_1", "recall_at_8", "map_at_r", "r_precision", "nmi", "train_loss"} <= set(first)
+    # the synthetic data's sub-modes: class collapse measured on the validation classes every epoch
+    assert all(0 <= r["submode_recall_at_1"] <= 1 and 0 < r["submode_chance"] < 1 for r in reports)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +164,9 @@ def test_final_run_tests_once_on_the_test_classes_and_returns_the_embeddings(stu
     assert set(saved["test_labels"]) == set(data.labels[data.test])
     assert not set(data.labels[data.test]) & set(data.labels[data.trainval])  # class-disjoint
     assert result == pytest.approx(metrics.evaluate(saved["test"], saved["test_labels"], seed=1) | result)
+    assert np.array_equal(saved["test_submodes"], data.submodes[data.test])
+    recall, chance, _ = metrics.submode_recall_at_1(saved["test"], saved["test_labels"], saved["test_submodes"])
+    assert (result["submode_recall_at_1"], result["submode_chance"]) == pytest.approx((recall, chance))
     # resumed from a complete checkpoint: the same model, tested again, same numbers
     folder = Storage.at(tmp_path / "final")
     first, _ = run_final(study.model, "multi_similarity", {}, study.train, data, seed=1, checkpoint_dir=folder)
@@ -181,12 +186,14 @@ def test_feature_mode_trains_the_head_on_cached_trunk_features(study, data, tmp_
     train = study.train.model_copy(update={"mode": "features", "epochs": 10})
     cached = prepare_data(study.dataset, model, train, study.seed)
     assert cached.features and cached.inputs.dtype == torch.float32 and cached.inputs.ndim == 2
+    assert np.array_equal(cached.submodes, data.submodes)  # features replace the images, not their sub-modes
     trunk = build_model(model, study.seed).trunk.eval()
     with torch.no_grad():
         assert torch.allclose(cached.inputs[:4], trunk(eval_transform(data.inputs[:4])), atol=1e-5)
     untrained, _ = evaluate_untrained(model, train, cached, study.seed)  # the trained trunk under a random head
     trained = run_trial(model, "multi_similarity", {}, train, cached, seed=study.seed)
     assert trained["map_at_r"] > untrained["map_at_r"] + 0.01, (trained, untrained)
+    assert "submode_recall_at_1" in trained and "submode_recall_at_1" in untrained
 
 
 def test_warmup_epochs_keep_the_trunk_frozen(study, data):

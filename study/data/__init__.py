@@ -1,7 +1,8 @@
 """Datasets: the embedded synthetic one and the image benchmarks, class-disjoint splits, sampling.
 
 :func:`create_dataset` returns a :class:`Dataset`: uint8 images (N, 3, S, S), class labels, the
-official train/test split and, for query/gallery protocols, the query and gallery masks. The
+official train/test split, for query/gallery protocols the query and gallery masks and, where the
+dataset knows them, each image's sub-mode (for the class-collapse metric). The
 synthetic dataset is generated in memory; the image datasets (``study/data/loaders.py``) are read
 from the official layout in ``root`` and decoded once into a cache file that is memory-mapped.
 """
@@ -37,6 +38,9 @@ class Dataset:
     # (see study.data.images.ImageCache); None for synthetic data (square, the whole array)
     widths: np.ndarray | None = None
     transposed: np.ndarray | None = None
+    # int64 sub-mode ids (N,) (the synthetic data's glyphs, a manifest's submode column), compared within a
+    # class only: what study.metrics.submode_recall_at_1 measures class collapse with; None when unknown
+    submodes: np.ndarray | None = None
 
 
 def dataset_options(name: str) -> list[str]:
@@ -103,10 +107,17 @@ def create_dataset(
     if unknown:
         raise ValueError(f"dataset.options.{unknown[0]}: unknown option; allowed: {', '.join(allowed)}")
     if name == "synthetic":
-        images, labels, _ = make_synthetic(root, **options)
-        return Dataset(images, labels, first_half_split(labels))
+        images, labels, modes = make_synthetic(root, **options)
+        return Dataset(images, labels, first_half_split(labels), submodes=np.asarray(modes, dtype=np.int64))
     index = index_dataset(name, root, **options)
     cache = load_images(index, decode_size, Path(cache_dir or DEFAULT_CACHE), max_aspect=max_aspect)
     return Dataset(
-        cache.pixels, index.labels, index.split, index.is_query, index.is_gallery, cache.widths, cache.transposed
+        cache.pixels,
+        index.labels,
+        index.split,
+        index.is_query,
+        index.is_gallery,
+        cache.widths,
+        cache.transposed,
+        submodes=index.submodes,
     )

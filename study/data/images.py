@@ -51,14 +51,18 @@ class UnreadableImageError(RuntimeError):
 @dataclass(frozen=True)
 class ImageIndex:
     """The images of a dataset: ``paths`` (absolute), ``labels`` (int64 class ids, as the dataset
-    numbers them), ``split`` ("train" or "test" per image, the official split) and, where the
-    protocol has them, boolean ``is_query`` / ``is_gallery`` masks (False on training images)."""
+    numbers them), ``split`` ("train" or "test" per image, the official split), where the
+    protocol has them, boolean ``is_query`` / ``is_gallery`` masks (False on training images) and,
+    where the dataset says which sub-mode of its class each image shows (a manifest's ``submode``
+    column), int64 ``submodes``: the class-collapse metric needs them, and no file of an official
+    benchmark has them (None)."""
 
     paths: list[Path]
     labels: np.ndarray
     split: np.ndarray
     is_query: np.ndarray | None = None
     is_gallery: np.ndarray | None = None
+    submodes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
