@@ -1,7 +1,9 @@
 """Hyperparameter analysis of a loss's search stage: importance (Optuna's fANOVA) and sensitivity.
 
 Both read the search trials from the runs frame (``analysis.runs.load_runs``), so they work on any
-study in MLflow; only COMPLETE trials count (a pruned trial's objective is from an earlier epoch).
+study in MLflow; only COMPLETE trials with a finite objective count (a pruned trial's objective is
+from an earlier epoch). Both need :data:`MIN_TRIALS` of them: below that they return an empty frame
+and :func:`too_few_trials` says why, in a line the report prints instead of the table.
 """
 
 from __future__ import annotations
@@ -11,14 +13,22 @@ import optuna
 import pandas as pd
 
 from analysis.runs import best_trial, complete_search, is_log_scale
+from study.vocab import Stage
 
 FAR = 0.25  # "moved away": farther from the best value than a quarter of the searched range
+# fANOVA fits a random forest to configuration → objective: with fewer than 10 trials its leaves hold
+# one or two trials each and the variance split is noise; sensitivity's "far from the best" group is
+# then nearly every other trial for every hyperparameter at once, so it cannot tell them apart.
+MIN_TRIALS = 10
+IMPORTANCE_COLUMNS = ["param", "importance", "trials"]
+SENSITIVITY_COLUMNS = ["param", "best_value", "far_trials", "drop", "relative_drop"]
 
 
-def search_params(runs: pd.DataFrame, loss: str) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
-    """The loss's COMPLETE search trials and its hyperparameters that vary among them, parsed
-    (floats where every value is a number, else text)."""
-    trials = complete_search(runs, loss)
+def search_params(runs: pd.DataFrame, loss: str, objective: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """The loss's COMPLETE search trials (with ``objective``: only those with a finite value of it)
+    and its hyperparameters that take ≥ 2 values among them, every trial having one, parsed
+    (numbers where every value is a number, else text)."""
+    trials = complete_search(runs, loss, objective)
     params = {}
     for column in sorted(c for c in trials.columns if c.startswith("param.")):
         values = trials[column].dropna()
@@ -29,21 +39,41 @@ def search_params(runs: pd.DataFrame, loss: str) -> tuple[pd.DataFrame, dict[str
     return trials, params
 
 
+def too_few_trials(runs: pd.DataFrame, loss: str, objective: str, minimum: int = MIN_TRIALS) -> str | None:
+    """Why importance and sensitivity of ``loss`` are not shown, in one line ("3 COMPLETE trials of
+    multi_similarity, 10 needed"), or None when they can be: ≥ ``minimum`` COMPLETE trials with a
+    finite objective and ≥ 1 hyperparameter taking ≥ 2 values among them."""
+    trials, params = search_params(runs, loss, objective)
+    if len(trials) < minimum:
+        return f"{len(trials)} COMPLETE trial{'s' * (len(trials) != 1)} of {loss}, {minimum} needed"
+    if not params:
+        return f"no hyperparameter of {loss} took two values among its {len(trials)} COMPLETE trials"
+    return None
+
+
+def _is_numeric(values: pd.Series) -> bool:
+    """Integers count as numbers: an int hyperparameter (SoftTriple's K) is ordered, not a category."""
+    return values.dtype.kind in "iuf"
+
+
 def _is_log(trials: pd.DataFrame, name: str, values: pd.Series) -> bool:
-    """A float hyperparameter analysed on a log scale: searched so (:func:`analysis.runs.is_log_scale`)
+    """A numeric hyperparameter analysed on a log scale: searched so (:func:`analysis.runs.is_log_scale`)
     and every value positive (a log-scale weight that was also 0, "off", is analysed linearly)."""
-    return values.dtype.kind == "f" and values.min() > 0 and is_log_scale(trials, name, values)
+    return _is_numeric(values) and values.min() > 0 and is_log_scale(trials, name, values)
 
 
-def importance(runs: pd.DataFrame, loss: str, objective: str, seed: int = 0) -> pd.DataFrame:
+def importance(
+    runs: pd.DataFrame, loss: str, objective: str, seed: int = 0, min_trials: int = MIN_TRIALS
+) -> pd.DataFrame:
     """fANOVA importance of each varying hyperparameter for ``objective`` (sums to 1).
 
-    Columns: param, importance, trials. Empty with fewer than 3 COMPLETE trials or nothing varying.
-    The search space is taken as the range the trials span, log-scaled where it was searched so.
+    Columns: param, importance, trials. Empty with fewer than ``min_trials`` COMPLETE trials or nothing
+    varying (:func:`too_few_trials` says which). The search space is taken as the range the trials
+    span, log-scaled where it was searched so.
     """
-    trials, params = search_params(runs, loss)
-    if len(trials) < 3 or not params:
-        return pd.DataFrame(columns=["param", "importance", "trials"])
+    if too_few_trials(runs, loss, objective, min_trials):
+        return pd.DataFrame(columns=IMPORTANCE_COLUMNS)
+    trials, params = search_params(runs, loss, objective)
     distributions = {
         name: optuna.distributions.FloatDistribution(v.min(), v.max(), log=_is_log(trials, name, v))
         if v.dtype.kind == "f"
@@ -63,28 +93,47 @@ def importance(runs: pd.DataFrame, loss: str, objective: str, seed: int = 0) -> 
     return pd.DataFrame({"param": list(scores), "importance": list(scores.values()), "trials": len(trials)})
 
 
-def sensitivity(runs: pd.DataFrame, loss: str, objective: str) -> pd.DataFrame:
+def _searched_span(runs: pd.DataFrame, loss: str, name: str, log: bool) -> float:
+    """The extent of hyperparameter ``name``'s searched range (on the log scale with ``log``), as far
+    as the runs frame knows it: the span of the values every search trial of ``loss`` sampled —
+    PRUNED, FAIL and RUNNING ones too, whose configurations were drawn from the space alike.
+
+    The COMPLETE trials alone are no measure of the space: ASHA prunes the bad region and TPE samples
+    near the good one, so the survivors crowd together, and against their own span every one of them
+    lies "far" from the best in every hyperparameter at once.
+    """
+    column = f"param.{name}"
+    sampled = runs.loc[(runs["stage"] == Stage.SEARCH) & (runs["loss"] == loss), column]
+    x = pd.to_numeric(sampled, errors="coerce").to_numpy(float)
+    x = x[np.isfinite(x) & (x > 0)] if log else x[np.isfinite(x)]
+    x = np.log(x) if log else x
+    return float(x.max() - x.min())
+
+
+def sensitivity(runs: pd.DataFrame, loss: str, objective: str, min_trials: int = MIN_TRIALS) -> pd.DataFrame:
     """How much ``objective`` falls when one hyperparameter moves away from its best value.
 
     For each varying hyperparameter: the distance of every COMPLETE trial's value from the best
-    trial's, as a fraction of the searched range (log scale where it was searched so; for a
-    categorical, 0 if equal else 1). ``drop`` = best objective − mean objective of the trials
-    farther than ``FAR``; ``relative_drop`` = drop / best. Columns: param, best_value, far_trials,
-    drop, relative_drop. A small drop means the loss is robust to that hyperparameter.
+    trial's, as a fraction of the searched range (:func:`_searched_span`: spanned by every search
+    trial of the loss; log scale where it was searched so; for a categorical, 0 if equal else 1).
+    ``drop`` = best objective − mean objective of the trials farther than ``FAR`` (NaN when none is);
+    ``relative_drop`` = drop / best. Columns: param, best_value, far_trials, drop, relative_drop.
+    A small drop means the loss is robust to that hyperparameter. Empty with fewer than
+    ``min_trials`` COMPLETE trials or nothing varying (:func:`too_few_trials`).
     """
-    trials, params = search_params(runs, loss)
-    rows = []
-    if len(trials) < 2:
-        return pd.DataFrame(columns=["param", "best_value", "far_trials", "drop", "relative_drop"])
+    if too_few_trials(runs, loss, objective, min_trials):
+        return pd.DataFrame(columns=SENSITIVITY_COLUMNS)
+    trials, params = search_params(runs, loss, objective)
+    trials = trials.reset_index(drop=True)
     scores = trials[objective].to_numpy(dtype=float)
-    chosen = best_trial(trials.reset_index(drop=True), loss, objective)
-    if chosen is None:
-        return pd.DataFrame(columns=["param", "best_value", "far_trials", "drop", "relative_drop"])
-    best = int(chosen.name)  # its position among the trials
+    best = int(best_trial(trials, loss, objective).name)  # its position among the trials
+    rows = []
     for name, values in params.items():
-        if values.dtype.kind == "f":
-            x = np.log(values.to_numpy()) if _is_log(trials, name, values) else values.to_numpy()
-            distance = np.abs(x - x[best]) / (x.max() - x.min())
+        if _is_numeric(values):
+            log = _is_log(trials, name, values)
+            x = values.to_numpy(float)
+            x = np.log(x) if log else x
+            distance = np.abs(x - x[best]) / _searched_span(runs, loss, name, log)
         else:
             distance = (values.to_numpy() != values.iloc[best]).astype(float)
         far = distance > FAR
@@ -98,4 +147,4 @@ def sensitivity(runs: pd.DataFrame, loss: str, objective: str) -> pd.DataFrame:
                 "relative_drop": drop / scores[best] if scores[best] else float("nan"),
             }
         )
-    return pd.DataFrame(rows, columns=["param", "best_value", "far_trials", "drop", "relative_drop"])
+    return pd.DataFrame(rows, columns=SENSITIVITY_COLUMNS)

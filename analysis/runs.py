@@ -1,6 +1,6 @@
 """Read studies back from MLflow into tidy pandas frames (never imports torch).
 
-:func:`load_runs`: one row per trial run and stage (baseline, search, final, ensemble) of one or
+:func:`load_runs`: one row per trial run and stage (baseline, search, final, ensemble, ablation) of one or
 several studies, with the loss, every hyperparameter (``param.<name>``), every metric's last value,
 state, wall time and resources. :func:`load_history`: every metric at every epoch, one row each.
 
@@ -20,6 +20,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from study.tracking import (
+    TAG_ARM,
+    TAG_CLAIM,
     TAG_LOG_PARAMS,
     TAG_LOSS,
     TAG_LOSS_LR,
@@ -65,6 +67,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
 
     Columns: ``study``, ``dataset``, ``objective``, ``mode`` (finetune / features), ``run_id``,
     ``run_name``, ``trial`` (the trial key), ``loss``, ``stage``, ``state`` (RUNNING until the trial ended),
+    ``claim`` and ``arm`` (an ablation run's claim id, ``study.claims``, and which arm it is, "paper" or
+    "alternative"; None on every other run),
     ``wall_seconds``, ``lr`` and ``loss_lr`` (the learning rates it trained with: backbone and the loss's
     own parameters, NaN for a loss without parameters), ``trial_metrics`` and ``log_params`` (comma-separated:
     the loss's own trial metrics, the hyperparameters searched on a log scale; None for runs logged before
@@ -90,6 +94,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
                 "loss": run.data.tags.get(TAG_LOSS),
                 "stage": run.data.tags.get(TAG_STAGE),
                 "state": run.data.tags.get(TAG_STATE, State.RUNNING),
+                "claim": run.data.tags.get(TAG_CLAIM),
+                "arm": run.data.tags.get(TAG_ARM),
                 "wall_seconds": ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000,
                 "lr": float(run.data.tags.get(TAG_LR, "nan")),
                 "loss_lr": float(run.data.tags.get(TAG_LOSS_LR, "nan")),
@@ -194,6 +200,6 @@ def is_log_scale(runs: pd.DataFrame, param: str, values) -> bool:
 
 
 _NOT_METRICS = {
-    "study", "dataset", "objective", "mode", "run_id", "run_name", "trial", "loss", "stage", "state",
+    "study", "dataset", "objective", "mode", "run_id", "run_name", "trial", "loss", "stage", "state", "claim", "arm",
     "wall_seconds", "cpu", "gpu", "cpu_hours", "gpu_hours", "lr", "loss_lr", "trial_metrics", "log_params",
 }  # fmt: skip

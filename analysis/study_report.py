@@ -1,4 +1,4 @@
-"""A study's report from MLflow alone: tables, pictures, hyperparameter analysis and claims checks,
+"""A study's report from MLflow alone: tables, pictures, hyperparameter analysis and the papers' claims,
 as one self-contained HTML file plus the tables (CSV, Markdown, LaTeX, HTML) and figures (PNG, SVG),
 also logged as artifacts of the study's parent MLflow run (``report/``) so they open from the UI."""
 
@@ -13,29 +13,48 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis import plots
-from analysis.claims import check_claims
-from analysis.hyper import importance, sensitivity
+from analysis.claims import ABLATION, TREND_RULE, VERDICT_RULE
+from analysis.hyper import (
+    IMPORTANCE_COLUMNS,
+    MIN_TRIALS,
+    SENSITIVITY_COLUMNS,
+    importance,
+    sensitivity,
+    too_few_trials,
+)
 from analysis.report import Section, environment_info, render_html
 from analysis.runs import find_parent, load_history, load_parent_config, load_runs
-from analysis.tables import export, formatted, protocol_text, write_tables
+from analysis.tables import claims_tables, claims_text, export, formatted, protocol_text, write_tables
 from study.storage import Storage
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, read_embeddings
 
 ARTIFACTS = "report"  # folder of the parent run's artifacts
 
 
-def hyperparameter_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Importance and sensitivity of every searched loss, one frame each, with a ``loss`` column."""
+def hyperparameter_analysis(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Importance and sensitivity of every searched loss, one frame each with a ``loss`` column, and
+    one line per loss left out saying why (:func:`analysis.hyper.too_few_trials`), for the report to
+    print instead: "importance and sensitivity not shown: 3 COMPLETE trials of multi_similarity, 10 needed"."""
     losses = runs.loc[runs["stage"] == Stage.SEARCH, "loss"].unique()
-    parts = [(loss, importance(runs, loss, objective), sensitivity(runs, loss, objective)) for loss in losses]
-    imp = [frame.assign(loss=loss) for loss, frame, _ in parts if len(frame)]
-    sens = [frame.assign(loss=loss) for loss, _, frame in parts if len(frame)]
-    columns_imp, columns_sens = ["loss", "param", "importance", "trials"], ["loss", "param", "best_value", "far_trials",
-                                                                            "drop", "relative_drop"]  # fmt: skip
+    imp, sens, notes = [], [], []
+    for loss in losses:
+        if (why := too_few_trials(runs, loss, objective)) is not None:
+            notes.append(f"importance and sensitivity not shown: {why}")
+            continue
+        imp.append(importance(runs, loss, objective).assign(loss=loss))
+        sens.append(sensitivity(runs, loss, objective).assign(loss=loss))
+    columns_imp, columns_sens = ["loss", *IMPORTANCE_COLUMNS], ["loss", *SENSITIVITY_COLUMNS]
     return (
         pd.concat(imp)[columns_imp] if imp else pd.DataFrame(columns=columns_imp),
         pd.concat(sens)[columns_sens] if sens else pd.DataFrame(columns=columns_sens),
+        notes,
     )
+
+
+def hyperparameter_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Importance and sensitivity, as :func:`hyperparameter_analysis` without the notes."""
+    imp, sens, _ = hyperparameter_analysis(runs, objective)
+    return imp, sens
 
 
 def best_embeddings(runs: pd.DataFrame, objective: str, tracking_uri: str | None) -> dict:
@@ -61,10 +80,10 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
     history = load_history(runs, tracking_uri)
     config = load_parent_config(name, tracking_uri)
     storage = Storage.at(str(folder))
-    markdown, search, final = write_tables(runs, storage)
-    imp, sens = hyperparameter_tables(runs, objective)
-    claims = check_claims(runs, objective)
-    for table_name, table in {"importance": imp, "sensitivity": sens, "claims": claims}.items():
+    markdown, search, final = write_tables(runs, storage)  # and claims.*, exploratory_trends.*
+    imp, sens, hyper_notes = hyperparameter_analysis(runs, objective)
+    claims, trends = claims_tables(runs, objective)
+    for table_name, table in {"importance": imp, "sensitivity": sens}.items():
         export(table, storage, table_name)
 
     colours = plots.loss_colours(sorted(runs["loss"].dropna().unique()))
@@ -83,12 +102,20 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
         plots.save_figure(figure, folder / "figures", figure_name)
 
     cost = runs[["cpu_hours", "gpu_hours"]].sum()
+    ablations = runs[runs["stage"].astype(str) == ABLATION]
+    ablated = (
+        f"; {len(ablations)} ablation runs testing {ablations['claim'].nunique()} of the papers' claims "
+        f"({ablations['cpu_hours'].sum():.2f} CPU-hours, {ablations['gpu_hours'].sum():.2f} GPU-hours of the "
+        "cost below)"
+        if len(ablations)
+        else ""
+    )
     features = "FEATURE MODE: the trunk was frozen; only the embedding head and the loss trained. "
     mode = features if runs["mode"].iloc[0] == "features" else ""
     overview = (
         f"Study {name} on {runs['dataset'].iloc[0]}: {len(runs[runs['stage'] == Stage.SEARCH])} search trials over "
         f"{runs.loc[runs['stage'] == Stage.SEARCH, 'loss'].nunique()} losses, objective {objective} on the validation "
-        f"classes; {len(runs[runs['stage'] == Stage.FINAL])} final-stage runs on the test classes. "
+        f"classes; {len(runs[runs['stage'] == Stage.FINAL])} final-stage runs on the test classes{ablated}. "
         f"{mode}"
         f"Cost: {cost['cpu_hours']:.2f} CPU-hours, {cost['gpu_hours']:.2f} GPU-hours (wall time × resources per trial)."
         "\n\nBold: the best value of each column. Final-stage cells are mean ± 95% CI over seeds (Student's t); "
@@ -120,13 +147,30 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
             "Hyperparameters",
             "Importance: fANOVA on the COMPLETE search trials of each loss (sums to 1 per loss). Sensitivity: how "
             "much the objective falls, on average, in trials whose value lies more than a quarter of the searched "
-            "range from the best trial's — a small drop means the loss is robust to that hyperparameter. With few "
-            "trials per loss both are rough: the trial counts are shown.",
-            tables=[("Importance", imp), ("Sensitivity", sens)],
+            "range (spanned by all the loss's search trials) from the best trial's — a small drop means the loss is "
+            f"robust to that hyperparameter. Both need {MIN_TRIALS} COMPLETE trials of a loss; the trial counts "
+            "are shown.\n\n" + "\n\n".join(hyper_notes),
+            tables=[(caption, table) for caption, table in (("Importance", imp), ("Sensitivity", sens)) if len(table)],
             figures=[(f"{loss}: objective against each hyperparameter", fig) for loss, fig in slices.items()],
         )
     )
-    sections.append(Section("The papers' claims on this study's data", tables=[("Claims", claims)]))
+    sections.append(
+        Section(
+            "The papers' claims: controlled experiments",
+            VERDICT_RULE
+            if len(claims)
+            else "No ablation runs: the study tested none of the papers' claims as a controlled experiment.",
+            tables=[("Claims (paired by seed, test classes)", claims_text(claims))] if len(claims) else [],
+        )
+    )
+    if len(trends):
+        sections.append(
+            Section(
+                "Exploratory trends in the search trials",
+                TREND_RULE,
+                tables=[("Exploratory trends (not controlled experiments)", trends)],
+            )
+        )
     sections.append(Section("Configuration", code=yaml.safe_dump(config, sort_keys=False)))
     environment = pd.DataFrame(environment_info().items(), columns=["component", "version"])
     sections.append(

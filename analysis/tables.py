@@ -1,7 +1,8 @@
 """Comparison tables: the search (best trial per loss, validation classes) and the final stage (test
 classes, mean ± 95% CI over seeds, a significance test against the best loss), with the CPU- and
 GPU-hours each loss cost, exported as CSV, Markdown, LaTeX and HTML with the best value per column
-marked."""
+marked; and the papers' claims (``analysis.claims``): the controlled verdicts, then the exploratory
+trends. Ablation runs (a claim's arm) enter the claims only, never a loss's row, count or cost."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.claims import ABLATION, TREND_RULE, VERDICT_RULE, ablation_claims, exploratory_trends
 from analysis.runs import best_trial, loss_metrics
 from study.storage import Storage
 from study.vocab import Stage, State
@@ -38,11 +40,13 @@ def _groups(runs: pd.DataFrame) -> list[str]:
 
 
 def _cost(runs: pd.DataFrame, keys: list[str]) -> dict[tuple, dict[str, float]]:
-    """CPU- and GPU-hours per loss (keyed like ``groupby(keys)``), every stage included: the budget
-    each loss really took."""
+    """CPU- and GPU-hours per loss (keyed like ``groupby(keys)``), every stage but the ablations
+    included: the budget each loss took to reach its result (an ablation run is a claim's cost, and a
+    loss with a claim to test would otherwise look dearer than one without)."""
     columns = [c for c in ("cpu_hours", "gpu_hours") if c in runs]
     if not columns:
         return {}
+    runs = runs[runs["stage"].astype(str) != ABLATION]
     return {key: group[columns].sum().to_dict() for key, group in runs.groupby(keys)}
 
 
@@ -260,14 +264,20 @@ def to_html(table: pd.DataFrame) -> str:
     return html.replace("\0b", "<strong>").replace("\0/b", "</strong>")
 
 
-def export(table: pd.DataFrame, folder: Storage, name: str) -> list[Storage]:
-    """Write ``<name>.csv`` (full precision), ``.md``, ``.tex`` and ``.html`` into ``folder``."""
-    files = {
-        "csv": table.to_csv(index=False),
-        "md": to_markdown(table) + "\n",
-        "tex": to_latex(table),
-        "html": to_html(table),
-    }
+def export(table: pd.DataFrame, folder: Storage, name: str, shown: pd.DataFrame | None = None) -> list[Storage]:
+    """Write ``<name>.csv`` (full precision), ``.md``, ``.tex`` and ``.html`` into ``folder``; the
+    last three show ``shown`` (the table as text, e.g. :func:`claims_text`) when given."""
+    if shown is None:
+        rendered = {"md": to_markdown(table) + "\n", "tex": to_latex(table), "html": to_html(table)}
+    else:
+        plain = shown.map(_latex_escape)
+        plain.columns = [_latex_escape(c) for c in shown.columns]
+        rendered = {
+            "md": (shown.to_markdown(index=False) if len(shown) else "(none)") + "\n",
+            "tex": plain.to_latex(index=False, escape=False),
+            "html": shown.to_html(index=False, escape=True, border=0, classes="results"),
+        }
+    files = {"csv": table.to_csv(index=False), **rendered}
     written = []
     for suffix, text in files.items():
         written.append(folder.child(f"{name}.{suffix}"))
@@ -279,10 +289,71 @@ class IncomparableStudiesError(ValueError):
     """Studies combined in one table must have chosen their best trials by the same objective."""
 
 
+def _number(value: float, digits: int = 4, sign: bool = False) -> str:
+    return "" if pd.isna(value) else f"{value:{'+' if sign else ''}.{digits}f}"
+
+
+def claims_text(table: pd.DataFrame) -> pd.DataFrame:
+    """The controlled claims (:func:`analysis.claims.ablation_claims`) as text, for Markdown and HTML:
+    the statement and arms once per claim, arm means to 4 decimals, the difference with its 95% CI
+    as ``+0.0123 [+0.0010, +0.0236]``, p to 3 decimals."""
+    rows = []
+    previous = None
+    for _, row in table.iterrows():
+        key = (row.get("study"), row["claim"])
+        first = key != previous
+        previous = key
+        ci = (
+            ""
+            if pd.isna(row["ci_low"])
+            else f" [{_number(row['ci_low'], sign=True)}, {_number(row['ci_high'], sign=True)}]"
+        )
+        rows.append(
+            ({"study": row["study"] if first else ""} if "study" in table else {})
+            | {
+                "claim": row["statement"] if first else "",
+                "arms": row["arms"] if first and pd.notna(row["arms"]) else "",
+                "metric": row["metric"],
+                "expected": row["expected"] if pd.notna(row["expected"]) else "",
+                "seeds": "" if pd.isna(row["seeds"]) else str(int(row["seeds"])),
+                "paper": _number(row["paper"]),
+                "alternative": _number(row["alternative"]),
+                "difference [95% CI]": _number(row["difference"], sign=True) + ci,
+                "p": _number(row["p"], 3),
+                "verdict": row["verdict"],
+            }
+        )
+    columns = (["study"] if "study" in table else []) + [
+        "claim", "arms", "metric", "expected", "seeds", "paper", "alternative", "difference [95% CI]", "p", "verdict",
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def claims_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(The controlled claims, the exploratory trends) of ``runs``: :mod:`analysis.claims`."""
+    return ablation_claims(runs, objective), exploratory_trends(runs, objective)
+
+
+def claims_markdown(controlled: pd.DataFrame, exploratory: pd.DataFrame) -> str:
+    """The Claims part of ``results.md``: the controlled verdicts with how they are decided, then the
+    exploratory trends under their own heading."""
+    text = "\n## Claims\n\n"
+    if len(controlled):
+        text += VERDICT_RULE + "\n\n" + claims_text(controlled).to_markdown(index=False) + "\n"
+    else:
+        text += "No ablation runs: the study tested none of the papers' claims as a controlled experiment.\n"
+    if len(exploratory):
+        text += "\n### Exploratory trends (search trials)\n\n" + TREND_RULE + "\n\n"
+        text += exploratory.to_markdown(index=False) + "\n"
+    return text
+
+
 def write_tables(runs: pd.DataFrame, out: Storage) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    """Export the search table as ``results.*`` and, once the final stage ran, the final table as
-    ``final.*``; ``results.md`` then holds both with their captions. ``runs`` may hold several studies
-    (rows per study, dataset and loss). Returns (that Markdown, the search table, the final table)."""
+    """Export the search table as ``results.*``, once the final stage ran the final table as
+    ``final.*``, and the claims as ``claims.*`` (controlled, :func:`analysis.claims.ablation_claims`)
+    and ``exploratory_trends.*``; ``results.md`` then holds them all with their captions, the claims
+    last. ``runs`` may hold several studies (rows per study, dataset and loss). Returns (that Markdown,
+    the search table, the final table)."""
     objectives = runs.groupby("study", sort=False)["objective"].first()
     if objectives.nunique() > 1:
         chosen = ", ".join(f"{name} ({objective})" for name, objective in objectives.items())
@@ -302,5 +373,9 @@ def write_tables(runs: pd.DataFrame, out: Storage) -> tuple[str, pd.DataFrame, p
             "best loss, * below 0.05)."
             "\n\n" + to_markdown(final) + "\n"
         )
+    controlled, exploratory = claims_tables(runs, objective)
+    export(controlled, out, "claims", shown=claims_text(controlled))
+    export(exploratory, out, "exploratory_trends", shown=exploratory.astype(str))
+    markdown += claims_markdown(controlled, exploratory)
     out.child("results.md").write_text(markdown)
     return markdown, search, final

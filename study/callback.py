@@ -17,7 +17,7 @@ from study.losses import declared_trial_metrics, has_parameters, loss_hyperparam
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
-from study.tracking import TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
+from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_file
 
 
@@ -49,6 +49,8 @@ class TrackingCallback(DriverOnly, tune.Callback):
             "fold": spec.fold,
         }
         tags = {TAG_LR: str(train.lr), **self._loss_tags[spec.loss]}
+        if spec.claim:
+            tags |= {TAG_CLAIM: spec.claim, TAG_ARM: spec.arm}
         if self._has_parameters[spec.loss]:  # the lr its own parameters (proxies, centers) trained with
             tags[TAG_LOSS_LR] = str(train.lr * train.loss_lr_mult)
         self.tracker.start_trial(

@@ -156,6 +156,9 @@ class StudyConfig(_Strict):
     train: TrainConfig = TrainConfig()
     search: SearchConfig
     final: FinalConfig = FinalConfig()
+    # the ablation stage: each claim of study.claims about the study's losses as a paired experiment
+    # (the best configuration vs. it with the claim's factor changed, the final stage's seeds)
+    ablations: bool = True
     resources: Resources = Resources()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -78,6 +78,20 @@ class LockHolder:
             return None
 
 
+def _alive(holder: LockHolder) -> bool:
+    """Whether the lease's holder may still run: a driver on this host whose pid is gone is dead
+    now, not only after ``stale_after`` (a resume right after a kill need not wait)."""
+    if holder.host != socket.gethostname():
+        return True
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def read_holder(storage: Storage) -> LockHolder | None:
     """Who ``.lock`` in the study folder ``storage`` names; None if nobody (or nothing readable).
 
@@ -210,7 +224,7 @@ class StudyLock:
 
     def _lease(self, holder: LockHolder) -> None:
         current = read_holder(self.storage)
-        if current is not None and time.time() - current.heartbeat < self.stale_after:
+        if current is not None and time.time() - current.heartbeat < self.stale_after and _alive(current):
             raise StudyLockedError(self._locked_message(current, lease=True))
         self._put(holder)
         try:

@@ -8,12 +8,14 @@ it and the searcher tells Optuna its :class:`Outcome`; none of them resolves any
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from study.claims import Claim
 from study.config import StudyConfig, TrainConfig
 from study.search_space import SearchSpace
 from study.vocab import State, TrialKey
@@ -35,6 +37,8 @@ class TrialSpec:
     train: TrainConfig  # the study's recipe with the trial's sampled overrides (and the final stage's epochs)
     seed: int
     params: dict[str, Any] = field(default_factory=dict)  # the sampled values as MLflow params
+    claim: str | None = None  # an ablation's claim (study.claims) ...
+    arm: str | None = None  # ... and which arm it trains: "paper" or "alternative"
 
     @property
     def loss(self) -> str:
@@ -61,11 +65,30 @@ def final_spec(
 ) -> TrialSpec:
     """A final-stage run of search trial ``number``'s point ``optuna_params`` (the loss's best) with a
     new seed."""
+    key = TrialKey.final(space.loss, number, seed, fold)
+    return _retrain(cfg, space, key, space.from_optuna(optuna_params), seed, fold)
+
+
+def ablation_spec(
+    cfg: StudyConfig, space: SearchSpace, number: int, optuna_params: dict, claim: Claim, seed: int
+) -> TrialSpec:
+    """Search trial ``number``'s point with ``claim``'s factor set to the arm the point does not
+    already have (:meth:`~study.claims.Claim.ablated`), trained like a final run with ``seed``."""
     values = space.from_optuna(optuna_params)
+    arm, value = claim.ablated(values, space.defaults()[claim.param])
+    key = TrialKey.ablation(space.loss, number, claim.factor, seed)
+    spec = _retrain(cfg, space, key, {**values, claim.param: value}, seed, None)
+    return dataclasses.replace(spec, claim=claim.id, arm=arm)
+
+
+def _retrain(
+    cfg: StudyConfig, space: SearchSpace, key: TrialKey, values: dict, seed: int, fold: int | None
+) -> TrialSpec:
+    """A run of the point ``values`` with the final stage's epochs, tested once."""
     loss_kwargs, overrides = space.split(values)
     train = cfg.train.model_copy(update={**overrides, "epochs": cfg.final.epochs or cfg.train.epochs})
     params = values | {"seed": seed} | ({} if fold is None else {"fold": fold})
-    return TrialSpec(TrialKey.final(space.loss, number, seed, fold), loss_kwargs, train, seed, params)
+    return TrialSpec(key, loss_kwargs, train, seed, params)
 
 
 @dataclass(frozen=True)

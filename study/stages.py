@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from study import worker
 from study.callback import TrackingCallback
+from study.claims import claims_for
 from study.config import StudyConfig, search_spaces, without_secrets
 from study.data.images import UnreadableImageError
 from study.journal import clear_writer_lock, repair_journal
@@ -36,7 +37,7 @@ from study.preflight import check_cluster
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
 from study.searcher import StudySearcher
-from study.spec import SPEC, TrialSpec, final_spec, result_metrics, search_spec
+from study.spec import SPEC, TrialSpec, ablation_spec, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.train import load_state
 from study.vocab import (
@@ -157,9 +158,10 @@ def best_trial(storage: optuna.storages.BaseStorage, cfg: StudyConfig, loss: str
 def final_specs(
     cfg: StudyConfig, storage: optuna.storages.BaseStorage, space: SearchSpace, tracker: StudyTracker, say: Say
 ) -> list[TrialSpec]:
-    """The loss's final runs still to train: its best search trial's point retrained with each seed on
-    every training class (``final.train_on: all``) or on each fold's, tested once. Final runs of an
-    earlier best (a better trial appeared on resume) are tagged stale."""
+    """The loss's final runs and ablations still to train: its best search trial's point retrained
+    with each seed on every training class (``final.train_on: all``) or on each fold's, tested once;
+    and, with ``ablations``, that point with one claim's factor changed (:func:`ablation_specs`).
+    Runs of an earlier best (a better trial appeared on resume) are tagged stale."""
     best = best_trial(storage, cfg, space.loss)
     if best is None or not cfg.final.seeds:
         say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
@@ -171,6 +173,25 @@ def final_specs(
     specs = [final_spec(cfg, space, best.number, best.params, seed, fold) for seed in seeds for fold in _folds(cfg)]
     todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(specs)} runs to train")
+    return todo + ablation_specs(cfg, space, best, tracker, say)
+
+
+def ablation_specs(
+    cfg: StudyConfig, space: SearchSpace, best: optuna.trial.FrozenTrial, tracker: StudyTracker, say: Say
+) -> list[TrialSpec]:
+    """Each claim about the loss (:func:`study.claims.claims_for`) as its second arm: the best point
+    with the claim's factor changed, trained with every final seed on all training classes and
+    tested once; the final runs (same seeds) are the first arm."""
+    claims = claims_for({space.loss: space.params})
+    if not (cfg.ablations and claims):
+        return []
+    if cfg.final.train_on != "all":
+        say(f"ablations {space.loss}: skipped (they pair with final runs on all training classes: final.train_on: all)")
+        return []
+    seeds = final_seeds(cfg)
+    specs = [ablation_spec(cfg, space, best.number, best.params, claim, seed) for claim in claims for seed in seeds]
+    todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
+    say(f"ablations {space.loss}: {', '.join(c.factor for c in claims)}; {len(todo)} of {len(specs)} runs to train")
     return todo
 
 

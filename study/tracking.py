@@ -32,6 +32,8 @@ TAG_STAGE = "dml_study.stage"  # a study.vocab.Stage
 TAG_STATE = "dml_study.state"  # a study.vocab.State (COMPLETE, PRUNED or FAIL once ended)
 TAG_ERROR = "dml_study.error"
 TAG_STALE = "dml_study.stale"  # on final runs and ensembles of a search trial no longer the loss's best
+TAG_CLAIM = "dml_study.claim"  # on ablation runs: the claim's id (study.claims)
+TAG_ARM = "dml_study.arm"  # on ablation runs: "paper" or "alternative", the arm this run is
 # the learning rates a trial trained with (backbone, and the loss's own parameters): searched or the study's
 TAG_LR = "dml_study.lr"
 TAG_LOSS_LR = "dml_study.loss_lr"
@@ -123,11 +125,11 @@ class StudyTracker:
         self.client.set_terminated(self.parent_id, status)
 
     def supersede(self, loss: str, best: int) -> list[str]:
-        """Tag stale the final runs and ensembles of ``loss`` that retrain a search trial other than
+        """Tag stale the final runs, ablations and ensembles of ``loss`` that retrain a search trial other than
         ``best`` (a better one was found after they ran, on resume): kept in MLflow, out of every
         table. Returns their keys."""
         stale = []
-        for stage in (Stage.FINAL, Stage.ENSEMBLE):
+        for stage in (Stage.FINAL, Stage.ABLATION, Stage.ENSEMBLE):
             runs = self.client.search_runs(
                 [self.experiment_id],
                 filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}' and tags.`{TAG_LOSS}` = '{loss}' "

@@ -30,6 +30,7 @@ class Stage(StrEnum):
     BASELINE = "baseline"  # the untrained network, evaluated once
     SEARCH = "search"  # one hyperparameter trial, scored on validation classes
     FINAL = "final"  # the best trial's configuration retrained with a new seed, tested once
+    ABLATION = "ablation"  # the best configuration with one claim's factor changed, final seeds, tested once
     ENSEMBLE = "ensemble"  # one seed's fold models, their embeddings concatenated, tested once
 
 
@@ -39,8 +40,10 @@ class TrialKey:
 
     Spelled ``baseline``, ``<loss>/<number>`` (search: the Optuna trial number),
     ``<loss>/final/<number>/s<seed>`` (``-f<fold>`` when trained on one fold) and
-    ``<loss>/ensemble/<number>/s<seed>``: a final run and an ensemble carry the number of the search
-    trial whose point they retrain, so a better trial found later (on resume) gets runs of its own.
+    ``<loss>/ensemble/<number>/s<seed>`` and ``<loss>/ablation/<number>/<factor>/s<seed>`` (the claim
+    ``<loss>.<factor>``, :mod:`study.claims`): a final run, an ensemble and an ablation carry the
+    number of the search trial whose point they retrain, so a better trial found later (on resume)
+    gets runs of its own.
     """
 
     stage: Stage
@@ -48,6 +51,7 @@ class TrialKey:
     number: int | None = None
     seed: int | None = None
     fold: int | None = None
+    factor: str | None = None  # ablations: the claim's factor
 
     @classmethod
     def baseline(cls) -> TrialKey:
@@ -65,13 +69,18 @@ class TrialKey:
     def ensemble(cls, loss: str, number: int, seed: int) -> TrialKey:
         return cls(Stage.ENSEMBLE, loss, number=number, seed=seed)
 
+    @classmethod
+    def ablation(cls, loss: str, number: int, factor: str, seed: int) -> TrialKey:
+        return cls(Stage.ABLATION, loss, number=number, seed=seed, factor=factor)
+
     def __str__(self) -> str:
         if self.stage is Stage.BASELINE:
             return "baseline"
         if self.stage is Stage.SEARCH:
             return f"{self.loss}/{self.number}"
         fold = "" if self.fold is None else f"-f{self.fold}"
-        return f"{self.loss}/{self.stage}/{self.number}/s{self.seed}{fold}"
+        factor = "" if self.factor is None else f"{self.factor}/"
+        return f"{self.loss}/{self.stage}/{self.number}/{factor}s{self.seed}{fold}"
 
     @classmethod
     def parse(cls, text: str) -> TrialKey:
@@ -82,6 +91,10 @@ class TrialKey:
                 return cls.baseline()
             if len(parts) == 2 and parts[1].isdigit():
                 return cls.search(parts[0], int(parts[1]))
+            if len(parts) == 5 and parts[1] == Stage.ABLATION and parts[4].startswith("s"):
+                key = cls.ablation(parts[0], int(parts[2]), parts[3], int(parts[4][1:]))
+                if str(key) == text and key.number >= 0 and parts[3]:
+                    return key
             if len(parts) == 4 and parts[3].startswith("s") and parts[1] in (Stage.FINAL, Stage.ENSEMBLE):
                 seed, _, fold = parts[3][1:].partition("-f")
                 number = int(parts[2])

@@ -1,4 +1,4 @@
-"""Importance, sensitivity and the papers' claims on hand-made runs frames with known answers."""
+"""Importance, sensitivity and the exploratory claim trends on hand-made runs frames with known answers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.claims import check_claims, compare, trend
-from analysis.hyper import importance, sensitivity
+from analysis.claims import compare, exploratory_trends, trend
+from analysis.hyper import MIN_TRIALS, importance, sensitivity, too_few_trials
+from analysis.study_report import hyperparameter_analysis
 
 
 def _trials(loss: str, params: dict[str, list], scores: list[float], states=None, **metrics) -> pd.DataFrame:
@@ -30,6 +31,35 @@ def test_importance_finds_the_parameter_that_drives_the_objective():
     assert importance(runs.head(2), "ms", "map_at_r").empty  # too few trials
 
 
+def test_importance_and_sensitivity_need_enough_complete_trials():
+    rng = np.random.default_rng(1)
+    n = MIN_TRIALS + 2
+    x, y = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    states = ["COMPLETE"] * (MIN_TRIALS - 1) + ["PRUNED"] * 3  # one COMPLETE trial short
+    runs = _trials("ms", {"x": x, "y": y}, list(x), states=states)
+    why = f"{MIN_TRIALS - 1} COMPLETE trials of ms, {MIN_TRIALS} needed"
+    assert too_few_trials(runs, "ms", "map_at_r") == why
+    assert importance(runs, "ms", "map_at_r").empty and sensitivity(runs, "ms", "map_at_r").empty
+    imp, sens, notes = hyperparameter_analysis(runs, "map_at_r")
+    assert imp.empty and sens.empty and notes == [f"importance and sensitivity not shown: {why}"]
+    # a COMPLETE trial whose objective is NaN does not count either
+    nan_objective = runs.assign(state="COMPLETE", map_at_r=[*x[:-3], np.nan, np.nan, np.nan])
+    assert too_few_trials(nan_objective, "ms", "map_at_r") == why
+
+    enough = runs.assign(state=["COMPLETE"] * MIN_TRIALS + ["PRUNED"] * 2)
+    assert too_few_trials(enough, "ms", "map_at_r") is None
+    imp, sens, notes = hyperparameter_analysis(enough, "map_at_r")
+    assert set(imp["param"]) == {"x", "y"} and (imp["trials"] == MIN_TRIALS).all() and (imp["loss"] == "ms").all()
+    assert set(sens["param"]) == {"x", "y"} and notes == []
+
+    fixed = enough.assign(**{"param.x": "0.5", "param.y": "0.5"})  # nothing varies: nothing to say
+    assert (
+        too_few_trials(fixed, "ms", "map_at_r")
+        == f"no hyperparameter of ms took two values among its {MIN_TRIALS} COMPLETE trials"
+    )
+    assert importance(fixed, "ms", "map_at_r").empty and sensitivity(fixed, "ms", "map_at_r").empty
+
+
 def test_sensitivity_is_the_drop_away_from_the_best_value():
     # temperature matters (far values score 0.1 lower), margin does not (the far ones score the same)
     runs = _trials(
@@ -39,38 +69,82 @@ def test_sensitivity_is_the_drop_away_from_the_best_value():
         states=["COMPLETE"] * 4,
     )
     runs.loc[len(runs)] = {"loss": "ns", "stage": "search", "state": "PRUNED", "map_at_r": 0.0,
-                           "param.temperature": "5", "param.margin": "0", "param.kind": "a"}  # fmt: skip
-    result = sensitivity(runs, "ns", "map_at_r").set_index("param")
+                           "param.temperature": "1.0", "param.margin": "0", "param.kind": "a"}  # fmt: skip
+    result = sensitivity(runs, "ns", "map_at_r", min_trials=4).set_index("param")
     assert result.loc["temperature", "best_value"] == 0.1 and result.loc["temperature", "far_trials"] == 2
     assert result.loc["temperature", "drop"] == pytest.approx(0.1)
     assert result.loc["temperature", "relative_drop"] == pytest.approx(0.2)
     assert result.loc["margin", "drop"] == pytest.approx(0.05)  # far trials: 0.5 and 0.4
     assert result.loc["kind", "far_trials"] == 1 and result.loc["kind", "drop"] == pytest.approx(0.1)
+    assert sensitivity(runs, "ns", "map_at_r").empty  # 4 COMPLETE trials: below MIN_TRIALS
 
 
-def test_compare_verdicts():
+# The issue's symptom: the same drop for every hyperparameter. TPE samples near the good region and ASHA
+# prunes the rest, so the COMPLETE trials crowd together. The old code measured "far" against the span of
+# the COMPLETE trials alone (every other trial then lies far in every float at once) and took an integer
+# hyperparameter for a category (every other K "far"): each far set was "all the other trials", each drop
+# the same. Columns: a, b (floats), k (an int, SoftTriple's K), objective; row 0 is the best.
+CROWDED = [
+    (0.0, 0.00, 1, 0.60),
+    (0.6, 0.12, 2, 0.55),
+    (0.7, 0.15, 3, 0.50),
+    (0.8, 0.20, 7, 0.45),
+    (0.9, 0.30, 8, 0.40),
+    (1.0, 0.35, 10, 0.35),
+    (0.6, 0.40, 12, 0.30),
+    (0.7, 0.12, 2, 0.52),
+    (0.8, 0.15, 3, 0.48),
+    (0.9, 0.40, 3, 0.32),
+]
+PRUNED_WIDE = [(0.0, 1.0, 20, 0.10), (1.0, 0.5, 1, 0.20)]  # the searched range: b up to 1, K up to 20
+
+
+def test_sensitivity_differs_per_parameter_when_the_complete_trials_crowd_together():
+    rows = CROWDED + PRUNED_WIDE
+    runs = _trials(
+        "soft_triple",
+        {"a": [r[0] for r in rows], "b": [r[1] for r in rows], "k": [r[2] for r in rows]},
+        [r[3] for r in rows],
+        states=["COMPLETE"] * len(CROWDED) + ["PRUNED"] * len(PRUNED_WIDE),
+    ).assign(log_params="")  # the space's word: nothing on a log scale
+    result = sensitivity(runs, "soft_triple", "map_at_r").set_index("param")
+    scores = np.array([r[3] for r in CROWDED])
+    # a: every other trial lies ≥ 0.6 of [0, 1] away; b: only b > 0.25 of [0, 1]; K: (K − 1) / 19 > 0.25, K ≥ 7
+    far = {"a": np.arange(1, 10), "b": [4, 5, 6, 9], "k": [3, 4, 5, 6]}
+    for name, rows_far in far.items():
+        assert result.loc[name, "far_trials"] == len(rows_far)
+        assert result.loc[name, "drop"] == pytest.approx(0.60 - scores[rows_far].mean())
+    assert result["drop"].nunique() == 3  # the old code: one drop, 0.60 − mean(all others), for all three
+    assert result.loc["k", "best_value"] == 1
+
+
+def test_exploratory_verdicts_of_compare():
     groups = {"easy": lambda v: v == "easy", "all": lambda v: v == "all"}
     strong = _trials("triplet", {"positive": ["easy"] * 4 + ["all"] * 4}, [0.9, 0.8, 0.85, 0.95, 0.1, 0.2, 0.15, 0.1])
     row = compare(strong, "triplet", "map_at_r", "positive", groups, "easy wins", "easy")
-    assert row["verdict"] == "supported" and "easy: 4 trials, best 0.9500" in row["evidence"]
+    assert row["verdict"] == "trend (exploratory)" and "easy: 4 trials, best 0.9500" in row["evidence"]
     reversed_ = strong.assign(map_at_r=1 - strong["map_at_r"])
-    assert compare(reversed_, "triplet", "map_at_r", "positive", groups, "c", "easy")["verdict"] == "not supported"
+    assert compare(reversed_, "triplet", "map_at_r", "positive", groups, "c", "easy")["verdict"] == (
+        "no trend (exploratory)"
+    )
     only_all = strong[strong["param.positive"] == "all"]
-    assert compare(only_all, "triplet", "map_at_r", "positive", groups, "c", "easy")["verdict"] == "not tested"
+    assert compare(only_all, "triplet", "map_at_r", "positive", groups, "c", "easy")["verdict"] == (
+        "not tested (exploratory)"
+    )
 
 
-def test_trend_verdicts():
+def test_exploratory_verdicts_of_trend():
     so = [0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
     runs = _trials("proxy_anchor", {"so_weight": so}, [0.1] * 6, proxy_abs_cos=[0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
     row = trend(runs, "proxy_anchor", "so_weight", "proxy_abs_cos", -1, "SO lowers |cos|")
-    assert row["verdict"] == "supported" and "ρ(so_weight, proxy_abs_cos) = -1.00" in row["evidence"]
+    assert row["verdict"] == "trend (exploratory)" and "ρ(so_weight, proxy_abs_cos) = -1.00" in row["evidence"]
     up = runs.assign(proxy_abs_cos=runs["proxy_abs_cos"][::-1].to_numpy())
-    assert trend(up, "proxy_anchor", "so_weight", "proxy_abs_cos", -1, "c")["verdict"] == "not supported"
+    assert trend(up, "proxy_anchor", "so_weight", "proxy_abs_cos", -1, "c")["verdict"] == "opposite trend (exploratory)"
     noisy = runs.assign(proxy_abs_cos=[0.3, 0.1, 0.5, 0.2, 0.4, 0.3])
-    assert trend(noisy, "proxy_anchor", "so_weight", "proxy_abs_cos", -1, "c")["verdict"] == "inconclusive"
+    assert trend(noisy, "proxy_anchor", "so_weight", "proxy_abs_cos", -1, "c")["verdict"] == "no trend (exploratory)"
 
 
-def test_check_claims_covers_every_claim_and_says_what_was_not_tested():
+def test_exploratory_trends_only_for_the_losses_the_study_searched():
     runs = pd.concat(
         [
             _trials("soft_triple", {"centers_per_class": [1, 1, 1, 1, 10, 10, 10, 10], "tau": [0, 0.5, 1, 2] * 2},
@@ -79,16 +153,22 @@ def test_check_claims_covers_every_claim_and_says_what_was_not_tested():
                     [0.3, 0.31, 0.32, 0.33, 0.2, 0.21, 0.22, 0.23]),
         ]
     )  # fmt: skip
-    claims = check_claims(runs, "map_at_r").set_index(["claim", "loss"])["verdict"]
-    assert claims[("SoftTriple with several centers per class beats one center (K = 1)", "soft_triple")] == "supported"
-    assert claims[("Multi-Similarity's pair mining helps", "multi_similarity")] == "supported"
-    assert claims[("Easy positive sampling beats all positives", "multi_similarity")] == "not tested"
+    trends = exploratory_trends(runs, "map_at_r")
+    assert set(trends["loss"]) == {"soft_triple", "multi_similarity"}  # no rows for proxy_anchor, triplet, …
+    assert len(trends) == 4 and trends["verdict"].str.endswith("(exploratory)").all()
+    verdicts = trends.set_index(["claim", "loss"])["verdict"]
+    assert verdicts[("SoftTriple with several centers per class beats one center (K = 1)", "soft_triple")] == (
+        "trend (exploratory)"
+    )
+    assert verdicts[("Multi-Similarity's pair mining helps", "multi_similarity")] == "trend (exploratory)"
+    assert verdicts[("Easy positive sampling beats all positives", "multi_similarity")] == "not tested (exploratory)"
     # 2 vs 2 trials cannot reach p < 0.05 (Mann–Whitney's smallest one-sided p is 1/6)
     assert compare(runs.iloc[[2, 3, 4, 5]], "soft_triple", "map_at_r", "centers_per_class",
                    {"K > 1": lambda k: float(k) > 1, "K = 1": lambda k: float(k) == 1}, "c", "K > 1")["verdict"] == (
-        "inconclusive"
+        "no trend (exploratory)"
     )  # fmt: skip
-    assert claims[("The soft-orthogonality weight lowers the proxies' correlation (mean |cos|)", "proxy_anchor")] == (
-        "not tested"
-    )
-    assert len(claims) == 9
+    several = pd.concat([runs.assign(study="one"), runs[runs["loss"] == "soft_triple"].assign(study="two")])
+    per_study = exploratory_trends(several, "map_at_r")
+    assert list(per_study.columns[:2]) == ["study", "claim"] and per_study["study"].value_counts().to_dict() == {
+        "one": 4, "two": 2
+    }  # fmt: skip

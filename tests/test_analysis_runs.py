@@ -51,7 +51,7 @@ def test_loss_metrics_are_the_union_of_the_trial_metrics_column():
     runs = pd.DataFrame({"trial_metrics": ["proxy_abs_cos", "", np.nan, "effective_centers,b", " b , a"]})
     assert loss_metrics(runs) == ["a", "b", "effective_centers", "proxy_abs_cos"]
     assert loss_metrics(pd.DataFrame({"loss": ["ms"]})) == []  # runs logged before the tag
-    assert {"trial_metrics", "log_params"} <= _NOT_METRICS
+    assert {"trial_metrics", "log_params", "claim", "arm"} <= _NOT_METRICS  # tags, never metrics
 
 
 def test_is_log_scale_follows_the_tag_whatever_the_range():
@@ -85,17 +85,19 @@ def test_is_log_scale_without_tags_falls_back_to_the_range(values, log):
 def test_sensitivity_measures_distance_on_the_searched_scale():
     # 10 lies at 1/3 of [1, 1000] on a log scale (far from the best, 1), at 1% of it on a linear one (near)
     runs = _trials(["COMPLETE"] * 4, [0.5, 0.4, 0.3, 0.2], **{"param.x": ["1.0", "10.0", "1000.0", "1000.0"]})
-    assert sensitivity(runs, "ms", "map_at_r").loc[0, "far_trials"] == 3  # untagged: >= 100x, log
-    assert sensitivity(runs.assign(log_params="other"), "ms", "map_at_r").loc[0, "far_trials"] == 2  # tag: linear
+    assert sensitivity(runs, "ms", "map_at_r", min_trials=2).loc[0, "far_trials"] == 3  # untagged: >= 100x, log
+    assert (
+        sensitivity(runs.assign(log_params="other"), "ms", "map_at_r", min_trials=2).loc[0, "far_trials"] == 2
+    )  # tag: linear
     # 1 … 4 spans < 100x: linear without the tag (1.5 at 0.17 of the range: near), log with it (at 0.29: far)
     small = _trials(["COMPLETE"] * 4, [0.5, 0.4, 0.3, 0.2], **{"param.x": ["1.0", "1.5", "3.5", "4.0"]})
-    assert sensitivity(small, "ms", "map_at_r").loc[0, "far_trials"] == 2
-    assert sensitivity(small.assign(log_params="x"), "ms", "map_at_r").loc[0, "far_trials"] == 3
+    assert sensitivity(small, "ms", "map_at_r", min_trials=2).loc[0, "far_trials"] == 2
+    assert sensitivity(small.assign(log_params="x"), "ms", "map_at_r", min_trials=2).loc[0, "far_trials"] == 3
 
 
 def test_sensitivity_ignores_a_nan_objective_when_choosing_the_best():
     runs = _trials(["COMPLETE"] * 3, [np.nan, 0.4, 0.3], **{"param.x": ["1.0", "2.0", "3.0"]})
-    assert sensitivity(runs, "ms", "map_at_r").loc[0, "best_value"] == 2.0
+    assert sensitivity(runs, "ms", "map_at_r", min_trials=2).loc[0, "best_value"] == 2.0
 
 
 def test_trend_over_a_loss_metric_counts_every_trial_when_the_tag_names_it():
@@ -105,4 +107,4 @@ def test_trend_over_a_loss_metric_counts_every_trial_when_the_tag_names_it():
     untagged = trend(runs, "ms", "x", "own", -1, "c")
     assert "3 trials" in untagged["evidence"]  # a retrieval-like metric: COMPLETE trials only
     tagged = trend(runs.assign(trial_metrics="own"), "ms", "x", "own", -1, "c")
-    assert "5 trials" in tagged["evidence"] and tagged["verdict"] == "supported"
+    assert "5 trials" in tagged["evidence"] and tagged["verdict"] == "trend (exploratory)"

@@ -188,6 +188,18 @@ def test_a_lease_that_stopped_heartbeating_is_taken_over(s3):
     assert not storage.child(LOCK_FILE).exists()
 
 
+def test_a_fresh_lease_of_a_dead_driver_on_this_host_is_taken_over_at_once(s3):
+    storage = s3()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write(storage, LockHolder(HOST, dead.pid, time.time(), time.time(), "d" * 32))  # killed a moment ago
+    with StudyLock(storage, settle=0.1):  # no wait for the 90 s lapse
+        assert read_holder(storage).pid == os.getpid()
+    _write(storage, LockHolder(HOST, os.getppid(), time.time(), time.time(), "e" * 32))  # alive on this host
+    with pytest.raises(StudyLockedError, match=f"pid {os.getppid()} on host {HOST}"):
+        StudyLock(storage, settle=0.1).acquire()
+
+
 def test_a_driver_that_writes_its_lease_after_ours_wins_the_race(s3):
     storage = s3()
     theirs = _foreign(time.time())

@@ -288,3 +288,32 @@ def test_a_deterministic_error_fails_the_trial_with_its_trace_and_anything_else_
     monkeypatch.setattr(worker, "run_trial", lost)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         worker.run_spec({SPEC: spec}, cfg=cfg, storage=cfg.storage)
+
+
+def test_an_ablation_changes_only_the_claims_factor_to_the_arm_the_best_point_lacks(cfg, spaces):
+    from study.claims import BY_ID
+    from study.spec import ablation_spec
+
+    space = spaces["multi_similarity"]
+    best = space.to_optuna({**space.defaults(), "alpha": 3.0, "mining": True, "positive": "all"})
+    final = final_spec(cfg, space, 7, best, seed=1, fold=None)
+    mining = ablation_spec(cfg, space, 7, best, BY_ID["multi_similarity.mining"], seed=1)
+    assert str(mining.key) == "multi_similarity/ablation/7/mining/s1"
+    assert (mining.claim, mining.arm) == ("multi_similarity.mining", "alternative")  # the best has the paper's
+    assert mining.loss_kwargs == {**final.loss_kwargs, "mining": False}
+    assert mining.train == final.train and mining.seed == final.seed and mining.fold is None
+    easy = ablation_spec(cfg, space, 7, best, BY_ID["multi_similarity.easy_positives"], seed=2)
+    assert (easy.arm, easy.loss_kwargs["positive"], easy.params["seed"]) == ("paper", "easy", 2)
+
+
+def test_claims_apply_to_the_studys_losses_whose_factor_is_searched():
+    from study.claims import CLAIMS, claims_for
+
+    assert [c.id for c in claims_for({"multi_similarity": ["alpha", "mining"], "normalized_softmax": ["scale"]})] == [
+        "multi_similarity.mining"
+    ]
+    soft_triple = next(c for c in CLAIMS if c.id == "soft_triple.centers")
+    assert soft_triple.arms({"centers_per_class": 4}, 10) == (4, 1)  # the best K is the paper's arm
+    assert soft_triple.arms({"centers_per_class": 1}, 10) == (10, 1)  # K = 1 won the search: the default stands in
+    assert soft_triple.ablated({"centers_per_class": 1}, 10) == ("paper", 10)
+    assert soft_triple.ablated({"centers_per_class": 4}, 10) == ("alternative", 1)

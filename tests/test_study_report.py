@@ -54,17 +54,23 @@ def test_report_renders_in_chromium_with_every_table_and_image(study):
     (folder / "chromium").mkdir(exist_ok=True)
     shown = render(html, folder / "chromium", chromium=ensure_chromium())
     assert shown["images"] >= 4 and shown["images_rendered"] == shown["images"]
-    final = pd.read_csv(out / "final.csv")
-    claims = pd.read_csv(out / "claims.csv")
-    # tables: final stage, search, importance, sensitivity, claims, environment
-    assert shown["tables"] == 6
-    assert shown["body_rows"][0] == len(final) and shown["body_rows"][4] == len(claims)
+    final, search = pd.read_csv(out / "final.csv"), pd.read_csv(out / "results.csv")
+    # tables: final stage, search, then those with rows among importance and sensitivity (a loss with fewer
+    # than analysis.hyper.MIN_TRIALS COMPLETE trials gets a line instead), the controlled claims (ablation
+    # runs) and the exploratory trends; last the environment
+    optional = [
+        pd.read_csv(out / f"{name}.csv") for name in ("importance", "sensitivity", "claims", "exploratory_trends")
+    ]
+    rows = [len(final), len(search), *(len(table) for table in optional if len(table))]
+    assert shown["tables"] == len(rows) + 1 and shown["body_rows"][: len(rows)] == rows
+    assert "importance and sensitivity not shown: " in page  # 4 trials per loss: below the minimum
+    assert "Exploratory trends" in page
     best = final.iloc[0]
     assert f"{best.map_at_r:.4f} ± {best.map_at_r_ci:.4f}" in page  # the numbers are the study's
     assert "each seed trained on every training class" in page and "all classes" in page  # the protocol used
     for name in ("recall_at_k", "optimization_history", "learning_curves", "embeddings_pca"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0 and (out / "figures" / f"{name}.svg").exists()
-    for table in ("results", "final", "importance", "sensitivity", "claims"):
+    for table in ("results", "final", "importance", "sensitivity", "claims", "exploratory_trends"):
         assert {p.suffix for p in out.glob(f"{table}.*")} == {".csv", ".md", ".tex", ".html"}
 
 

@@ -25,6 +25,7 @@ KEYS = [
     (TrialKey.final("pddm", 0, 3), "pddm/final/0/s3"),
     (TrialKey.final("pddm", 12, 3, fold=2), "pddm/final/12/s3-f2"),
     (TrialKey.ensemble("proxy_anchor", 5, 1), "proxy_anchor/ensemble/5/s1"),
+    (TrialKey.ablation("multi_similarity", 4, "mining", 2), "multi_similarity/ablation/4/mining/s2"),
 ]
 
 
@@ -39,7 +40,8 @@ def test_keys_are_spelled_once_and_parse_back(key, text):
     "text",
     [
         *("", "ms", "ms/x", "ms/-1", "ms/final", "ms/final/3", "ms/final/s", "ms/final/s1-f", "ms/search/s1"),
-        *("ms/final/s1", "ms/final/x/s1", "ms/final/-1/s1", "ms/final/01/s1", "ms/ensemble/2/s1-f0", "a/b/c/d/e"),
+        *("ms/final/s1", "ms/final/x/s1", "ms/final/-1/s1", "ms/final/01/s1", "ms/ensemble/2/s1-f0", "a/b/c/d/e/f"),
+        *("ms/ablation/1/s1", "ms/ablation/1//s1", "ms/ablation/x/mining/s1", "ms/ablation/1/mining/s1-f0"),
     ],
 )
 def test_anything_else_is_not_a_key(text):
@@ -49,7 +51,7 @@ def test_anything_else_is_not_a_key(text):
 
 def test_states_and_stages_are_the_strings_mlflow_holds():
     assert [s.value for s in State] == ["COMPLETE", "PRUNED", "FAIL", "RUNNING"]
-    assert [s.value for s in Stage] == ["baseline", "search", "final", "ensemble"]
+    assert [s.value for s in Stage] == ["baseline", "search", "final", "ablation", "ensemble"]
     assert State.COMPLETE == "COMPLETE" and f"{Stage.FINAL}" == "final"
 
 

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from analysis import plots
-from analysis.claims import check_claims
+from analysis.claims import ablation_claims, exploratory_trends
 from analysis.runs import load_history, load_runs
 from analysis.study_report import hyperparameter_tables
 from analysis.tables import comparison_table, final_table, to_markdown
@@ -61,11 +61,17 @@ print(to_markdown(importance) if len(importance) else "too few COMPLETE trials f
 print(to_markdown(sensitivity))
 
 # %% [markdown]
-# ## The papers' claims, on this study's data
+# ## The papers' claims: controlled experiments (the ablation stage, paired by seed)
 
 # %%
-claims = check_claims(runs, objective)
+claims = ablation_claims(runs, objective)
 claims
+
+# %% [markdown]
+# ## Exploratory trends in the search trials (many hyperparameters move at once: no verdict)
+
+# %%
+exploratory_trends(runs, objective)
 
 # %% [markdown]
 # ## Pictures
