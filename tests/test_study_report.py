@@ -112,7 +112,7 @@ def test_load_runs_and_history_are_tidy(study):
 
     _, uri, _ = study
     runs = load_runs(["tiny"], uri)
-    assert set(runs["stage"]) == {"baseline", "search", "final"} and (runs["study"] == "tiny").all()
+    assert set(runs["stage"]) == {"baseline", "search", "final", "ablation"} and (runs["study"] == "tiny").all()
     assert len(runs[runs["stage"] == "search"]) == 8 and len(runs[runs["stage"] == "final"]) == 4  # 2 losses × 2 seeds
     assert (runs["wall_seconds"] > 0).all() and (runs["cpu_hours"] == runs["wall_seconds"] / 3600).all()
     assert (runs["gpu_hours"] == 0).all() and (runs["mode"] == "finetune").all()
