@@ -174,7 +174,7 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(work
 
 
 def _final_checkpoints(workdir: Path) -> list[Path]:
-    return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/final/*/trial.pt"))
+    return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/final/*/*/trial.pt"))
 
 
 def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
