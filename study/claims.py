@@ -130,6 +130,24 @@ CLAIMS: tuple[Claim, ...] = (
 BY_ID = {claim.id: claim for claim in CLAIMS}
 
 
+def ablation_plan(
+    loss: str, searched: Iterable[str], *, ablations: bool, seeds: int, train_on: str
+) -> tuple[list[Claim], str]:
+    """The claims the ablation stage trains for ``loss`` (each with every final seed), and why (or why
+    none): it needs ``ablations`` on, a final stage (``seeds``) on every training class (``train_on``:
+    the final runs are the other arm) and a claim whose factor the loss's space searches."""
+    claims = claims_for({loss: searched})
+    if not claims:
+        return [], f"no claim about {loss}'s searched hyperparameters"
+    if not ablations:
+        return [], "ablations: false"
+    if not seeds:
+        return [], "no final stage to pair with"
+    if train_on != "all":
+        return [], "they pair with final runs on all training classes: final.train_on: all"
+    return claims, f"{len(claims)} claims × {seeds} seeds: {', '.join(c.factor for c in claims)}"
+
+
 def claims_for(searched: Mapping[str, Iterable[str]]) -> list[Claim]:
     """The claims about the study's losses whose factor the loss's space searches (``searched``:
     loss → its searched hyperparameters); a claim about a fixed factor cannot be ablated."""

@@ -1,17 +1,31 @@
-"""The ``dml-study`` command line: ``run`` a study, ``resume`` one whose driver died, rebuild its
-``report`` from MLflow, ``compare`` several studies in one table."""
+"""The ``dml-study`` command line: ``check`` a study file and see what it would run, ``run`` a study,
+``resume`` one whose driver died, rebuild its ``report`` from MLflow, ``compare`` several studies in
+one table; ``--version``."""
 
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from study.storage import Storage
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from study.config import StudyConfig
+    from study.search_space import Param
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+SET_HELP = "Override a value of the study file; repeat it for several: --set train.epochs=2 --set seed=1"
+RUN_TRACKING_HELP = (
+    "MLflow tracking URI for this invocation; wins over $MLFLOW_TRACKING_URI, which wins over the study's tracking.uri"
+)
+READ_TRACKING_HELP = "Default: $MLFLOW_TRACKING_URI, else MLflow's"
 
 
 def _fail(message: str) -> None:
@@ -19,16 +33,84 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _version() -> str:
+    """The installed package's version. Not :func:`study.tracking.package_version`: importing MLflow
+    takes seconds, too long for ``--version``."""
+    try:
+        return metadata.version("dml-study")
+    except metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dml-study {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit"),
+    ] = False,
+) -> None:
+    """Hyperparameter studies of deep-metric-learning losses: Ray Tune + Optuna trials tracked in MLflow."""
+
+
+def _use_tracking_uri(uri: str | None) -> None:
+    """``--tracking-uri`` of ``run`` and ``resume``: set as this process's ``MLFLOW_TRACKING_URI``.
+
+    Every part of a run resolves the URI with :func:`study.tracking.resolve_tracking_uri` (command
+    line, else environment, else the study's ``tracking.uri``): the tracking-server check, the
+    parent-run check of a resume, the driver's tracker in :mod:`study.stages`, the tables. Setting it
+    once here, before any of them, makes them all agree; like the environment variable it is never
+    written to the study's ``config.yaml``."""
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+@app.command()
+def check(
+    study_file: Annotated[Path, typer.Argument(help="Study YAML, e.g. search_spaces/quickstart.yaml")],
+    set_: Annotated[list[str], typer.Option("--set", help=SET_HELP)] = [],  # noqa: B006
+    tracking_uri: Annotated[str | None, typer.Option(help=RUN_TRACKING_HELP)] = None,
+) -> None:
+    """Check a study file as `run` would and show what it would run, writing nothing.
+
+    Prints the resolved study (secrets redacted), each loss's search trials with their ranges, its final
+    and ablation runs, and the total. Starts no Ray and contacts no tracking server."""
+    from study.config import ConfigError, load_study
+    from study.data.images import DatasetLayoutError
+    from study.preflight import PreflightError, check_study
+
+    try:
+        cfg = load_study(study_file, set_)
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:  # what run decides before Ray starts, except RAY_ADDRESS (checking it would import Ray)
+        warnings = check_study(cfg)
+    except (PreflightError, DatasetLayoutError) as exc:
+        _fail(str(exc))
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if cfg.storage.is_local and _holds_anything(cfg.storage):  # an object store would be contacted: not checked
+        typer.echo(f"warning: {cfg.storage} exists: run needs --resume to continue it or --new to replace it", err=True)
+    typer.echo(_describe(cfg, tracking_uri))
+
+
 @app.command()
 def run(
     study_file: Annotated[Path, typer.Argument(help="Study YAML, e.g. search_spaces/quickstart.yaml")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a value: --set train.epochs=2")] = [],  # noqa: B006
+    set_: Annotated[list[str], typer.Option("--set", help=SET_HELP)] = [],  # noqa: B006
     new: Annotated[bool, typer.Option("--new", help="Replace an existing study folder")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study in an existing folder")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help=RUN_TRACKING_HELP)] = None,
 ) -> None:
     """Run a study: search every loss with Ray Tune + Optuna, log to MLflow, print the table."""
     from study.config import ConfigError, load_study
 
+    _use_tracking_uri(tracking_uri)
     try:
         cfg = load_study(study_file, set_)
     except ConfigError as exc:
@@ -50,8 +132,10 @@ def resume_(
     location: Annotated[
         str, typer.Argument(help="The study's folder: runs/quickstart, or s3://bucket/runs/quickstart")
     ],
+    tracking_uri: Annotated[str | None, typer.Option(help=RUN_TRACKING_HELP)] = None,
 ) -> None:
     """Continue a study whose driver died: finished trials are kept, unfinished ones resume."""
+    _use_tracking_uri(tracking_uri)
     _resume(Storage.at(location), None)
 
 
@@ -87,6 +171,91 @@ def _resume(storage: Storage, given) -> None:
     _check_tracking(cfg)
     _preflight(cfg, parent_id=storage.child(PARENT_RUN_FILE).read_text().strip())
     _run(cfg, resume=True)
+
+
+def _describe(cfg: StudyConfig, tracking_uri: str | None) -> str:
+    """``check``'s report: the resolved study as YAML (what ``config.yaml`` gets: secrets redacted),
+    then what ``run`` would train, loss by loss, counted as :mod:`study.stages` schedules it (every
+    search and final run assumed to happen), and the tracking URI it would log to."""
+    import yaml
+
+    from study.claims import ablation_plan
+    from study.config import search_spaces, shared_space
+
+    seeds, folds = cfg.final.seeds, cfg.dataset.folds if cfg.final.train_on == "folds" else 1
+    per_fold = f" × {folds} folds, each on its fold's training classes" if folds > 1 else ", on all training classes"
+    trained_on = f"{seeds} seeds{per_fold}"
+    final_text = f"{trained_on}; {cfg.final.epochs or cfg.train.epochs} epochs" if seeds else "final.seeds: 0"
+    shared = shared_space(cfg)
+    lines = [f"# {cfg.name}: the resolved study (secrets redacted), as run saves it in {cfg.storage}/config.yaml"]
+    lines += [*yaml.safe_dump(cfg.public_dump(), sort_keys=False).splitlines(), "", "# what run would train"]
+    counts = {"search": 0, "final": 0, "ablation": 0}
+    for loss, space in search_spaces(cfg).items():
+        claims, ablation_text = ablation_plan(
+            loss, space.params, ablations=cfg.ablations, seeds=seeds, train_on=cfg.final.train_on
+        )
+        ablations = len(claims) * seeds
+        counts["search"] += cfg.search.trials_per_loss
+        counts["final"] += seeds * folds
+        counts["ablation"] += ablations
+        lines.append(
+            f"{loss}: {cfg.search.trials_per_loss} search trials (up to {cfg.train.epochs} epochs each; ASHA stops "
+            f"weak ones early), {len(space.params)} searched hyperparameters:"
+        )
+        width = max(map(len, space.params), default=0)
+        for name, param in space.params.items():
+            where = " [search.train]" if name in shared else ""
+            lines.append(f"  {name:<{width}}  {_describe_param(param)}{where}")
+        lines.append(f"  final runs: {seeds * folds} ({final_text})")
+        lines.append(f"  ablation runs: {ablations} ({ablation_text})")
+    ensembles = f", {seeds * len(cfg.search.losses)} fold ensembles" if folds > 1 and seeds else ""
+    lines.append(
+        f"total: {sum(counts.values())} training runs ({', '.join(f'{n} {k}' for k, n in counts.items())}), "
+        f"plus the untrained baseline{ensembles} evaluated once"
+    )
+    lines.append(f"tracking: {_tracking_text(cfg, tracking_uri)}")
+    return "\n".join(lines)
+
+
+def _describe_param(param: Param) -> str:
+    """One searched hyperparameter as ``check`` shows it: its range or choices, scale, default, condition."""
+    if param.type == "categorical":
+        text = f"one of {', '.join(map(_text, param.choices))}"
+    else:
+        text = f"{param.type} in [{_text(param.low)}, {_text(param.high)}]"
+        text += ", log scale" if param.log else ""
+        text += f", step {_text(param.step)}" if param.step is not None else ""
+        text += ", or exactly 0" if param.zero else ""
+    text += f"; default {_text(param.default)}"
+    for dep, allowed in param.when.items():
+        text += f"; only when {dep} is {' or '.join(map(_text, allowed))}"
+    return text
+
+
+def _text(value: Any) -> str:
+    """A value as the study and space files write it (YAML's true/false, numbers without trailing zeros)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _tracking_text(cfg: StudyConfig, tracking_uri: str | None) -> str:
+    """The tracking URI ``run`` would log to (credentials redacted) and where it comes from."""
+    import mlflow
+
+    from study.redaction import redact
+    from study.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
+    if tracking_uri:
+        source = "--tracking-uri"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        source = "MLFLOW_TRACKING_URI"
+    elif uri:
+        source = "the study's tracking.uri"
+    else:
+        uri, source = mlflow.get_tracking_uri(), "MLflow's default"
+    return f"{redact(uri)} ({source})"
 
 
 def _exists(storage: Storage) -> bool:
@@ -143,7 +312,8 @@ def _check_server(uri: str | None) -> None:
 
 def _run(cfg, resume: bool, replace: bool = False) -> None:
     """Run or resume the study while holding its folder's lock: one driver per study. A new run
-    (``--new``) first empties the folder, under the lock, so a live study is never deleted."""
+    (``--new``) first empties the folder, under the lock, so a live study is never deleted. Once it
+    finished: the tables, and the headline result on the parent run (:func:`_headline`)."""
     from analysis.runs import load_runs
     from analysis.tables import write_tables
     from study.data.images import UnreadableImageError
@@ -161,7 +331,7 @@ def _run(cfg, resume: bool, replace: bool = False) -> None:
     try:
         if replace:
             cfg.storage.clear(keep=(LOCK_FILE, FLOCK_FILE))
-        run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
+        tracker = run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
     except (JournalCorruptError, PreflightError, RayAddressError) as exc:  # raised before anything is written
         _fail(str(exc))
     except StudyInterrupted:
@@ -177,15 +347,34 @@ def _run(cfg, resume: bool, replace: bool = False) -> None:
         if not _holds_anything(cfg.storage):  # stopped before writing anything: leave no trace
             cfg.storage.delete()
         lock.release()
-    typer.echo(write_tables(load_runs(cfg.name, resolve_tracking_uri(cfg.tracking.uri)), cfg.storage)[0])
+    runs = load_runs(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
+    markdown = write_tables(runs, cfg.storage)[0]
+    tracker.log_headline(cfg.search.objective, _headline(runs, cfg.search.objective))
+    typer.echo(markdown)
     typer.echo(f"results: {cfg.storage}/results.md, results.csv; browse the runs with `mlflow ui`")
     typer.echo(f"the HTML report (tables, plots, hyperparameter analysis): dml-study report {cfg.name}")
+
+
+def _headline(runs: pd.DataFrame, objective: str) -> dict[str, float]:
+    """Each loss's mean test ``objective`` over its COMPLETE final runs (stale ones are not in
+    ``runs``), as the final table computes it: per seed the mean over its runs (its fold models),
+    then the mean over seeds. Empty when the final stage did not run."""
+    from analysis.tables import mean_ci, seed_means
+    from study.vocab import Stage, State
+
+    if objective not in runs:
+        return {}
+    final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE)]
+    return {
+        loss: mean_ci(seed_means(group, [objective])[objective].to_numpy(float))[0]
+        for loss, group in final.groupby("loss", sort=False)
+    }
 
 
 @app.command()
 def report(
     study: Annotated[str, typer.Argument(help="Study name (the MLflow experiment)")],
-    tracking_uri: Annotated[str | None, typer.Option(help="Default: $MLFLOW_TRACKING_URI, else MLflow's")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=READ_TRACKING_HELP)] = None,
     out: Annotated[str | None, typer.Option(help="Output folder or URI (default: runs/<study>)")] = None,
 ) -> None:
     """Rebuild a study's tables and its HTML report from MLflow alone; log them to its parent run."""
@@ -194,7 +383,7 @@ def report(
     from study.tracking import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per download otherwise
-    uri = tracking_uri or resolve_tracking_uri(None)
+    uri = resolve_tracking_uri(None, tracking_uri)
     _check_server(uri)
     try:
         markdown, html = write_report(study, uri, Storage.at(out or f"runs/{study}"))
@@ -207,7 +396,7 @@ def report(
 @app.command()
 def compare(
     studies: Annotated[list[str], typer.Argument(help="Two or more study names (MLflow experiments)")],
-    tracking_uri: Annotated[str | None, typer.Option(help="Default: $MLFLOW_TRACKING_URI, else MLflow's")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=READ_TRACKING_HELP)] = None,
     out: Annotated[str, typer.Option(help="Output folder or URI")] = "runs/compare",
 ) -> None:
     """Several studies in one table (rows per study, dataset and loss; best values marked per study)."""
@@ -218,7 +407,7 @@ def compare(
     names = list(dict.fromkeys(studies))
     if len(names) < 2:
         _fail("compare needs two or more different studies; for one, use `dml-study report STUDY`")
-    uri = tracking_uri or resolve_tracking_uri(None)
+    uri = resolve_tracking_uri(None, tracking_uri)
     _check_server(uri)
     try:
         markdown, _, _ = write_tables(load_runs(names, uri), Storage.at(out))

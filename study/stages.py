@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from study import worker
 from study.callback import TrackingCallback
-from study.claims import claims_for
+from study.claims import ablation_plan
 from study.config import StudyConfig, search_spaces, without_secrets
 from study.data.images import UnreadableImageError
 from study.journal import clear_writer_lock, repair_journal
@@ -182,16 +182,17 @@ def ablation_specs(
     """Each claim about the loss (:func:`study.claims.claims_for`) as its second arm: the best point
     with the claim's factor changed, trained with every final seed on all training classes and
     tested once; the final runs (same seeds) are the first arm."""
-    claims = claims_for({space.loss: space.params})
-    if not (cfg.ablations and claims):
-        return []
-    if cfg.final.train_on != "all":
-        say(f"ablations {space.loss}: skipped (they pair with final runs on all training classes: final.train_on: all)")
+    claims, why = ablation_plan(
+        space.loss, space.params, ablations=cfg.ablations, seeds=cfg.final.seeds, train_on=cfg.final.train_on
+    )
+    if not claims:
+        if cfg.ablations and cfg.final.train_on != "all":
+            say(f"ablations {space.loss}: skipped ({why})")
         return []
     seeds = final_seeds(cfg)
     specs = [ablation_spec(cfg, space, best.number, best.params, claim, seed) for claim in claims for seed in seeds]
     todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
-    say(f"ablations {space.loss}: {', '.join(c.factor for c in claims)}; {len(todo)} of {len(specs)} runs to train")
+    say(f"ablations {space.loss}: {why}; {len(todo)} of {len(specs)} runs to train")
     return todo
 
 

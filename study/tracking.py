@@ -7,17 +7,21 @@ names below are the contract with ``analysis``.
 
 from __future__ import annotations
 
+import getpass
 import json
+import math
 import os
+import subprocess
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_USER
 from pydantic import SecretStr
 
 from study.redaction import redact, redact_text
@@ -26,6 +30,11 @@ from study.vocab import Stage, State, TrialKey
 TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
 TAG_STUDY = "dml_study.study"
 TAG_OBJECTIVE = "dml_study.objective"
+# on the parent: what produced the study and on what, to tell studies apart in the MLflow UI
+TAG_VERSION = "dml_study.version"  # the installed dml-study package's version
+TAG_DATASET = "dml_study.dataset"
+TAG_BACKBONE = "dml_study.backbone"
+TAG_BEST_LOSS = "dml_study.best_loss"  # on the parent once the final stage ran: the loss with the best test objective
 TAG_TRIAL = "dml_study.trial"  # unique trial key within a study
 TAG_LOSS = "dml_study.loss"
 TAG_STAGE = "dml_study.stage"  # a study.vocab.Stage
@@ -45,11 +54,26 @@ TAG_LOG_PARAMS = "dml_study.log_params"
 _STATUS = {State.COMPLETE: RunStatus.FINISHED, State.PRUNED: RunStatus.KILLED, State.FAIL: RunStatus.FAILED}
 
 
-def resolve_tracking_uri(config_uri: SecretStr | str | None) -> str | None:
-    """``MLFLOW_TRACKING_URI`` if set, else the study config's (``tracking.uri``), else None (MLflow's default)."""
+PACKAGE = "dml-study"  # the distribution name (pyproject.toml), for its version
+
+
+def package_version() -> str:
+    """The installed dml-study's version ("unknown" when run from a source tree never installed)."""
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def resolve_tracking_uri(config_uri: SecretStr | str | None, command_line: str | None = None) -> str | None:
+    """The MLflow tracking URI: the command line's (``--tracking-uri``), else ``MLFLOW_TRACKING_URI``,
+    else the study config's (``tracking.uri``), else None (MLflow's default).
+
+    The nearer a setting is to this one invocation, the more it wins: a study file is shared and
+    committed, the environment is the machine's or the job's, the command line is this run's."""
     if isinstance(config_uri, SecretStr):
         config_uri = config_uri.get_secret_value()
-    return os.environ.get("MLFLOW_TRACKING_URI") or config_uri or None
+    return command_line or os.environ.get("MLFLOW_TRACKING_URI") or config_uri or None
 
 
 def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
@@ -98,13 +122,33 @@ class StudyTracker:
         self._last_step: dict[str, int] = {}  # per trial: the last epoch already in MLflow
 
     def start(self, config: dict, objective: str) -> str:
+        """Create the study's parent run: its config as params and ``config.json``, and tags naming
+        what produced it (code commit, user, dml-study version) and on what (dataset, backbone).
+        ``config`` is the study's public dump: credentials already redacted."""
         tags = {TAG_ROLE: "study", TAG_STUDY: self.name, TAG_OBJECTIVE: objective, MLFLOW_RUN_NAME: self.name}
+        tags |= _context_tags(config)
         run = self.client.create_run(self.experiment_id, tags=tags)
         self.parent_id = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
         self.client.log_batch(self.parent_id, params=params)
         self.client.log_text(self.parent_id, json.dumps(config, indent=2, default=str), "config.json")
         return self.parent_id
+
+    def log_headline(self, objective: str, per_loss: dict[str, float]) -> str | None:
+        """Put the study's result on its parent run, where the MLflow UI lists and compares studies:
+        ``test_<objective>.<loss>`` for each loss's mean test objective over its final runs,
+        ``test_<objective>`` for the best loss's, and the tag ``dml_study.best_loss``. Non-finite
+        values are left out; returns the best loss, or None when no value is left."""
+        values = {loss: float(v) for loss, v in per_loss.items() if math.isfinite(float(v))}
+        if not values:
+            return None
+        best = max(values, key=values.__getitem__)  # ties: the first given
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"test_{objective}.{loss}", v, now, 0) for loss, v in values.items()]
+        metrics.append(Metric(f"test_{objective}", values[best], now, 0))
+        self.client.log_batch(self.parent_id, metrics=metrics)
+        self.client.set_tag(self.parent_id, TAG_BEST_LOSS, best)
+        return best
 
     def resume(self, parent_id: str) -> None:
         """Continue the study's existing parent run (after its driver died)."""
@@ -207,6 +251,35 @@ class StudyTracker:
             self.client.set_tag(run_id, TAG_ERROR, lines[-1][:4000] if lines else error)
             self.client.log_text(run_id, error, "error.txt")
         self.client.set_terminated(run_id, RunStatus.to_string(_STATUS[state]))
+
+
+def _context_tags(config: dict) -> dict[str, str]:
+    """The parent run's context tags; the ones that cannot be known here (no git checkout, no user
+    name in a container) are left out rather than failing the study."""
+    tags = {TAG_VERSION: package_version()}
+    commit = _git_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    try:
+        tags[MLFLOW_USER] = getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and a uid without a passwd entry
+        pass
+    for tag, section, key in ((TAG_DATASET, "dataset", "name"), (TAG_BACKBONE, "model", "backbone")):
+        value = (config.get(section) or {}).get(key)
+        if value is not None:
+            tags[tag] = str(value)
+    return tags
+
+
+def _git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the working directory's checkout: the code the driver runs from is
+    usually the project's clone. None without git, outside a checkout, or before its first commit."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:

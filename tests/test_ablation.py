@@ -40,7 +40,7 @@ def test_ablations_pair_with_the_final_runs_survive_a_kill_and_decide_the_claims
     resumed = _start(workdir, "resume", "runs/tiny")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    assert "ablations multi_similarity: mining, easy_positives" in out
+    assert "ablations multi_similarity: 2 claims × 3 seeds: mining, easy_positives" in out
 
     parents, children = _mlflow_trials(workdir)
     assert parents[0].info.status == "FINISHED"

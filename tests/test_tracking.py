@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import getpass
+import shutil
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
+from pydantic import SecretStr
 
 from study import tracking
 from study.tracking import StudyTracker, resolve_tracking_uri
 
 
 def test_uri_precedence(monkeypatch):
+    """Command line (``--tracking-uri``), then MLFLOW_TRACKING_URI, then the study's tracking.uri."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None) is None
     assert resolve_tracking_uri("sqlite:///a.db") == "sqlite:///a.db"
+    assert resolve_tracking_uri(SecretStr("sqlite:///a.db")) == "sqlite:///a.db"
+    assert resolve_tracking_uri("sqlite:///a.db", "sqlite:///cli.db") == "sqlite:///cli.db"
+    assert resolve_tracking_uri(None, "sqlite:///cli.db") == "sqlite:///cli.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert resolve_tracking_uri("sqlite:///a.db") == "sqlite:///env.db"
+    assert resolve_tracking_uri(None) == "sqlite:///env.db"
+    assert resolve_tracking_uri("sqlite:///a.db", "sqlite:///cli.db") == "sqlite:///cli.db"
+    assert resolve_tracking_uri("sqlite:///a.db", None) == "sqlite:///env.db"
 
 
 def test_one_run_per_trial_with_params_metrics_and_states(tmp_path):
@@ -48,3 +61,53 @@ def test_one_run_per_trial_with_params_metrics_and_states(tmp_path):
     assert (ms2.info.status, ms2.data.tags[tracking.TAG_ERROR]) == ("FAILED", "ValueError: boom")
     trace = Path(client.download_artifacts(ms2.info.run_id, "error.txt", str(tmp_path))).read_text()
     assert trace.startswith("Traceback") and trace.rstrip().endswith("ValueError: boom")
+
+
+CONFIG = {"dataset": {"name": "synthetic"}, "model": {"backbone": "resnet10t"}, "seed": 0}
+
+
+def _parent_tags(uri: str, name: str) -> dict[str, str]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    (parent,) = client.search_runs([exp.experiment_id])
+    return parent.data.tags
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_parent_run_names_the_commit_user_version_dataset_and_backbone(tmp_path, monkeypatch):
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "first"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True)
+    monkeypatch.chdir(repo)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    StudyTracker("s2", uri).start(CONFIG, "map_at_r")
+    tags = _parent_tags(uri, "s2")
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert tags["mlflow.user"] == getpass.getuser()
+    assert tags[tracking.TAG_VERSION] == metadata.version("dml-study")
+    assert (tags[tracking.TAG_DATASET], tags[tracking.TAG_BACKBONE]) == ("synthetic", "resnet10t")
+
+
+def test_parent_run_without_git_skips_the_commit_quietly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no git to run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    StudyTracker("s3", uri).start({"seed": 0}, "map_at_r")  # a config without dataset or model: no such tags
+    tags = _parent_tags(uri, "s3")
+    assert "mlflow.source.git.commit" not in tags
+    assert tracking.TAG_DATASET not in tags and tracking.TAG_BACKBONE not in tags
+    assert tags[tracking.TAG_VERSION] == metadata.version("dml-study")
+
+
+def test_log_headline_puts_each_losss_test_objective_and_the_best_on_the_parent(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = StudyTracker("s4", uri)
+    parent = tracker.start(CONFIG, "map_at_r")
+    assert tracker.log_headline("map_at_r", {}) is None
+    assert tracker.log_headline("map_at_r", {"ms": 0.25, "ns": 0.5, "pa": float("nan")}) == "ns"
+    run = MlflowClient(uri).get_run(parent)
+    assert run.data.metrics == {"test_map_at_r.ms": 0.25, "test_map_at_r.ns": 0.5, "test_map_at_r": 0.5}
+    assert run.data.tags[tracking.TAG_BEST_LOSS] == "ns"
