@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -21,9 +20,9 @@ import yaml
 import study.lock
 from study.lock import FLOCK_FILE, LOCK_FILE, LockHolder, StudyLock, StudyLockedError, read_holder
 from study.storage import Storage
+from tests.conftest import S3_CREDENTIALS, s3_server
 
 REPO = Path(__file__).resolve().parent.parent
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 HOST = socket.gethostname()
 
 HOLD = """
@@ -120,44 +119,12 @@ def test_a_folder_without_flock_gets_a_lease(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def s3():
     """A local S3 server with an empty bucket; yields a function giving a fresh study folder in it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"http://127.0.0.1:{port}"):
-            assert time.monotonic() < deadline, "the S3 server did not start"
-            time.sleep(0.1)
-        pafs.S3FileSystem(
-            endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
-        ).create_dir("studies")
-        folders = iter(range(1_000_000))
-        yield lambda: Storage.at(
-            f"s3://studies/runs/s{next(folders)}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1).close()
-        return True
-    except OSError:
-        return False
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in S3_CREDENTIALS.items():
+            patch.setenv(name, value)
+        with s3_server() as options:
+            folders = iter(range(1_000_000))
+            yield lambda: Storage.at(f"s3://studies/runs/s{next(folders)}?{options}")
 
 
 def test_a_heartbeating_lease_is_refused_and_released(s3):

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import io
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -19,43 +14,17 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.storage import Storage
-from tests.conftest import write_study
+from tests.conftest import S3_CREDENTIALS, s3_server, write_study
 from tests.test_resume import _check_consistent, _optuna, _start, _study, _wait_for
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture
 def bucket(monkeypatch):
     """An empty bucket on a local S3 server; yields the output_dir URI of a folder in it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for name, value in CREDENTIALS.items():
+    for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
-    try:
-        _wait_for(lambda: _answers(f"http://127.0.0.1:{port}"), "the S3 server", timeout=60)
-        options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        pafs.S3FileSystem(
-            endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
-        ).create_dir("studies")
+    with s3_server() as options:
         yield f"s3://studies/runs?{options}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.slow
@@ -93,7 +62,7 @@ def test_object_store_without_a_database_for_optuna_is_refused(workdir):
 
 
 def test_unreachable_object_store_is_one_line(workdir, monkeypatch):
-    for name, value in CREDENTIALS.items():
+    for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     output = "s3://nobucket/runs?endpoint_override=127.0.0.1:1&scheme=http"
     search = {"losses": ["multi_similarity"], "optuna_storage": f"sqlite:///{workdir / 'o.db'}"}
