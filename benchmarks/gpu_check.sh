@@ -66,6 +66,7 @@ CUDA_TESTS=(
     # skipped without a GPU: @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
     tests/test_data_transforms.py::test_train_crop_on_the_gpu_matches_the_cpu
     tests/test_data_transforms.py::test_geometry_on_the_gpu_matches_the_cpu
+    tests/test_train.py::test_on_a_gpu_an_epoch_waits_for_the_device_once_and_trains_on_the_cpus_batches
     # the loss tests under bf16 autocast (torch.autocast("cpu"); step 2b runs the same checks on CUDA).
     # Parametrized over half = [bfloat16, float16]: "half0" is bfloat16, so -k "not half1" drops the float16 half.
     tests/test_losses.py::test_autocast_is_finite_close_to_float32_and_keeps_parameters_float32
@@ -73,7 +74,7 @@ CUDA_TESTS=(
 )
 # Not listed: tests/test_preflight.py::test_a_gpu_this_machine_does_not_have is skipped *with* a GPU.
 CUDA_TESTS_K="not half1"
-GPU_ONLY_LISTED=2 # the "needs a GPU" tests above; step 2 warns when tests/ has another number of them
+GPU_ONLY_LISTED=3 # the "needs a GPU" tests above; step 2 warns when tests/ has another number of them
 
 if ((DRY_RUN)); then
     W=/tmp/gpu_check.XXXXXX # made by mktemp on a real run

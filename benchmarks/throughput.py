@@ -97,8 +97,9 @@ def images_per_second(learner: Learner, images: int, run) -> float:
     return images / (time.perf_counter() - start)
 
 
-def step(learner: Learner, x: torch.Tensor, labels: torch.Tensor) -> None:
-    """One training step as ``Learner.train_epoch`` takes it, on an already transformed batch."""
+def step(learner: Learner, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One training step as ``Learner.train_epoch`` takes it, on an already transformed batch. Returns the loss,
+    still on the device: like the trial, the caller reads its steps' losses once, after the last (:func:`read`)."""
     learner.model.train()
     if learner.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -108,7 +109,12 @@ def step(learner: Learner, x: torch.Tensor, labels: torch.Tensor) -> None:
     learner.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     learner.optimizer.step()
-    loss.item()  # the trial reads every step's loss too
+    return loss.detach()
+
+
+def read(losses: list[torch.Tensor]) -> list[float]:
+    """The steps' losses on the host: one read of the device for all of them, as the trial reads an epoch's."""
+    return torch.stack(losses).tolist() if losses else []
 
 
 def backbone_only(learner: Learner, args, warmup: int) -> float:
@@ -116,8 +122,7 @@ def backbone_only(learner: Learner, args, warmup: int) -> float:
     labels = (torch.arange(args.batch) // args.m_per_class).to(learner.device)
 
     def run(count: int) -> None:
-        for _ in range(count):
-            step(learner, x, labels)
+        read([step(learner, x, labels) for _ in range(count)])
 
     run(warmup)
     return images_per_second(learner, args.steps * args.batch, lambda: run(args.steps))
@@ -136,9 +141,13 @@ def dataloader(learner: Learner, dataset: JpegFolder, args, warmup: int) -> floa
     batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda))
 
     def run(count: int) -> None:
+        losses = []
         for _ in range(count):
             x, labels = next(batches)
-            step(learner, x.to(learner.device, non_blocking=cuda), labels.to(learner.device, non_blocking=cuda))
+            losses.append(
+                step(learner, x.to(learner.device, non_blocking=cuda), labels.to(learner.device, non_blocking=cuda))
+            )
+        read(losses)
 
     run(warmup)
     return images_per_second(learner, args.steps * args.batch, lambda: run(args.steps))

@@ -15,6 +15,15 @@ moved to GPU memory once per trial and augmented there. In feature mode the
 frozen trunk's features are computed once (kept next to the image cache) and
 only the embedding head and the loss train.
 
+On a GPU a training step never makes the host wait for the device, so that the
+host queues the next steps while the device computes: an epoch's batch indices
+go to the device in one copy before its first step, a batch's augmentation
+parameters in one non-blocking copy (:func:`study.data.transforms.send`), and the
+losses stay on the device until the epoch ends (read once: the epoch's mean,
+and the check for a non-finite loss). Evaluation likewise keeps the embeddings
+on the device and copies them to the host once. What still waits is inside some
+losses' mining (a data-dependent number of pairs, e.g. ``nonzero``).
+
 With a ``checkpoint_dir`` the trial saves its whole state after every epoch
 (model, loss parameters, optimizer, random generators, the metrics so far) and,
 started again on the same folder — after a crash, a retry or a resumed study —
@@ -45,7 +54,7 @@ from study.data import create_dataset, recall_ks
 from study.data.images import cached_file
 from study.data.samplers import MPerClassSampler, RandomBatchSampler
 from study.data.splits import validation_folds
-from study.data.transforms import eval_transform, train_transform
+from study.data.transforms import eval_transform, to_device, train_transform
 from study.losses import create_loss
 from study.models import EmbeddingNet
 from study.storage import Storage
@@ -53,7 +62,11 @@ from study.vocab import CHECKPOINT_FILE
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite: the trial is stopped and recorded as failed."""
+    """The training loss became NaN or infinite: the trial is stopped and recorded as failed.
+
+    Raised at the end of the epoch in which it happened (the losses are read once per epoch, see
+    :meth:`Learner.train_epoch`), before that epoch is evaluated or checkpointed; the message names the
+    first non-finite value and its step."""
 
 
 def save_state(folder: Storage, state: dict) -> None:
@@ -162,9 +175,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _rows(inputs: torch.Tensor | np.ndarray, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``inputs``. A tensor is indexed on its device: pass ``idx`` already there (see
+    :func:`_indices`), or it is copied, a transfer that waits for the device. A memory map reads just these rows."""
     if isinstance(inputs, torch.Tensor):
         return inputs[torch.as_tensor(idx, device=inputs.device)]
-    return torch.from_numpy(inputs[np.asarray(idx)])  # a memory map: reads just these rows
+    return torch.from_numpy(inputs[np.asarray(idx)])
+
+
+def _indices(idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Integer indices as an int64 tensor on ``device``, in one non-blocking copy."""
+    return to_device(torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)), device)
 
 
 def _on_device(inputs: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor | np.ndarray:
@@ -185,14 +205,26 @@ def _autocast(train: TrainConfig, device: torch.device):
 @torch.no_grad()
 def _encode(encoder: Callable, data: PreparedData, inputs, idx: np.ndarray, train: TrainConfig, device) -> torch.Tensor:
     """``encoder(x, **geometry)`` applied to samples ``idx`` in batches of ``eval_batch_size`` (each batch
-    with its images' geometry, see :meth:`PreparedData.geometry`), gathered on the CPU."""
-    out = []
+    with its images' geometry, see :meth:`PreparedData.geometry`), as float32 on the CPU.
+
+    The batches' indices go to the inputs' device once and the outputs are written into one float32 tensor
+    on the encoder's device, copied to the CPU once at the end: no batch waits for the device (a copy per
+    batch would). Inputs read on the CPU (a memory map, for the trunk's features) go to the device through
+    pinned memory, so that reading the next batch overlaps this one's computation."""
+    idx = np.asarray(idx)
+    on_device = _indices(idx, inputs.device) if isinstance(inputs, torch.Tensor) else idx
+    out: torch.Tensor | None = None
     for start in range(0, len(idx), train.eval_batch_size):
-        rows = idx[start : start + train.eval_batch_size]
-        x = _rows(inputs, rows).to(device)
+        stop = start + train.eval_batch_size
+        x = to_device(_rows(inputs, on_device[start:stop]), device)
         with _autocast(train, device):
-            out.append(encoder(x, **data.geometry(rows)).float().cpu())
-    return torch.cat(out)
+            y = encoder(x, **data.geometry(idx[start:stop]))
+        if out is None:  # the output's size is known from the first batch
+            out = torch.empty((len(idx), *y.shape[1:]), dtype=torch.float32, device=y.device)
+        out[start:stop] = y  # cast to float32 as it is written
+    if out is None:
+        raise ValueError("no samples to encode")
+    return out.cpu()
 
 
 def embed(
@@ -333,7 +365,7 @@ class Learner:
     ):
         self.fit, self.train, self.data, self.device, self.loss_name = fit, train, data, device, loss_name
         classes, labels = np.unique(data.labels[fit], return_inverse=True)  # 0..C-1 for proxy losses
-        self.labels = torch.as_tensor(labels, device=device)
+        self.labels = labels  # of the samples ``fit``, in its order; each epoch's go to the device at once
         self.model = build_model(model, seed, train.channels_last).to(device)
         self.loss_fn = create_loss(loss_name, len(classes), model.embedding_dim, **loss_params).to(device)
         trained = self.model.head if data.features else self.model  # feature mode: the trunk ran once
@@ -343,16 +375,24 @@ class Learner:
         self.generator = torch.Generator().manual_seed(seed)
 
     def train_epoch(self, epoch: int, inputs) -> float:
-        """One epoch; the trunk stays frozen during the first ``warmup_epochs``. Returns the mean loss."""
+        """One epoch; the trunk stays frozen during the first ``warmup_epochs``. Returns the mean loss.
+
+        No step waits for the device (on a GPU): the epoch's batches are drawn first and their rows of
+        ``inputs`` and labels sent to the device in one copy (:meth:`_epoch_indices`); each step's loss stays
+        there and all of them are read once, after the last step. A non-finite loss therefore ends the trial
+        at the end of its epoch, not at its step: the steps after it train on non-finite values (nothing is
+        kept: NonFiniteLossError is raised before the epoch is evaluated or saved), and the error names the
+        first non-finite loss, the value a check at every step would have named."""
         self.sampler.set_epoch(epoch)
         self.model.train()
         self.model.set_trunk_trainable(not self.data.features and epoch > self.train.warmup_epochs)
+        batches, rows, labels = self._epoch_indices(inputs)
         losses = []
-        for step, batch in enumerate(self.sampler):
-            factor = lr_factor(self.train, epoch - 1 + step / len(self.sampler))
+        for step, batch in enumerate(batches):
+            factor = lr_factor(self.train, epoch - 1 + step / len(batches))
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base_lr * factor
-            x = _rows(inputs, self.fit[batch]).to(self.device)
+            x = _rows(inputs, rows[step]).to(self.device)
             with _autocast(self.train, self.device):
                 if self.data.features:
                     out = self.model.embed_features(x)
@@ -365,16 +405,30 @@ class Learner:
                             self.train,
                         )
                     )
-            loss = self.loss_fn(out.float(), self.labels[torch.as_tensor(batch, device=self.device)])
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"{self.loss_name}: training loss is {loss.item()} at epoch {epoch}")
+            loss = self.loss_fn(out.float(), labels[step])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.train.grad_clip is not None:
                 torch.nn.utils.clip_grad_value_(self.model.parameters(), self.train.grad_clip)
             self.optimizer.step()
-            losses.append(loss.item())
-        return float(np.mean(losses))
+            losses.append(loss.detach())
+        values = torch.stack(losses).tolist() if losses else []  # the epoch's one read of the device
+        for step, value in enumerate(values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{self.loss_name}: training loss is {value} at epoch {epoch} (step {step + 1} of {len(values)})"
+                )
+        return float(np.mean(values))
+
+    def _epoch_indices(self, inputs) -> tuple[np.ndarray, torch.Tensor | np.ndarray, torch.Tensor]:
+        """The epoch's batches, drawn at once (the sampler's, in its order): positions in ``fit`` (steps × B,
+        on the CPU, for the images' geometry), and the batches' rows of ``inputs`` and labels (steps × B each,
+        int64) on the learner's device, sent there together in one non-blocking copy. For a memory map
+        (inputs read on the CPU) the rows stay a NumPy array."""
+        batches = np.asarray(list(self.sampler), dtype=np.int64)
+        rows = self.fit[batches]
+        packed = _indices(np.stack([rows, self.labels[batches]]), self.device)
+        return batches, packed[0] if isinstance(inputs, torch.Tensor) else rows, packed[1]
 
     def loss_metrics(self) -> dict[str, float]:
         """What the loss reports about its own parameters (e.g. SoftTriple's effective centers)."""

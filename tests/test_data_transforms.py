@@ -6,19 +6,28 @@ torchvision is the oracle: its ``resized_crop`` (bilinear, no antialias) for the
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from study.data import transforms
 from study.data.transforms import (
     MEAN,
     STD,
     crop_and_resize,
     eval_transform,
     normalize,
+    pack,
     sample_crop_boxes,
+    send,
+    to_device,
     train_transform,
+    unpack,
 )
 
 SCALE, RATIO = (0.16, 1.0), (3 / 4, 4 / 3)
@@ -133,12 +142,73 @@ def test_train_crop_is_deterministic_for_a_seed():
     assert not torch.equal(first, train_transform(images, torch.Generator().manual_seed(4), crop=32))
 
 
+@contextlib.contextmanager
+def cuda_syncs() -> Iterator[list[str]]:
+    """The calls inside that made the host wait for the device (torch's sync debug mode, as warnings); the
+    list is filled when the block ends."""
+    found: list[str] = []
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield found
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    found.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_train_crop_on_the_gpu_matches_the_cpu():
+    """Both training paths (RandomResizedCrop; the small images' pad-crop) and the plain center crop, with the
+    same draws as on the CPU, and not one wait for the device: their parameters go in one non-blocking copy."""
     images = _images(16, 256, 256)
-    cpu = train_transform(images, torch.Generator().manual_seed(0), crop=224)
-    gpu = train_transform(images.cuda(), torch.Generator().manual_seed(0), crop=224)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
+    cuda = images.cuda()
+    for options in ({"crop": 224}, {"pad": 2}):
+        cpu = train_transform(images, torch.Generator().manual_seed(0), **options)
+        train_transform(cuda, torch.Generator().manual_seed(0), **options)  # first use: constants copied once
+        with cuda_syncs() as syncs:
+            gpu = train_transform(cuda, torch.Generator().manual_seed(0), **options)
+        assert syncs == [], options
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
+    torch.testing.assert_close(eval_transform(cuda, 224).cpu(), eval_transform(images, 224), rtol=0, atol=1e-5)
+
+
+def test_a_batchs_parameters_travel_packed_and_come_back_as_they_were(monkeypatch):
+    """:func:`send` packs what a batch sends to the GPU into one int64 tensor (one copy) and cuts it back:
+    lossless, with each tensor's shape and dtype; on the CPU it passes them through untouched."""
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.randint(0, 300, (5, 4), generator=g)
+    flips = torch.rand(5, generator=g) < 0.5
+    offsets = torch.randint(0, 5, (5, 2), generator=g)
+    parts = (boxes, flips, offsets)
+    packed = pack(*parts)
+    assert packed.shape == (5, 7) and packed.dtype == torch.int64
+    for out, part in zip(unpack(packed, *parts), parts, strict=True):
+        assert out.dtype == part.dtype and torch.equal(out, part)
+    empty = (boxes[:0], flips[:0])
+    assert [t.shape for t in unpack(pack(*empty), *empty)] == [(0, 4), (0,)]
+    cpu = torch.device("cpu")
+    assert all(a is b for a, b in zip(send(cpu, boxes, flips), (boxes, flips), strict=True))
+    assert to_device(boxes, cpu) is boxes  # nothing pinned or copied for the CPU
+    # another device gets one packed copy (the meta device: shapes and dtypes without data, no GPU needed)
+    moved = send(torch.device("meta"), *parts)
+    assert [(t.device.type, t.shape, t.dtype) for t in moved] == [("meta", t.shape, t.dtype) for t in parts]
+    # the transforms fed the packed-and-cut tensors, as on a GPU: the same outputs, bit for bit
+    widths, transposed = torch.tensor([32, 40, 64, 50] * 4), torch.tensor([False, True, True, False] * 4)
+    images = _padded(32, widths.tolist(), 64)
+    geometry = {"widths": widths, "transposed": transposed}
+    calls = [
+        lambda: train_transform(images, torch.Generator().manual_seed(1), pad=3),
+        lambda: train_transform(images, torch.Generator().manual_seed(1), crop=16),
+        lambda: train_transform(images, torch.Generator().manual_seed(1), crop=16, **geometry),
+        lambda: eval_transform(images, 24, **geometry),
+        lambda: eval_transform(images, 24, widths),
+    ]
+    expected = [call() for call in calls]
+    monkeypatch.setattr(transforms, "send", lambda device, *parts: unpack(pack(*parts), *parts))
+    for call, out in zip(calls, expected, strict=True):
+        assert torch.equal(call(), out)
 
 
 # The image cache's geometry: image i is its valid region H × widths[i] (columns [0, w_i), padding after), stored
@@ -237,11 +307,16 @@ def test_geometry_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_geometry_on_the_gpu_matches_the_cpu():
+    """The image cache's path (boxes, flips and orientation sent in one copy), without waiting for the device."""
     widths, transposed = torch.tensor([256, 300, 384, 512] * 4), torch.tensor([False, True, True, False] * 4)
     images = _padded(256, widths.tolist(), 512)
+    cuda = images.cuda()
     geometry = {"widths": widths, "transposed": transposed}
     cpu = train_transform(images, torch.Generator().manual_seed(0), crop=224, **geometry)
-    gpu = train_transform(images.cuda(), torch.Generator().manual_seed(0), crop=224, **geometry)
+    eval_transform(cuda, 224, **geometry)  # first use: constants copied once
+    with cuda_syncs() as syncs:
+        gpu = train_transform(cuda, torch.Generator().manual_seed(0), crop=224, **geometry)
+        evaluated = eval_transform(cuda, 224, **geometry)
+    assert syncs == []
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
-    expected = eval_transform(images, 224, **geometry)
-    torch.testing.assert_close(eval_transform(images.cuda(), 224, **geometry).cpu(), expected)
+    torch.testing.assert_close(evaluated.cpu(), eval_transform(images, 224, **geometry))

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 
 from study.losses import create_loss
-from study.losses.margin import CUTOFF, NONZERO_LOSS_CUTOFF
+from study.losses.margin import CUTOFF, NONZERO_LOSS_CUTOFF, _draw
 from study.losses.pairs import euclidean, pair_masks
+from study.losses.pddm import _arg_best
 from tests.conftest import assert_matches_pml, assert_same_value_and_grads, unit
 
 LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])  # class 3 is a singleton
@@ -214,6 +215,20 @@ def test_distance_weighted_sampling_follows_the_inverse_sphere_density():
     assert observed[d >= NONZERO_LOSS_CUTOFF].sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_margin_draws_what_torch_multinomial_draws(dtype):
+    """The negatives are drawn as torch.multinomial(weights, 1) draws them, from the same generator state (same
+    draws, same state after), only without its checks of the weights: seeded trials keep their triplets."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(200, 48, generator=g, dtype=dtype) * (torch.rand(200, 48, generator=g) < 0.3)
+    weights[torch.arange(200), torch.randint(0, 48, (200,), generator=g)] += 0.01  # every row can draw
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected, after = torch.multinomial(weights, 1).squeeze(1), torch.rand(3)
+        torch.manual_seed(seed)
+        assert torch.equal(_draw(weights), expected) and torch.equal(torch.rand(3), after)
+
+
 def _tight_clusters():
     """3 classes of 4 samples within ~0.01 of orthogonal centres, plus a singleton: every same-class
     pair is far more similar than any negative pair (the case where hard-positive mining keeps none)."""
@@ -320,3 +335,15 @@ def test_pddm_mines_one_quadruplet_per_class_by_the_units_score():
     assert sorted(LABELS[i].tolist()) == [0, 1, 2, 4]  # the singleton class 3 has no pair
     assert (LABELS[i] == LABELS[j]).all() and (LABELS[k] != LABELS[i]).all() and (LABELS[m] != LABELS[j]).all()
     assert not math.isnan(loss(x, LABELS).item())
+
+
+def test_pddm_mining_stays_in_range_on_non_finite_scores():
+    """A diverged model's NaN embeddings give a NaN loss (which ends the trial as non-finite), not an index out
+    of range (an IndexError, or on a GPU a device-side assert): NaN scores count as −∞ in the mining."""
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    values = torch.tensor([1.0, float("nan"), float("nan"), float("nan"), float("nan"), 3.0])
+    assert _arg_best(groups, values, 3).tolist() == [0, 2, 5]
+    assert _arg_best(groups, torch.tensor([2.0, 5.0, 1.0, 4.0, 4.0, -1.0]), 3).tolist() == [1, 3, 5]  # ties: lowest
+    torch.manual_seed(0)
+    loss = create_loss("pddm", 5, DIM, hidden=8)
+    assert math.isnan(loss(torch.full((len(LABELS), DIM), float("nan")), LABELS).item())

@@ -13,7 +13,7 @@ from pytorch_metric_learning import regularizers as pml_regularizers
 
 from study.losses import create_loss
 from study.losses.proxy_anchor import soft_orthogonality
-from study.losses.soft_triple import effective_centers
+from study.losses.soft_triple import _EPS, center_regularizer, effective_centers
 from tests.conftest import assert_matches_pml, assert_same_value_and_grads, unit
 
 LABELS = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 1, 0])  # class 3 is a singleton, 5 has no sample
@@ -94,6 +94,20 @@ def test_soft_triple_matches_pml_with_its_sparse_centers_regularizer(tau, dtype)
     ours_value, theirs_value = ours(F.normalize(raw, dim=1), labels), theirs(raw, labels)
     tol = 1e-5 if dtype == torch.float32 else 2e-6
     assert_matches_pml(ours_value, theirs_value, [raw, ours.centers], [raw, theirs.fc], tol, transposed={1})
+
+
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_soft_triple_regularizer_takes_the_pairs_of_a_boolean_triu_mask_in_its_order(k):
+    """The center pairs t < t' are indexed (no boolean mask, whose nonzero waits for a GPU), in the mask's
+    row-major order: the same value and gradient, bit for bit."""
+    centers = F.normalize(torch.randn(4, k, 6, generator=torch.Generator().manual_seed(k)), dim=2).requires_grad_()
+    ours = center_regularizer(centers)
+    (grad,) = torch.autograd.grad(ours, centers)
+    sim = centers @ centers.transpose(1, 2)
+    upper = torch.ones(k, k, dtype=torch.bool).triu(1)
+    masked = (2 + _EPS - 2 * sim[:, upper]).clamp_min(_EPS).sqrt().sum() / (4 * k * (k - 1))
+    (masked_grad,) = torch.autograd.grad(masked, centers)
+    assert torch.equal(ours, masked) and torch.equal(grad, masked_grad)
 
 
 def _on_sphere(*angles: float) -> torch.Tensor:

@@ -19,14 +19,19 @@ from study.storage import Storage
 from study.train import (
     Learner,
     NonFiniteLossError,
+    _encode,
+    _on_device,
     build_model,
+    embed,
     evaluate_untrained,
+    load_state,
     lr_factor,
     prepare_data,
     run_final,
     run_trial,
 )
 from tests.conftest import REPO, TINY_STUDY, write_study
+from tests.test_data_transforms import cuda_syncs
 from tests.test_protocol import cub_tree
 
 
@@ -90,6 +95,103 @@ def test_diverging_trial_raises(study, data):
     train = study.train.model_copy(update={"lr": 1e30})
     with pytest.raises(NonFiniteLossError, match="normalized_softmax"):
         run_trial(study.model, "normalized_softmax", {}, train, data, seed=study.seed)
+
+
+class _DivergingLoss(MultiSimilarityLoss):
+    """Multi-similarity, NaN from its third step on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+
+    def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        loss = super().compute(embeddings, labels)
+        return loss if self.steps < 3 else loss * float("nan")
+
+
+def test_a_non_finite_loss_is_named_at_the_end_of_its_epoch_before_any_checkpoint(study, data, monkeypatch, tmp_path):
+    """The losses are read once per epoch (no step waits for a GPU): the epoch runs to its end, then the first
+    non-finite loss is named with its step; the trial saves nothing."""
+    monkeypatch.setitem(LOSSES, "diverging", _DivergingLoss)
+    learner = Learner(study.model, "diverging", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
+    steps = len(learner.sampler)
+    with pytest.raises(
+        NonFiniteLossError, match=rf"^diverging: training loss is nan at epoch 1 \(step 3 of {steps}\)$"
+    ):
+        learner.train_epoch(1, data.inputs)
+    assert learner.loss_fn.steps == steps
+    folder = Storage.at(tmp_path / "trial")
+    with pytest.raises(NonFiniteLossError, match="at epoch 1"):
+        run_trial(study.model, "diverging", {}, study.train, data, seed=study.seed, checkpoint_dir=folder)
+    assert load_state(folder) is None
+
+
+def test_an_epochs_batches_are_the_samplers_with_their_rows_and_labels(study, data):
+    """What goes to the device in one copy per epoch: each batch's rows of the inputs and their labels."""
+    learner = Learner(study.model, "multi_similarity", {}, study.train, data, data.folds[0][0], 0, torch.device("cpu"))
+    learner.sampler.set_epoch(2)
+    batches, rows, labels = learner._epoch_indices(data.inputs)
+    assert batches.tolist() == list(learner.sampler)
+    assert torch.equal(rows, torch.from_numpy(learner.fit[batches])) and labels.shape == rows.shape
+    classes = np.unique(data.labels[learner.fit])
+    assert np.array_equal(classes[labels.numpy()], data.labels[rows.numpy()])  # each row's own class
+    _, read_rows, _ = learner._epoch_indices(data.inputs.numpy())  # a memory map is read on the CPU
+    assert isinstance(read_rows, np.ndarray) and np.array_equal(read_rows, rows.numpy())
+
+
+def test_encoding_in_batches_puts_every_sample_in_its_row(study, data):
+    """One float32 output filled batch by batch (copied to the host once): each sample's row, in ``idx``'s order,
+    from a tensor or a memory map, cast as ``.float()`` casts (bf16 stands for autocast's output)."""
+    idx = np.array([5, 3, 40, 41, 7, 0, 99, 12, 13])
+    train = study.train.model_copy(update={"eval_batch_size": 4})
+
+    def encoder(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :6].to(torch.bfloat16) / 7
+
+    expected = encoder(data.inputs[idx]).float()
+    for inputs in (data.inputs, data.inputs.numpy()):
+        out = _encode(encoder, data, inputs, idx, train, torch.device("cpu"))
+        assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def _record_labels(learner: Learner) -> list[torch.Tensor]:
+    """The labels of every batch ``learner``'s loss gets from now on (kept where they are: nothing is read)."""
+    seen: list[torch.Tensor] = []
+    forward = learner.loss_fn.forward
+
+    def recording(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(labels)
+        return forward(embeddings, labels)
+
+    learner.loss_fn.forward = recording
+    return seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_an_epoch_waits_for_the_device_once_and_trains_on_the_cpus_batches(study, data):
+    """A loss without mining (multi-similarity): a training epoch makes the host wait for the device once (the
+    read of its losses) and so does an evaluation (the embeddings' copy back); the batches and labels are the
+    CPU's, and the GPU's embeddings are close to those of the same model on the CPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fit, val = data.folds[0]
+    learners = {d: Learner(study.model, "multi_similarity", {}, study.train, data, fit, 0, d) for d in (cpu, cuda)}
+    seen = {device: _record_labels(learner) for device, learner in learners.items()}
+    gpu, inputs = learners[cuda], _on_device(data.inputs, cuda)
+    gpu.train_epoch(1, inputs)  # first use: cuDNN's set-up, the normalisation constants' copy
+    embed(gpu.model, data, inputs, val, study.train, cuda)
+    with cuda_syncs() as syncs:
+        loss = gpu.train_epoch(2, inputs)
+    assert len(syncs) == 1 and math.isfinite(loss), syncs
+    with cuda_syncs() as syncs:
+        embeddings = embed(gpu.model, data, inputs, val, study.train, cuda)
+    assert len(syncs) == 1, syncs
+    for epoch in (1, 2):
+        learners[cpu].train_epoch(epoch, data.inputs)
+    assert torch.equal(torch.stack(seen[cuda]).cpu(), torch.stack(seen[cpu]))
+    learners[cpu].model.load_state_dict(gpu.model.state_dict())  # the GPU's model, evaluated on the CPU
+    expected = embed(learners[cpu].model, data, data.inputs, val, study.train, cpu)
+    np.testing.assert_allclose(embeddings, expected, rtol=0, atol=1e-2)
 
 
 class _ReportingLoss(MultiSimilarityLoss):

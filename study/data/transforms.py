@@ -17,10 +17,16 @@ Resize(S) + CenterCrop(crop). Without it, the whole H × W array is the image.
 Every op is batched on the images' device; random numbers are drawn on the CPU
 from ``generator`` (only a few per image) and then moved, so a seed gives the same
 augmentation on any device. The output is float, normalised with the ImageNet mean and std.
+
+On a GPU a batch never makes the host wait for the device: what a batch's draws and geometry
+send there (boxes, flips, offsets, orientation) goes as one packed tensor through pinned memory
+without blocking (:func:`send`), index ranges are made on the device, and the normalisation's
+constants are copied there once per process.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,7 +40,52 @@ ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before it
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 or float-in-[0, 255] (B, 3, H, W) → float, normalised with the ImageNet mean and std."""
     x = images.float().div_(255) if images.dtype == torch.uint8 else images / 255
-    return (x - MEAN.to(x.device)) / STD.to(x.device)
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD on ``device``, copied there once per process: a copy per batch would be a host-to-device
+    transfer from pageable memory, which waits for the device, on every step."""
+    return MEAN.to(device), STD.to(device)
+
+
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The CPU tensor ``host`` on ``device``. To a GPU through pinned memory and ``non_blocking``: the copy is
+    queued behind the work already sent and the host goes on (a copy from pageable memory would wait for the
+    device to finish that work first); PyTorch's pinned-memory cache keeps the staging buffer until the copy
+    is done. Pinning needs CUDA, so any other device gets a plain copy (none on the CPU), and so does a tensor
+    that is not on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or host.device.type != "cpu":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def send(device: torch.device, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """CPU tensors of n rows each (shape (n,) or (n, k); integer or bool) on ``device`` in one copy: packed as
+    int64 columns (:func:`pack`), sent with :func:`to_device`, split back on the device with their shapes and
+    dtypes (:func:`unpack`). One transfer per batch instead of one per tensor. On the CPU they are returned as
+    they are."""
+    if device.type == "cpu":
+        return list(parts)
+    return unpack(to_device(pack(*parts), device), *parts)
+
+
+def pack(*parts: torch.Tensor) -> torch.Tensor:
+    """Tensors of n rows each (integer or bool) side by side as one int64 (n, k₁ + k₂ + …) tensor."""
+    return torch.cat([part.reshape(len(part), math.prod(part.shape[1:])).long() for part in parts], dim=1)
+
+
+def unpack(packed: torch.Tensor, *like: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`pack`'s inverse: ``packed``'s columns cut back into tensors shaped and typed like ``like``."""
+    out, start = [], 0
+    for part in like:
+        width = math.prod(part.shape[1:])
+        out.append(packed[:, start : start + width].reshape(part.shape).to(part.dtype))
+        start += width
+    return out
 
 
 def eval_transform(
@@ -60,10 +111,11 @@ def eval_transform(
     _check_crop(crop, h, int(widths.min()) if b else crop)
     top = int(round((h - crop) / 2.0))
     left = ((widths - crop).double() / 2).round().long()  # round half to even, like Python's round
-    cols = (left[:, None] + torch.arange(crop)).to(images.device)
+    left, swap = send(images.device, left, _mask(transposed, b, torch.device("cpu")))  # one copy for both
+    cols = left[:, None] + torch.arange(crop, device=images.device)  # the column ranges are made on the device
     out = images[:, :, top : top + crop].gather(3, cols[:, None, None, :].expand(b, c, crop, crop))
     if transposed is not None:
-        out = torch.where(_mask(transposed, b, images.device)[:, None, None, None], out.transpose(-1, -2), out)
+        out = torch.where(swap[:, None, None, None], out.transpose(-1, -2), out)
     return normalize(out)
 
 
@@ -93,6 +145,7 @@ def train_transform(
     if widths is None:
         boxes = sample_crop_boxes(b, h, w, generator, scale, ratio)
         flips = torch.rand(b, generator=generator) < 0.5
+        boxes, flips = send(images.device, boxes, flips)
         return normalize(crop_and_resize(images.float(), boxes, crop, flips))
     widths = _check_widths(widths, b, w)
     swap = _mask(transposed, b)
@@ -103,6 +156,7 @@ def train_transform(
     boxes = torch.where(swap[:, None], boxes[:, [1, 0, 3, 2]], boxes)
     flips = torch.rand(b, generator=generator) < 0.5
     used = int(widths.max()) if b else w  # the padding right of every box is never read: not converted either
+    boxes, flips, swap = send(images.device, boxes, flips, swap)  # one copy for the three
     return normalize(crop_and_resize(images[..., :used].float(), boxes, crop, flips, swap))
 
 
@@ -156,6 +210,8 @@ def crop_and_resize(
     One ``grid_sample`` at the coordinates of a bilinear resize of each box (half-pixel centres, clamped to the
     box's edge pixels, no antialiasing), which is ``resized_crop(..., antialias=False)``: pixels outside a box never
     leak in. Without antialias a downscale aliases, but here it is at most S / crop (256 / 224 ≈ 1.14): negligible.
+    ``boxes``, ``flips`` and ``transposed`` may be on the CPU (copied) or already on the images' device (the
+    transforms send them there in one copy: :func:`send`).
     """
     b, _, height, width = images.shape
     top, left, h, w = boxes.to(device=images.device, dtype=images.dtype).unbind(1)
@@ -225,8 +281,9 @@ def _pad_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int) -
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
     flips = torch.rand(b, generator=generator) < 0.5
     x = F.pad(normalize(images), (pad, pad, pad, pad))
-    rows = (offsets[:, 0, None] + torch.arange(h)).to(x.device)
-    cols = (offsets[:, 1, None] + torch.arange(w)).to(x.device)
-    cols = torch.where(flips.to(x.device)[:, None], cols.flip(1), cols)
+    offsets, flips = send(x.device, offsets, flips)  # one copy; the index ranges are made on the device
+    rows = offsets[:, 0, None] + torch.arange(h, device=x.device)
+    cols = offsets[:, 1, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None]
     return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()

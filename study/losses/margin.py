@@ -52,8 +52,11 @@ class MarginLoss(MetricLoss):
         self.beta = nn.Parameter(torch.tensor(float(beta)))
 
     def sample_triplets(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(anchor, positive, negative) indices: every positive pair, one weighted negative each."""
-        anchor, positive = pos.nonzero(as_tuple=True)
+        """(anchor, positive, negative) indices: every positive pair whose anchor has a negative, one weighted
+        negative each. Pairs are listed once (one ``nonzero``, the sampling's one wait for the device)."""
+        anchor, positive = (pos & neg.any(dim=1, keepdim=True)).nonzero(as_tuple=True)
+        if len(anchor) == 0:
+            return anchor, positive, positive
         d = dist.detach().clamp_min(CUTOFF)
         n = self.embedding_dim
         # log q(d)⁻¹ = −(n−2)·log d − (n−3)/2 · log(1 − d²/4); shifted per row before exp
@@ -62,12 +65,7 @@ class MarginLoss(MetricLoss):
         log_w = log_w.masked_fill(~allowed, float("-inf"))
         weights = (log_w - log_w.amax(dim=1, keepdim=True)).exp().nan_to_num(0.0)
         weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, neg.to(weights.dtype))
-        has_negative = neg.any(dim=1)[anchor]
-        anchor, positive = anchor[has_negative], positive[has_negative]
-        if len(anchor) == 0:
-            return anchor, positive, positive
-        negative = torch.multinomial(weights[anchor], 1).squeeze(1)
-        return anchor, positive, negative
+        return anchor, positive, _draw(weights[anchor])
 
     def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dist = euclidean(embeddings)
@@ -83,3 +81,13 @@ class MarginLoss(MetricLoss):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, beta={self.beta.item():.4g}, positive={self.positive}"
+
+
+def _draw(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``weights`` (finite, ≥ 0, each row with a positive entry), drawn with probability
+    ∝ the weight: argmax(w / q) with q ~ Exp(1) i.i.d. (the Gumbel-max trick), from torch's global generator.
+
+    This is what ``torch.multinomial(weights, 1)`` computes (the same draws for the same generator state)
+    without its checks of the weights (``weights`` is valid by construction here), which on a GPU are a
+    device-side assert that would end the process instead of raising."""
+    return (weights / torch.empty_like(weights).exponential_(1)).argmax(dim=1)

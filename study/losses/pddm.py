@@ -80,18 +80,22 @@ class PDDMLoss(MetricLoss):
         i, j = (pos.triu(1) & neg.any(dim=1, keepdim=True)).nonzero(as_tuple=True)
         if len(i) == 0:
             return (i,) * 4
-        cls = torch.unique(labels[i], return_inverse=True)[1]
-        hard = _arg_best(cls, -self._scores(x, i, j))  # per class, the least similar positive pair
+        classes, cls = torch.unique(labels[i], return_inverse=True)
+        hard = _arg_best(cls, -self._scores(x, i, j), len(classes))  # per class, the least similar positive pair
         i_hat, j_hat = i[hard], j[hard]
-        return i_hat, j_hat, self._hardest_negative(x, i_hat, neg), self._hardest_negative(x, j_hat, neg)
+        # î and ĵ are of one class, so they have the same negatives: listed once for both
+        a, n = neg[i_hat].nonzero(as_tuple=True)  # a indexes i_hat (and j_hat)
+        return i_hat, j_hat, self._hardest_negative(x, i_hat, a, n), self._hardest_negative(x, j_hat, a, n)
 
     def _scores(self, x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.score(x, i[s : s + _CHUNK], j[s : s + _CHUNK]) for s in range(0, len(i), _CHUNK)])
 
-    def _hardest_negative(self, x: torch.Tensor, anchors: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """For each anchor, its negative of highest score."""
-        a, n = neg[anchors].nonzero(as_tuple=True)  # a indexes ``anchors``
-        return n[_arg_best(a, self._scores(x, anchors[a], n))]
+    def _hardest_negative(
+        self, x: torch.Tensor, anchors: torch.Tensor, a: torch.Tensor, n: torch.Tensor
+    ) -> torch.Tensor:
+        """For each anchor, its negative of highest score; (``a``, ``n``): every (position in ``anchors``, negative)
+        pair, each anchor with at least one."""
+        return n[_arg_best(a, self._scores(x, anchors[a], n), len(anchors))]
 
     def compute(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = embeddings
@@ -117,11 +121,17 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).square().sum(dim=1).clamp_min(1e-12).sqrt()
 
 
-def _arg_best(groups: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """For groups 0…G−1, the index of each group's largest value (ties: the lowest index)."""
-    num = int(groups.max()) + 1
+def _arg_best(groups: torch.Tensor, values: torch.Tensor, num: int) -> torch.Tensor:
+    """For groups 0…``num``−1, each non-empty, the index of each group's largest value (ties: the lowest index).
+
+    Nothing reads the device: ``num`` comes from the caller, who knows it (a shape), and the entries that are
+    not their group's best take part in the minimum as ``len(values)``, more than any index, instead of being
+    filtered out (a boolean mask's nonzero). NaN counts as −∞, so that every group has an index in range even
+    for a diverged model's scores (its loss is then not finite and ends the trial; an index out of range would
+    instead be an IndexError, or on a GPU a device-side assert that ends the process)."""
+    values = torch.where(values.isnan(), float("-inf"), values)
     best = values.new_full((num,), float("-inf")).scatter_reduce(0, groups, values, reduce="amax")
     index = torch.arange(len(values), device=values.device)
-    is_best = values == best[groups]
+    candidates = torch.where(values == best[groups], index, len(values))
     first = torch.full((num,), len(values), dtype=torch.long, device=values.device)
-    return first.scatter_reduce(0, groups[is_best], index[is_best], reduce="amin")
+    return first.scatter_reduce(0, groups, candidates, reduce="amin")

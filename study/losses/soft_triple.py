@@ -28,8 +28,10 @@ def center_regularizer(centers: torch.Tensor) -> torch.Tensor:
     if k < 2:
         return centers.new_zeros(())
     sim = centers @ centers.transpose(1, 2)  # C × K × K, small: K ≤ a few dozen
-    upper = torch.ones(k, k, dtype=torch.bool, device=centers.device).triu(1)
-    dist = (2 + _EPS - 2 * sim[:, upper]).clamp_min(_EPS).sqrt()
+    # the pairs t < t' by index, in the row-major order a boolean triu mask gives, but without the mask's
+    # nonzero (which waits for the device to count its entries)
+    rows, cols = torch.triu_indices(k, k, 1, device=centers.device)
+    dist = (2 + _EPS - 2 * sim[:, rows, cols]).clamp_min(_EPS).sqrt()
     return dist.sum() / (num_classes * k * (k - 1))
 
 
