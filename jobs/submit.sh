@@ -3,7 +3,8 @@
 #
 #   jobs/submit.sh STUDY_FILE [extra `dml-study run` arguments...]
 #
-#   RAY_ADDRESS           the cluster's dashboard (job API); default http://127.0.0.1:8265
+#   RAY_API_SERVER_ADDRESS  the cluster's dashboard (job API), as `ray job submit` reads it; else
+#   RAY_ADDRESS             (its fallback, as in Ray); default http://127.0.0.1:8265
 #   MLFLOW_TRACKING_URI   forwarded to the job when set (where the runs are logged, as seen from the head node)
 #   DML_STUDY_OUTPUT_DIR  forwarded when set and passed on as `--set output_dir=...`: the study folder's parent,
 #                         an absolute path on the head node (a shared filesystem on a multi-node cluster)
@@ -50,7 +51,7 @@ fi
 runtime_env="{\"env_vars\": {$env_vars}, \"excludes\": [\".git\", \".venv\"]}"
 
 exec ray job submit \
-    --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
+    --address "${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-http://127.0.0.1:8265}}" \
     --working-dir "$repo" \
     --runtime-env-json "$runtime_env" \
     -- dml-study run "$study" ${output_dir_args[@]+"${output_dir_args[@]}"} "$@"

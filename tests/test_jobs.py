@@ -84,6 +84,11 @@ def test_cluster_launcher_config_installs_the_repo_with_token_auth_and_gpu_worke
     assert "disabled" not in text and "0.0.0.0" not in text
     for needle in ("ray up jobs/cluster.yaml", "jobs/submit.sh", "RAY_ADDRESS=", *JOB_ENV):
         assert needle in text, needle
+    # what a study keeps is on the shared EFS mount, which every node's container sees and `ray down` keeps
+    assert any("/mnt/shared" in c and "mount -t nfs4" in c for c in cfg["initialization_commands"])
+    assert "--volume /mnt/shared:/mnt/shared" in cfg["docker"]["run_options"]
+    assert "MLFLOW_TRACKING_URI=sqlite:////mnt/shared/" in text and "DML_STUDY_OUTPUT_DIR=/mnt/shared/" in text
+    assert "/home/ray/mlflow.db" not in text and "DML_STUDY_OUTPUT_DIR=/home/ray" not in text
 
 
 @pytest.mark.parametrize("name", ["submit.sh", "slurm.sbatch"])
@@ -166,6 +171,12 @@ def test_submit_command_line_forwards_the_variables_and_the_exit_status(tmp_path
     assert json.loads(argv[argv.index("--runtime-env-json") + 1])["env_vars"] == {}
     assert argv[argv.index("--") :] == ["--", *ENTRYPOINT.split(), "search_spaces/quickstart.yaml"]
 
+    # Ray 2.60's own variable for the job API wins over RAY_ADDRESS, as in `ray job submit`
+    env = clean_env(PATH=path, RAY_ADDRESS="http://10.0.0.1:8265", RAY_API_SERVER_ADDRESS="http://10.0.0.2:8265")
+    result = subprocess.run([str(SUBMIT), str(study)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 7, result.stderr
+    assert argv_file.read_text().split("\0")[3] == "http://10.0.0.2:8265"
+
 
 # --- slurm.sbatch with fake SLURM and Ray commands ----------------------------------------------------
 
@@ -198,10 +209,15 @@ FAKE_SLURM = {
 
 
 @pytest.mark.slow
-def test_sbatch_starts_head_and_workers_runs_the_study_and_tears_down(tmp_path):
+@pytest.mark.parametrize(
+    ("addresses", "host"),
+    [("10.9.8.7 fe80::1", "10.9.8.7"), ("127.0.1.1 fe80::1 2001:db8::7 10.9.8.7", "10.9.8.7"),
+     ("127.0.1.1 fe80::1 2001:db8::7", "[2001:db8::7]")],
+)  # fmt: skip
+def test_sbatch_starts_head_and_workers_runs_the_study_and_tears_down(tmp_path, addresses, host):
     log = tmp_path / "log"
     env = clean_env(
-        PATH=fake_bin(tmp_path / "bin", FAKE_SLURM),
+        PATH=fake_bin(tmp_path / "bin", {**FAKE_SLURM, "hostname": f"echo '{addresses}'\n"}),
         LOG=str(log),
         REAL_PYTHON=sys.executable,
         STATUS="3",
@@ -223,14 +239,15 @@ def test_sbatch_starts_head_and_workers_runs_the_study_and_tears_down(tmp_path):
 
     # the steps run in the background: only the order the script enforces is checked
     head, workers = first("ray start --head"), first("ray start --block --address")
-    assert first("ray status --address 10.9.8.7:6379") < first("srun --nodes=2 --ntasks=2 --exclude=n1 ray start")
-    assert first("wait-for-nodes - 10.9.8.7:6379 3 ") < first("dml-study")
-    assert "--node-ip-address=10.9.8.7 " in lines[head] and "--dashboard-host=10.9.8.7 " in lines[head]
-    assert "--address=10.9.8.7:6379 " in lines[workers] and "--temp-dir=/tmp/ray-4242" in lines[workers]
+    ip = host.strip("[]")
+    assert first(f"ray status --address {host}:6379") < first("srun --nodes=2 --ntasks=2 --exclude=n1 ray start")
+    assert first(f"wait-for-nodes - {host}:6379 3 ") < first("dml-study")
+    assert f"--node-ip-address={ip} " in lines[head] and f"--dashboard-host={ip} " in lines[head]
+    assert f"--address={host}:6379 " in lines[workers] and "--temp-dir=/tmp/ray-4242" in lines[workers]
     assert all("auth=token token=64" in line for line in (lines[head], lines[workers]))
     assert lines[first("dml-study")] == (
         "dml-study run search_spaces/quickstart.yaml --set output_dir=/shared/runs --set train.epochs=1 "
-        "RAY_ADDRESS=10.9.8.7:6379"
+        f"RAY_ADDRESS={host}:6379"
     )
     stopped = [line for line in lines if line.startswith("stopped")]
     assert [s.split()[2] for s in stopped] == ["--block", "--head"]  # workers first, then the head
