@@ -145,7 +145,8 @@ def ablation_plan(
         return [], "no final stage to pair with"
     if train_on != "all":
         return [], "they pair with final runs on all training classes: final.train_on: all"
-    return claims, f"{len(claims)} claims × {seeds} seeds: {', '.join(c.factor for c in claims)}"
+    count = f"{len(claims)} claim{'s' * (len(claims) != 1)}"
+    return claims, f"{count} × {seeds} seeds: {', '.join(c.factor for c in claims)}"
 
 
 def claims_for(searched: Mapping[str, Iterable[str]]) -> list[Claim]:
