@@ -5,12 +5,12 @@ one table; ``--version``."""
 from __future__ import annotations
 
 import os
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from study import package_version
 from study.storage import Storage
 
 if TYPE_CHECKING:
@@ -33,18 +33,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _version() -> str:
-    """The installed package's version. Not :func:`study.tracking.package_version`: importing MLflow
-    takes seconds, too long for ``--version``."""
-    try:
-        return metadata.version("dml-study")
-    except metadata.PackageNotFoundError:  # a source tree never installed
-        return "unknown"
-
-
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"dml-study {_version()}")
+        typer.echo(f"dml-study {package_version()}")
         raise typer.Exit()
 
 
@@ -81,19 +72,12 @@ def check(
     Prints the resolved study (secrets redacted), each loss's search trials with their ranges, its final
     and ablation runs, and the total. Starts no Ray and contacts no tracking server."""
     from study.config import ConfigError, load_study
-    from study.data.images import DatasetLayoutError
-    from study.preflight import PreflightError, check_study
 
     try:
         cfg = load_study(study_file, set_)
     except ConfigError as exc:
         _fail(str(exc))
-    try:  # what run decides before Ray starts, except RAY_ADDRESS (checking it would import Ray)
-        warnings = check_study(cfg)
-    except (PreflightError, DatasetLayoutError) as exc:
-        _fail(str(exc))
-    for warning in warnings:
-        typer.echo(f"warning: {warning}", err=True)
+    _preflight(cfg)  # what run decides before Ray starts
     if cfg.storage.is_local and _holds_anything(cfg.storage):  # an object store would be contacted: not checked
         typer.echo(f"warning: {cfg.storage} exists: run needs --resume to continue it or --new to replace it", err=True)
     typer.echo(_describe(cfg, tracking_uri))
@@ -269,8 +253,7 @@ def _preflight(cfg, parent_id: str | None = None) -> None:
     """What can be decided before Ray starts (:mod:`study.preflight`): exit 2 with one line, or go on
     after printing the warnings."""
     from study.data.images import DatasetLayoutError
-    from study.preflight import PreflightError, check_parent_run, check_study
-    from study.stages import RayAddressError, ray_address
+    from study.preflight import PreflightError, RayAddressError, check_parent_run, check_study, ray_address
     from study.tracking import resolve_tracking_uri
 
     try:
@@ -319,8 +302,8 @@ def _run(cfg, resume: bool, replace: bool = False) -> None:
     from study.data.images import UnreadableImageError
     from study.journal import JournalCorruptError
     from study.lock import FLOCK_FILE, LOCK_FILE, StudyLock, StudyLockedError
-    from study.preflight import PreflightError
-    from study.stages import RayAddressError, StudyInterrupted, run_study
+    from study.preflight import PreflightError, RayAddressError
+    from study.stages import StudyInterrupted, run_study
     from study.tracking import resolve_tracking_uri
 
     lock = StudyLock(cfg.storage)

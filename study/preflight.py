@@ -12,6 +12,7 @@ study's MLflow run is in the tracking store.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -21,13 +22,29 @@ import psutil
 
 from study.config import StudyConfig
 from study.data import DEFAULT_CACHE, index_dataset, index_warnings
-from study.data.splits import validation_folds
+from study.data.splits import first_half_split, validation_folds
+from study.data.synthetic import make_synthetic
 
 MEMORY_SHARE = 0.5  # the synthetic images (generated in memory, once per worker) may use this much of it
 
 
 class PreflightError(ValueError):
     """A study that cannot run as configured (one line: the setting, the value, what is allowed)."""
+
+
+class RayAddressError(ValueError):
+    """RAY_ADDRESS names something ``ray.init`` cannot join."""
+
+
+def ray_address() -> str | None:
+    """RAY_ADDRESS, if set: the cluster to join; RayAddressError for what ``ray.init`` cannot join."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise RayAddressError(
+            f"RAY_ADDRESS={address} is a dashboard (job submission) address; dml-study needs the "
+            "cluster's address: host:6379, ray://host:10001 or auto"
+        )
+    return address
 
 
 def check_study(cfg: StudyConfig) -> list[str]:
@@ -45,13 +62,12 @@ def _classes(cfg: StudyConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
     after checking the data's size against this machine."""
     ds = cfg.dataset
     if ds.name == "synthetic":
-        classes = ds.options.get("num_classes", 100)
-        per_class = ds.options.get("samples_per_class", 48)
-        size = ds.options.get("image_size", 32)
+        options = {p.name: p.default for p in inspect.signature(make_synthetic).parameters.values()} | ds.options
+        classes, per_class, size = options["num_classes"], options["samples_per_class"], options["image_size"]
         _fits(classes * per_class * 3 * size * size, psutil.virtual_memory().available * MEMORY_SHARE,
               f"dataset.options.image_size={size} with {classes} × {per_class} images", "memory")  # fmt: skip
         labels = np.repeat(np.arange(classes), per_class)
-        return labels, np.where(labels < classes // 2, "train", "test"), []
+        return labels, first_half_split(labels), []
     index = index_dataset(ds.name, ds.root, **ds.options)
     cache = Path(ds.cache_dir or DEFAULT_CACHE)
     width = round(ds.image_size * ds.max_aspect)

@@ -33,7 +33,7 @@ from study.config import StudyConfig, search_spaces, without_secrets
 from study.data.images import UnreadableImageError
 from study.journal import clear_writer_lock, repair_journal
 from study.local_ray import start_local_ray
-from study.preflight import check_cluster
+from study.preflight import check_cluster, ray_address
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
 from study.searcher import StudySearcher
@@ -54,23 +54,8 @@ from study.vocab import (
 Say = Callable[[str], None]
 
 
-class RayAddressError(ValueError):
-    """RAY_ADDRESS names something ``ray.init`` cannot join."""
-
-
 class StudyInterrupted(Exception):
     """Ctrl-C (SIGINT): the study stopped with trials unfinished; ``resume`` continues it."""
-
-
-def ray_address() -> str | None:
-    """RAY_ADDRESS, if set: the cluster to join; RayAddressError for what ``ray.init`` cannot join."""
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address.startswith(("http://", "https://")):
-        raise RayAddressError(
-            f"RAY_ADDRESS={address} is a dashboard (job submission) address; dml-study needs the "
-            "cluster's address: host:6379, ray://host:10001 or auto"
-        )
-    return address
 
 
 def init_ray() -> None:

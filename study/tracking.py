@@ -14,7 +14,6 @@ import os
 import subprocess
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_USER
 from pydantic import SecretStr
 
+from study import package_version
 from study.redaction import redact, redact_text
 from study.vocab import Stage, State, TrialKey
 
@@ -52,17 +52,6 @@ TAG_TRIAL_METRICS = "dml_study.trial_metrics"
 TAG_LOG_PARAMS = "dml_study.log_params"
 
 _STATUS = {State.COMPLETE: RunStatus.FINISHED, State.PRUNED: RunStatus.KILLED, State.FAIL: RunStatus.FAILED}
-
-
-PACKAGE = "dml-study"  # the distribution name (pyproject.toml), for its version
-
-
-def package_version() -> str:
-    """The installed dml-study's version ("unknown" when run from a source tree never installed)."""
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def resolve_tracking_uri(config_uri: SecretStr | str | None, command_line: str | None = None) -> str | None:
