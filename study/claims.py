@@ -12,7 +12,7 @@ verdict compares the arms seed by seed (paired): paper − alternative.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,16 +131,21 @@ BY_ID = {claim.id: claim for claim in CLAIMS}
 
 
 def ablation_plan(
-    loss: str, searched: Iterable[str], *, ablations: bool, seeds: int, train_on: str
+    loss: str, searched: Iterable[str], *, ablations: bool | Sequence[str], seeds: int, train_on: str
 ) -> tuple[list[Claim], str]:
     """The claims the ablation stage trains for ``loss`` (each with every final seed), and why (or why
-    none): it needs ``ablations`` on, a final stage (``seeds``) on every training class (``train_on``:
-    the final runs are the other arm) and a claim whose factor the loss's space searches."""
+    none): it needs ``ablations`` on (true, or a list of claim ids that names the claim), a final stage
+    (``seeds``) on every training class (``train_on``: the final runs are the other arm) and a claim whose
+    factor the loss's space searches."""
     claims = claims_for({loss: searched})
     if not claims:
         return [], f"no claim about {loss}'s searched hyperparameters"
     if not ablations:
         return [], "ablations: false"
+    if not isinstance(ablations, bool):
+        claims = [c for c in claims if c.id in ablations]
+        if not claims:
+            return [], "none of its claims is in the study's ablations list"
     if not seeds:
         return [], "no final stage to pair with"
     if train_on != "all":

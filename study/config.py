@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from study.claims import CLAIMS
 from study.data import DATASETS, dataset_options, index_dataset
 from study.data.images import DatasetLayoutError
 from study.losses import LOSSES
@@ -157,8 +158,9 @@ class StudyConfig(_Strict):
     search: SearchConfig
     final: FinalConfig = FinalConfig()
     # the ablation stage: each claim of study.claims about the study's losses as a paired experiment
-    # (the best configuration vs. it with the claim's factor changed, the final stage's seeds)
-    ablations: bool = True
+    # (the best configuration vs. it with the claim's factor changed, the final stage's seeds): true for
+    # every claim that applies, false for none, or a list of claim ids (``study.claims.CLAIMS``) to run only those
+    ablations: bool | list[str] = True
     resources: Resources = Resources()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -317,6 +319,7 @@ def parse_study(text: str, path: str, overrides: list[str] = (), space_dir: Path
             raise ConfigError(
                 f"train.crop_size ({cfg.train.crop_size}) must not exceed dataset.image_size ({cfg.dataset.image_size})"
             )
+        _check_ablations(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     search_spaces(cfg)  # every loss's space must load and fit the loss; errors name the space file
@@ -361,6 +364,18 @@ def shared_space(cfg: StudyConfig) -> dict[str, Param]:
             where = ".".join([key, *map(str, first["loc"])])
             raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
     return params
+
+
+def _check_ablations(cfg: StudyConfig) -> None:
+    """A list of claims to ablate names claims about the study's losses (whether the loss's space
+    searches the claim's factor is the ablation plan's business: it says why a claim is skipped)."""
+    if isinstance(cfg.ablations, bool):
+        return
+    about = [c.id for c in CLAIMS if c.loss in cfg.search.losses]
+    for claim in cfg.ablations:
+        if claim not in about:
+            allowed = ", ".join(about) if about else "none: no claim is about the study's losses"
+            raise ConfigError(f"ablations: {claim!r} is not a claim about the study's losses; allowed: {allowed}")
 
 
 def _check_dataset(ds: DatasetConfig) -> None:

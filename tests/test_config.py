@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from study.claims import ablation_plan
 from study.cli import app
 from study.config import ConfigError, load_study, search_spaces
 from study.losses import LOSSES
@@ -48,6 +51,13 @@ def _assert_rejected(result, *fragments, folder):
         ({"train": {**TINY_STUDY["train"], "schedule": "poly"}}, ["train.schedule", "'constant', 'step' or 'cosine'"]),
         ({"final": {"train_on": "folds"}}, ["final.train_on: folds needs dataset.folds"]),
         (
+            {"ablations": ["soft_triple.centers"]},
+            [
+                "ablations: 'soft_triple.centers' is not a claim about the study's losses",
+                "allowed: multi_similarity.mining, multi_similarity.easy_positives",
+            ],
+        ),
+        (
             {"search": {**TINY_STUDY["search"], "train": {"epochs": {"type": "int", "low": 1, "high": 3}}}},
             ["search.train.epochs: not a shared training setting", "allowed: lr, weight_decay"],
         ),
@@ -68,6 +78,24 @@ def _assert_rejected(result, *fragments, folder):
 )
 def test_bad_study_is_rejected_with_one_line(workdir, changes, fragments):
     _assert_rejected(_run(write_study(workdir, **changes)), *fragments, folder=workdir)
+
+
+def test_an_ablations_list_runs_only_the_claims_it_names(tmp_path):
+    cfg = load_study(write_study(tmp_path), ["ablations=[multi_similarity.easy_positives]"])
+    space = search_spaces(cfg)["multi_similarity"]
+    assert {"mining", "positive"} <= set(space.params)  # both MS claims could be ablated
+    plan = partial(ablation_plan, seeds=3, train_on="all")
+    assert [c.id for c in plan("multi_similarity", space.params, ablations=True)[0]] == [
+        "multi_similarity.mining",
+        "multi_similarity.easy_positives",
+    ]
+    claims, why = plan("multi_similarity", space.params, ablations=cfg.ablations)
+    assert [c.id for c in claims] == ["multi_similarity.easy_positives"]
+    assert why == "1 claim × 3 seeds: easy_positives"
+    assert plan("multi_similarity", space.params, ablations=["triplet.easy_positives"]) == (
+        [],
+        "none of its claims is in the study's ablations list",
+    )
 
 
 def test_bad_search_space_names_file_and_key(workdir):
