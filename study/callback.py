@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ray import tune
 
-from study.config import StudyConfig
+from study.config import StudyConfig, public_dump
 from study.losses import declared_trial_metrics, has_parameters, loss_hyperparameters
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly
@@ -37,24 +37,39 @@ class TrackingCallback(DriverOnly, tune.Callback):
             for loss, space in spaces.items()
         }
         self._has_parameters = {loss: has_parameters(loss) for loss in spaces}
+        # the study's sections every trial shares, credentials redacted (found by type)
+        public = cfg.public_dump()
+        self._shared = {section: public[section] for section in ("dataset", "model", "resources")}
 
     def _start(self, spec: TrialSpec) -> None:
         train = spec.train
+        loss_kwargs = {**loss_hyperparameters(spec.loss), **spec.loss_kwargs}
+        train_settings = public_dump(train)
         resolved = {
             "loss": spec.loss,
-            "loss_params": {**loss_hyperparameters(spec.loss), **spec.loss_kwargs},
-            "train": train.model_dump(mode="json"),
-            **self.cfg.model_dump(mode="json", include={"dataset", "model", "resources"}),
+            "loss_params": loss_kwargs,
+            "train": train_settings,
+            **self._shared,
             "seed": spec.seed,
             "fold": spec.fold,
         }
+        # the same as params: ``loss.<kwarg>`` (defaults included), ``train.<key>``, ``model.<key>``, ...
+        trial = {"seed": spec.seed} | ({} if spec.fold is None else {"fold": spec.fold})
+        settings = {"loss": loss_kwargs, "train": train_settings, **self._shared, "trial": trial}
         tags = {TAG_LR: str(train.lr), **self._loss_tags[spec.loss]}
         if spec.claim:
             tags |= {TAG_CLAIM: spec.claim, TAG_ARM: spec.arm}
         if self._has_parameters[spec.loss]:  # the lr its own parameters (proxies, centers) trained with
             tags[TAG_LOSS_LR] = str(train.lr * train.loss_lr_mult)
         self.tracker.start_trial(
-            str(spec.key), spec.loss, spec.key.stage, spec.params, spec.key.run_name, resolved, tags=tags
+            str(spec.key),
+            spec.loss,
+            spec.key.stage,
+            spec.params,
+            spec.key.run_name,
+            resolved,
+            tags=tags,
+            settings=settings,
         )
 
     def on_trial_start(self, iteration, trials, trial, **info):

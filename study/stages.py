@@ -297,7 +297,10 @@ def baseline(cfg: StudyConfig, tracker: StudyTracker, say: Say) -> None:
         if isinstance(exc.cause, UnreadableImageError):
             raise exc.cause from None
         raise
-    tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained")
+    public = cfg.public_dump()  # what shaped the untrained network's numbers, credentials redacted
+    settings = {section: public[section] for section in ("train", "model", "dataset", "resources")}
+    settings["trial"] = {"seed": cfg.seed}
+    tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained", settings=settings)
     tracker.log_metrics(str(key), val | {f"test_{k}": v for k, v in test.items()}, step=0)
     tracker.end_trial(str(key), State.COMPLETE)
     say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
@@ -322,6 +325,7 @@ def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> Study
         storage.child(PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
     status = "FAILED"
     try:
+        tracker.log_search_spaces({loss: space.dump() for loss, space in spaces.items()})
         baseline(cfg, tracker, say)
         search_and_final(cfg, spaces, tracker, say)
         status = "FINISHED"

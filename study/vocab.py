@@ -131,6 +131,9 @@ def embeddings_file(storage: Storage, key: TrialKey) -> Storage:
 
 
 EMBEDDINGS_ARTIFACT = "embeddings.npz"  # the same file, attached to the final run in MLflow
+# on the study's parent run: {loss: {param: Param.model_dump(mode="json")}}, every searched parameter's
+# type, bounds, scale and default (the loss's own and the study's shared training settings)
+SEARCH_SPACES_ARTIFACT = "search_spaces.json"
 
 
 def embeddings_bytes(saved: dict[str, np.ndarray]) -> bytes:
