@@ -2,7 +2,8 @@
 
 A trial's run is keyed by its :class:`~study.vocab.TrialKey` (a tag), so a retried or resumed trial
 continues its run and no epoch is logged twice. When a trial ends its test embeddings (final stage)
-are attached to the run and its checkpoint folder is deleted.
+and, for the one final run per loss that keeps it, its network (``model.pt``) are attached to the run,
+and its checkpoint folder is deleted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from study.search_space import SearchSpace
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
-from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_file
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file
 
 
 class TrackingCallback(DriverOnly, tune.Callback):
@@ -100,7 +101,12 @@ class TrackingCallback(DriverOnly, tune.Callback):
         embeddings = embeddings_file(storage, key)
         if key.stage is Stage.FINAL and embeddings.exists():  # for the report's projection of test embeddings
             self.tracker.log_file(str(key), EMBEDDINGS_ARTIFACT, embeddings.read_bytes())
+        model = model_file(storage, key)
+        if spec.keep_model and outcome.state is State.COMPLETE and model.exists():  # the loss's network, for reuse
+            self.tracker.log_model(str(key), model.read_bytes())
         self.tracker.end_trial(str(key), outcome.state, error=outcome.error)
-        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
+        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more, nor the
+        # study folder's copy of a kept network (MLflow has it)
         checkpoint_dir(storage, key).delete()
+        model.delete()
         self.say(f"  {key}: {outcome.state}")

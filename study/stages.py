@@ -37,7 +37,7 @@ from study.preflight import check_cluster, ray_address
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
 from study.searcher import StudySearcher
-from study.spec import SPEC, TrialSpec, ablation_spec, final_spec, result_metrics, search_spec
+from study.spec import SPEC, TrialSpec, ablation_spec, final_seeds, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.train import load_state
 from study.vocab import (
@@ -123,11 +123,6 @@ def _searcher(
     first = None if earlier else space.to_optuna(space.defaults())  # the paper's point first
     make_spec = lambda number, params: search_spec(cfg, space, number, params)  # noqa: E731
     return StudySearcher(study, space, make_spec, cfg.search.objective, first=first), remaining
-
-
-def final_seeds(cfg: StudyConfig) -> list[int]:
-    """The final stage's seeds: never the search's own seed."""
-    return [cfg.seed + 1 + i for i in range(cfg.final.seeds)]
 
 
 def _folds(cfg: StudyConfig) -> list[int | None]:

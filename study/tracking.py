@@ -26,7 +26,7 @@ from pydantic import SecretStr
 
 from study import package_version
 from study.redaction import redact, redact_text
-from study.vocab import SEARCH_SPACES_ARTIFACT, Stage, State, TrialKey
+from study.vocab import MODEL_ARTIFACT, SEARCH_SPACES_ARTIFACT, Stage, State, TrialKey
 
 TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
 TAG_STUDY = "dml_study.study"
@@ -44,6 +44,7 @@ TAG_ERROR = "dml_study.error"
 TAG_STALE = "dml_study.stale"  # on final runs and ensembles of a search trial no longer the loss's best
 TAG_CLAIM = "dml_study.claim"  # on ablation runs: the claim's id (study.claims)
 TAG_ARM = "dml_study.arm"  # on ablation runs: "paper" or "alternative", the arm this run is
+TAG_MODEL = "dml_study.model"  # on the one final run per loss that keeps its network: the artifact's name
 # the learning rates a trial trained with (backbone, and the loss's own parameters): searched or the study's
 TAG_LR = "dml_study.lr"
 TAG_LOSS_LR = "dml_study.loss_lr"
@@ -260,6 +261,12 @@ class StudyTracker:
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / name).write_bytes(data)
             self.client.log_artifact(self._runs[key], str(Path(folder) / name))
+
+    def log_model(self, key: str, data: bytes) -> None:
+        """Attach a kept network (:mod:`study.models.embedder`) to trial ``key``'s run as ``model.pt``
+        and tag the run with it, so :func:`study.reuse.model_run` finds it."""
+        self.log_file(key, MODEL_ARTIFACT, data)
+        self.client.set_tag(self._runs[key], TAG_MODEL, MODEL_ARTIFACT)
 
     def end_trial(self, key: str, state: str, error: str | None = None) -> None:
         run_id = self._runs[key]
