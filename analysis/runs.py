@@ -74,7 +74,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
     the loss's own trial metrics, the hyperparameters searched on a log scale; None for runs logged before
     those tags),
     ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
-    value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them).
+    value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them; the
+    runs' settings, params named ``<section>.<key>``, are left out: the parent run's config has them).
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     frames = []
@@ -102,7 +103,9 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
                 "trial_metrics": run.data.tags.get(TAG_TRIAL_METRICS),
                 "log_params": run.data.tags.get(TAG_LOG_PARAMS),
                 **run.data.metrics,
-                **{f"param.{k}": v for k, v in run.data.params.items()},
+                # hyperparameters only: a dotted param is one of the run's settings (``train.lr``,
+                # ``model.backbone``: study.tracking.setting_params); a searched one is also a bare param
+                **{f"param.{k}": v for k, v in run.data.params.items() if "." not in k},
             }
             for run in children
             if stale or TAG_STALE not in run.data.tags

@@ -2,7 +2,8 @@
 
 A trial's run is keyed by its :class:`~study.vocab.TrialKey` (a tag), so a retried or resumed trial
 continues its run and no epoch is logged twice. When a trial ends its test embeddings (final stage)
-are attached to the run and its checkpoint folder is deleted.
+and, for the one final run per loss that keeps it, its network (``model.pt``) are attached to the run,
+and its checkpoint folder is deleted.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from pathlib import Path
 
 from ray import tune
 
-from study.config import StudyConfig
+from study.config import StudyConfig, public_dump
 from study.losses import declared_trial_metrics, has_parameters, loss_hyperparameters
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
-from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_file
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file
 
 
 class TrackingCallback(DriverOnly, tune.Callback):
@@ -37,24 +38,39 @@ class TrackingCallback(DriverOnly, tune.Callback):
             for loss, space in spaces.items()
         }
         self._has_parameters = {loss: has_parameters(loss) for loss in spaces}
+        # the study's sections every trial shares, credentials redacted (found by type)
+        public = cfg.public_dump()
+        self._shared = {section: public[section] for section in ("dataset", "model", "resources")}
 
     def _start(self, spec: TrialSpec) -> None:
         train = spec.train
+        loss_kwargs = {**loss_hyperparameters(spec.loss), **spec.loss_kwargs}
+        train_settings = public_dump(train)
         resolved = {
             "loss": spec.loss,
-            "loss_params": {**loss_hyperparameters(spec.loss), **spec.loss_kwargs},
-            "train": train.model_dump(mode="json"),
-            **self.cfg.model_dump(mode="json", include={"dataset", "model", "resources"}),
+            "loss_params": loss_kwargs,
+            "train": train_settings,
+            **self._shared,
             "seed": spec.seed,
             "fold": spec.fold,
         }
+        # the same as params: ``loss.<kwarg>`` (defaults included), ``train.<key>``, ``model.<key>``, ...
+        trial = {"seed": spec.seed} | ({} if spec.fold is None else {"fold": spec.fold})
+        settings = {"loss": loss_kwargs, "train": train_settings, **self._shared, "trial": trial}
         tags = {TAG_LR: str(train.lr), **self._loss_tags[spec.loss]}
         if spec.claim:
             tags |= {TAG_CLAIM: spec.claim, TAG_ARM: spec.arm}
         if self._has_parameters[spec.loss]:  # the lr its own parameters (proxies, centers) trained with
             tags[TAG_LOSS_LR] = str(train.lr * train.loss_lr_mult)
         self.tracker.start_trial(
-            str(spec.key), spec.loss, spec.key.stage, spec.params, spec.key.run_name, resolved, tags=tags
+            str(spec.key),
+            spec.loss,
+            spec.key.stage,
+            spec.params,
+            spec.key.run_name,
+            resolved,
+            tags=tags,
+            settings=settings,
         )
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -85,7 +101,12 @@ class TrackingCallback(DriverOnly, tune.Callback):
         embeddings = embeddings_file(storage, key)
         if key.stage is Stage.FINAL and embeddings.exists():  # for the report's projection of test embeddings
             self.tracker.log_file(str(key), EMBEDDINGS_ARTIFACT, embeddings.read_bytes())
+        model = model_file(storage, key)
+        if spec.keep_model and outcome.state is State.COMPLETE and model.exists():  # the loss's network, for reuse
+            self.tracker.log_model(str(key), model.read_bytes())
         self.tracker.end_trial(str(key), outcome.state, error=outcome.error)
-        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
+        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more, nor the
+        # study folder's copy of a kept network (MLflow has it)
         checkpoint_dir(storage, key).delete()
+        model.delete()
         self.say(f"  {key}: {outcome.state}")

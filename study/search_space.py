@@ -140,6 +140,10 @@ class SearchSpace:
         """This space plus the study's shared training settings (sampled after the loss's own)."""
         return SearchSpace(self.loss, self.loss_params, {**self.train_params, **shared})
 
+    def dump(self) -> dict[str, dict[str, Any]]:
+        """Every parameter's definition (type, bounds, scale, default, condition) as JSON values, by name."""
+        return {name: param.model_dump(mode="json") for name, param in self.params.items()}
+
     def split(self, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Parameter values → (loss keyword arguments, training-setting overrides)."""
         loss_kwargs = {k: v for k, v in values.items() if k in self.loss_params}

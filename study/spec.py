@@ -39,6 +39,7 @@ class TrialSpec:
     params: dict[str, Any] = field(default_factory=dict)  # the sampled values as MLflow params
     claim: str | None = None  # an ablation's claim (study.claims) ...
     arm: str | None = None  # ... and which arm it trains: "paper" or "alternative"
+    keep_model: bool = False  # the final run whose network is kept for reuse (one per loss: final_spec)
 
     @property
     def loss(self) -> str:
@@ -64,9 +65,24 @@ def final_spec(
     cfg: StudyConfig, space: SearchSpace, number: int, optuna_params: dict, seed: int, fold: int | None
 ) -> TrialSpec:
     """A final-stage run of search trial ``number``'s point ``optuna_params`` (the loss's best) with a
-    new seed."""
+    new seed; the first seed's keeps its network (:func:`keeps_model`)."""
     key = TrialKey.final(space.loss, number, seed, fold)
-    return _retrain(cfg, space, key, space.from_optuna(optuna_params), seed, fold)
+    spec = _retrain(cfg, space, key, space.from_optuna(optuna_params), seed, fold)
+    return dataclasses.replace(spec, keep_model=keeps_model(cfg, seed, fold))
+
+
+def keeps_model(cfg: StudyConfig, seed: int, fold: int | None) -> bool:
+    """Whether the final run with ``seed`` (and ``fold``) keeps its network for reuse: one per loss, the
+    run of the first final seed (on every training class, or on the first fold with ``train_on: folds``).
+    Never the best seed: a seed is not a hyperparameter, and choosing it by the test score would pick the
+    model on the test classes; the first seed's run is known before the others end, so no checkpoint
+    waits for them, and a resumed study keeps the same one."""
+    return [seed] == final_seeds(cfg)[:1] and fold in (None, 0)
+
+
+def final_seeds(cfg: StudyConfig) -> list[int]:
+    """The final stage's seeds: never the search's own seed."""
+    return [cfg.seed + 1 + i for i in range(cfg.final.seeds)]
 
 
 def ablation_spec(

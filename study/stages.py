@@ -37,7 +37,7 @@ from study.preflight import check_cluster, ray_address
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
 from study.searcher import StudySearcher
-from study.spec import SPEC, TrialSpec, ablation_spec, final_spec, result_metrics, search_spec
+from study.spec import SPEC, TrialSpec, ablation_spec, final_seeds, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.train import load_state
 from study.vocab import (
@@ -123,11 +123,6 @@ def _searcher(
     first = None if earlier else space.to_optuna(space.defaults())  # the paper's point first
     make_spec = lambda number, params: search_spec(cfg, space, number, params)  # noqa: E731
     return StudySearcher(study, space, make_spec, cfg.search.objective, first=first), remaining
-
-
-def final_seeds(cfg: StudyConfig) -> list[int]:
-    """The final stage's seeds: never the search's own seed."""
-    return [cfg.seed + 1 + i for i in range(cfg.final.seeds)]
 
 
 def _folds(cfg: StudyConfig) -> list[int | None]:
@@ -297,7 +292,10 @@ def baseline(cfg: StudyConfig, tracker: StudyTracker, say: Say) -> None:
         if isinstance(exc.cause, UnreadableImageError):
             raise exc.cause from None
         raise
-    tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained")
+    public = cfg.public_dump()  # what shaped the untrained network's numbers, credentials redacted
+    settings = {section: public[section] for section in ("train", "model", "dataset", "resources")}
+    settings["trial"] = {"seed": cfg.seed}
+    tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained", settings=settings)
     tracker.log_metrics(str(key), val | {f"test_{k}": v for k, v in test.items()}, step=0)
     tracker.end_trial(str(key), State.COMPLETE)
     say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
@@ -322,6 +320,7 @@ def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> Study
         storage.child(PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
     status = "FAILED"
     try:
+        tracker.log_search_spaces({loss: space.dump() for loss, space in spaces.items()})
         baseline(cfg, tracker, say)
         search_and_final(cfg, spaces, tracker, say)
         status = "FINISHED"

@@ -63,9 +63,12 @@ class Storage:
         self.write_bytes(text.encode())
 
     def delete(self) -> None:
-        """Remove this folder and everything in it (nothing if it does not exist)."""
-        if self.exists():
+        """Remove this file, or this folder and everything in it (nothing if it does not exist)."""
+        kind = self.fs.get_file_info(self.root).type
+        if kind == pafs.FileType.Directory:
             self.fs.delete_dir(self.root)
+        elif kind != pafs.FileType.NotFound:
+            self.fs.delete_file(self.root)
 
     def list(self) -> list[pafs.FileInfo]:
         """This folder's entries (not recursive; none if it does not exist)."""

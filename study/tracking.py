@@ -21,11 +21,12 @@ import requests
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_USER
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from pydantic import SecretStr
 
 from study import package_version
 from study.redaction import redact, redact_text
-from study.vocab import Stage, State, TrialKey
+from study.vocab import MODEL_ARTIFACT, SEARCH_SPACES_ARTIFACT, Stage, State, TrialKey
 
 TAG_ROLE = "dml_study.role"  # "study" on the parent, "trial" on children
 TAG_STUDY = "dml_study.study"
@@ -43,6 +44,7 @@ TAG_ERROR = "dml_study.error"
 TAG_STALE = "dml_study.stale"  # on final runs and ensembles of a search trial no longer the loss's best
 TAG_CLAIM = "dml_study.claim"  # on ablation runs: the claim's id (study.claims)
 TAG_ARM = "dml_study.arm"  # on ablation runs: "paper" or "alternative", the arm this run is
+TAG_MODEL = "dml_study.model"  # on the one final run per loss that keeps its network: the artifact's name
 # the learning rates a trial trained with (backbone, and the loss's own parameters): searched or the study's
 TAG_LR = "dml_study.lr"
 TAG_LOSS_LR = "dml_study.loss_lr"
@@ -118,10 +120,22 @@ class StudyTracker:
         tags |= _context_tags(config)
         run = self.client.create_run(self.experiment_id, tags=tags)
         self.parent_id = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
-        self.client.log_batch(self.parent_id, params=params)
+        self._log_params(self.parent_id, _flatten(config))
         self.client.log_text(self.parent_id, json.dumps(config, indent=2, default=str), "config.json")
         return self.parent_id
+
+    def log_search_spaces(self, spaces: dict[str, dict[str, dict]]) -> None:
+        """Put every loss's search space (``{loss: {param: definition}}``: :meth:`SearchSpace.dump
+        <study.search_space.SearchSpace.dump>`) on the parent run as ``search_spaces.json``, what
+        analysis reads to type and scale parameter columns. Written once: a resumed study rewrites it
+        only if it is missing (a study begun by an older version) or its spaces changed since."""
+        names = {a.path for a in self.client.list_artifacts(self.parent_id)}
+        if SEARCH_SPACES_ARTIFACT in names:
+            with tempfile.TemporaryDirectory() as folder:
+                logged = self.client.download_artifacts(self.parent_id, SEARCH_SPACES_ARTIFACT, folder)
+                if json.loads(Path(logged).read_text()) == spaces:
+                    return
+        self.client.log_text(self.parent_id, json.dumps(spaces, indent=2), SEARCH_SPACES_ARTIFACT)
 
     def log_headline(self, objective: str, per_loss: dict[str, float]) -> str | None:
         """Put the study's result on its parent run, where the MLflow UI lists and compares studies:
@@ -185,21 +199,31 @@ class StudyTracker:
         run_name: str,
         config: dict | None = None,
         tags: dict[str, str] | None = None,
+        settings: dict[str, dict] | None = None,
     ) -> str:
         """The child run of trial ``key``: found by its tag if it exists, else created.
 
-        ``params`` are the sampled hyperparameters (MLflow params); ``config``, the trial's
-        fully resolved settings, is stored as the run's ``config.json`` artifact; ``tags`` are
-        added to the run's own.
+        ``params`` are the sampled hyperparameters (MLflow params under their own, dot-free names);
+        ``settings``, every setting that shaped the run by section (``{"train": {"lr": …}, …}``), are
+        params too, named ``<section>.<key>`` (:func:`setting_params`): a dot never appears in a
+        hyperparameter's name, so the two cannot collide. ``config``, the trial's fully resolved
+        settings, is stored as the run's ``config.json`` artifact; ``tags`` are added to the run's own.
+        A run found again (a resumed study) gets only the params it lacks: MLflow refuses to change one.
         """
         if key in self._runs:
             return self._runs[key]
+        dotted = [name for name in params if "." in name]
+        if dotted:
+            raise ValueError(f"{key}: hyperparameter names must not contain a dot (kept for settings): {dotted}")
+        params = {**{k: str(v) for k, v in params.items()}, **setting_params(settings or {})}
         found = self.find_trial(key)
         if found:  # logged by an earlier driver of this study: never a second run, no epoch twice
             run_id = found.info.run_id
             # every metric's history: a final run logs its test metrics at the last epoch only
             steps = [m.step for name in found.data.metrics for m in self.client.get_metric_history(run_id, name)]
             self._last_step[key] = max(steps, default=-1)
+            # a run logged by an older version lacks its settings; one logged already keeps its values
+            self._log_params(run_id, {k: v for k, v in params.items() if k not in found.data.params})
         else:
             tags = {
                 MLFLOW_PARENT_RUN_ID: self.parent_id,
@@ -212,11 +236,17 @@ class StudyTracker:
                 **(tags or {}),
             }
             run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            self._log_params(run_id, params)
             if config is not None:
                 self.client.log_text(run_id, json.dumps(config, indent=2), "config.json")
         self._runs[key] = run_id
         return run_id
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        """Log ``params`` (values as text, cut to MLflow's longest) in batches MLflow accepts."""
+        items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, key: str, values: dict, step: int) -> None:
         if step <= self._last_step.get(key, -1):
@@ -231,6 +261,12 @@ class StudyTracker:
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / name).write_bytes(data)
             self.client.log_artifact(self._runs[key], str(Path(folder) / name))
+
+    def log_model(self, key: str, data: bytes) -> None:
+        """Attach a kept network (:mod:`study.models.embedder`) to trial ``key``'s run as ``model.pt``
+        and tag the run with it, so :func:`study.reuse.model_run` finds it."""
+        self.log_file(key, MODEL_ARTIFACT, data)
+        self.client.set_tag(self._runs[key], TAG_MODEL, MODEL_ARTIFACT)
 
     def end_trial(self, key: str, state: str, error: str | None = None) -> None:
         run_id = self._runs[key]
@@ -269,6 +305,13 @@ def _git_commit() -> str | None:
         return None
     commit = done.stdout.strip()
     return commit if done.returncode == 0 and commit else None
+
+
+def setting_params(settings: dict[str, dict]) -> dict[str, str]:
+    """A run's settings by section as MLflow params named ``<section>.<key>`` (nested keys dotted
+    further: ``dataset.options.num_classes``), values as text (``None`` for a setting left unset, as
+    on the parent run), to sort and filter by in the MLflow UI (``params.`train.lr```)."""
+    return {k: str(v) for k, v in _flatten(settings).items()}
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:

@@ -133,6 +133,19 @@ def embeddings_file(storage: Storage, key: TrialKey) -> Storage:
 EMBEDDINGS_ARTIFACT = "embeddings.npz"  # the same file, attached to the final run in MLflow
 
 
+def model_file(storage: Storage, key: TrialKey) -> Storage:
+    """The network a final run keeps (:mod:`study.models.embedder`): ``models/<key>.pt``, written by the
+    worker, moved to the run in MLflow by the driver (``model.pt``)."""
+    *folders, name = str(key).split("/")
+    return storage.child("models", *folders, f"{name}.pt")
+
+
+MODEL_ARTIFACT = "model.pt"  # on the one final run per loss that keeps its network (TrialSpec.keep_model)
+# on the study's parent run: {loss: {param: Param.model_dump(mode="json")}}, every searched parameter's
+# type, bounds, scale and default (the loss's own and the study's shared training settings)
+SEARCH_SPACES_ARTIFACT = "search_spaces.json"
+
+
 def embeddings_bytes(saved: dict[str, np.ndarray]) -> bytes:
     """Test embeddings as ``.npz`` bytes: ``test``, ``test_labels``, ``ks`` (the Recall@K list) and,
     with a query/gallery protocol, ``gallery`` and ``gallery_labels``."""

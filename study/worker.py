@@ -15,10 +15,30 @@ from ray import tune
 
 from study import metrics
 from study.config import StudyConfig
-from study.spec import FAILED, SPEC
+from study.losses import loss_hyperparameters
+from study.models.embedder import embedder_bytes
+from study.spec import FAILED, SPEC, TrialSpec
 from study.storage import Storage
-from study.train import NonFiniteLossError, evaluate_untrained, load_data, run_final, run_trial, set_threads
-from study.vocab import Stage, TrialKey, checkpoint_dir, embeddings_bytes, embeddings_file, read_embeddings
+from study.train import (
+    NonFiniteLossError,
+    PreparedData,
+    build_model,
+    evaluate_untrained,
+    load_data,
+    load_state,
+    run_final,
+    run_trial,
+    set_threads,
+)
+from study.vocab import (
+    Stage,
+    TrialKey,
+    checkpoint_dir,
+    embeddings_bytes,
+    embeddings_file,
+    model_file,
+    read_embeddings,
+)
 
 # Errors a trial's code raises the same way on every attempt (a bug, a setting the data cannot
 # satisfy); anything else (a lost worker, out of memory, I/O) may pass and is retried by Ray Tune.
@@ -51,10 +71,39 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
             checkpoint_dir=folder,
         )
         embeddings_file(storage, spec.key).write_bytes(embeddings_bytes(saved))
+        if spec.keep_model:  # one final run per loss: its network, for reuse (study.reuse.load_embedder)
+            model_file(storage, spec.key).write_bytes(export_model(cfg, spec, data, folder))
     except NonFiniteLossError as exc:
         tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
     except DETERMINISTIC:  # the same spec would raise again: fail now, with the trace, instead of retrying
         tune.report({FAILED: traceback.format_exc()})
+
+
+def export_model(cfg: StudyConfig, spec: TrialSpec, data: PreparedData, folder: Storage) -> bytes:
+    """Final run ``spec``'s trained network and loss, read from its last checkpoint in ``folder``, as a
+    model file (:mod:`study.models.embedder`): what embeds new images as the run embedded its test images."""
+    learner = load_state(folder)["learners"][0]
+    weights = learner["model"]
+    if data.features:
+        # The head trained on the features of the trunk the data was prepared with (the study's seed draws it
+        # when not pretrained: train.prepare_data), not on the learner's own trunk, which never ran.
+        trunk = build_model(cfg.model, cfg.seed).trunk.state_dict()
+        weights = weights | {f"trunk.{name}": value for name, value in trunk.items()}
+    fit = data.trainval if spec.fold is None else data.folds[spec.fold][0]
+    preprocessing = {
+        "crop_size": spec.train.crop_size,
+        "image_size": cfg.dataset.image_size,
+        "max_aspect": cfg.dataset.max_aspect,
+        "input_size": None if data.features else list(data.inputs.shape[-2:]),  # without a crop: the padded arrays
+    }
+    loss = {
+        "name": spec.loss,
+        "kwargs": {**loss_hyperparameters(spec.loss), **spec.loss_kwargs},
+        "num_classes": len(np.unique(data.labels[fit])),
+        "weights": learner["loss"],
+    }
+    model = cfg.model.model_dump(include={"backbone", "embedding_dim", "pooling", "freeze_bn"})
+    return embedder_bytes(model, weights, preprocessing, loss, trial=str(spec.key), dataset=cfg.dataset.name)
 
 
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:

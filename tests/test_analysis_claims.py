@@ -276,7 +276,9 @@ def store(tmp_path_factory) -> str:
         client.set_terminated(run)
 
     for i in range(3):
-        child(f"multi_similarity/{i}", "search", 0.3 + i / 100, {"alpha": 1 + i, "mining": i % 2 == 0})
+        # a setting (dotted) beside the hyperparameters: in MLflow, not a hyperparameter column
+        params = {"alpha": 1 + i, "mining": i % 2 == 0, "train.lr": 0.001}
+        child(f"multi_similarity/{i}", "search", 0.3 + i / 100, params)
     for seed, (final, ablated) in enumerate(zip(MS_FINAL, MS_NO_MINING, strict=True), 1):
         child(f"multi_similarity/final/2/s{seed}", "final", final, {"alpha": 3, "mining": True, "seed": seed})
         child(f"multi_similarity/ablation/2/mining/s{seed}", "ablation", ablated,
@@ -290,6 +292,7 @@ def store(tmp_path_factory) -> str:
 def test_load_runs_reads_the_claim_and_arm_and_drops_stale_finals(store):
     runs = load_runs("s", store)
     assert len(runs) == 9 and "multi_similarity/final/0/s1" not in set(runs["trial"])
+    assert {c for c in runs if c.startswith("param.")} == {"param.alpha", "param.mining", "param.seed"}
     ablations = runs[runs["stage"] == "ablation"]
     assert (ablations["claim"] == "multi_similarity.mining").all() and (ablations["arm"] == "alternative").all()
     assert runs.loc[runs["stage"] != "ablation", ["claim", "arm"]].isna().all().all()

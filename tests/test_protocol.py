@@ -89,7 +89,8 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     assert saved["test"].shape == (36, 16) and set(saved["test_labels"]) == set(range(101, 107))
     # ... and the same embeddings are an artifact of its MLflow run (the report projects them)
     s1f0 = next(r for r in finals if r.data.tags[TAG_TRIAL].endswith("s1-f0"))
-    assert [a.path for a in client.list_artifacts(s1f0.info.run_id)] == ["config.json", "embeddings.npz"]
+    # ... and, the first seed's first fold being the run that keeps the loss's network, its model
+    assert [a.path for a in client.list_artifacts(s1f0.info.run_id)] == ["config.json", "embeddings.npz", "model.pt"]
     # the ensemble of seed 1 concatenates its three fold models
     ensemble = next(r for r in by_stage["ensemble"] if r.data.tags[TAG_TRIAL].endswith("s1"))
     assert ensemble.data.params["folds"] == "3"
@@ -106,6 +107,7 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     assert " ± " in (study_dir / "results.md").read_text()
     assert "one model per validation fold" in (study_dir / "results.md").read_text()
     assert not (study_dir / "checkpoints").exists() or not any((study_dir / "checkpoints").rglob("*.pt"))
+    assert not any(study_dir.glob("models/**/*.pt"))  # the kept network lives in MLflow only
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from pydantic import SecretStr
 
 from study.callback import TrackingCallback
 from study.config import parse_study, search_spaces
@@ -172,6 +173,43 @@ def test_callback_attaches_a_final_runs_embeddings_and_keeps_a_raised_trials_tra
     assert tracker.calls[2][1] == ("multi_similarity/final/0/s1", State.FAIL)
     assert tracker.calls[2][2]["error"].endswith("RuntimeError: worker died")
     assert tracker.calls[0][1][2] == Stage.FINAL and tracker.calls[0][1][3]["seed"] == 1
+
+
+def test_a_trial_run_logs_every_setting_as_dotted_params_beside_its_sampled_ones(cfg, spaces, tmp_path):
+    """The naming rule: sampled hyperparameters (the loss's and the shared ``lr``) and a final run's seed
+    under their own dot-free names, every setting as ``<section>.<key>``; secrets never logged."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    secret = "postgresql://user:hunter2@db:5432/optuna"
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": SecretStr(secret)})})
+    tracker = StudyTracker("settings", uri)
+    tracker.start(cfg.public_dump(), "map_at_r")
+    callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
+    space = spaces["proxy_anchor"]
+    point = {"alpha": 16.0, "loss_lr_mult": 10.0, "lr": 2e-3}
+    for spec in (search_spec(cfg, space, 2, point), final_spec(cfg, space, 2, point, seed=1, fold=None)):
+        callback.on_trial_start(0, [], _trial(spec))
+        params = tracker.find_trial(str(spec.key)).data.params
+        bare = {k: v for k, v in params.items() if "." not in k}
+        assert bare == {k: str(v) for k, v in spec.params.items()}  # what analysis reads as hyperparameters
+        assert (params["loss.alpha"], params["loss.delta"], params["train.lr"]) == ("16.0", "0.1", "0.002")
+        assert (params["train.loss_lr_mult"], params["train.epochs"], params["train.optimizer"]) == (
+            "10.0",
+            "2",
+            "adamw",
+        )
+        assert (params["model.backbone"], params["model.embedding_dim"]) == ("test_resnet", "16")
+        assert (params["dataset.name"], params["dataset.options.num_classes"]) == ("synthetic", "16")
+        assert (params["resources.cpu"], params["trial.seed"]) == ("1.0", str(spec.seed))
+        assert {k.split(".")[0] for k in params if "." in k} == {
+            "loss",
+            "train",
+            "model",
+            "dataset",
+            "resources",
+            "trial",
+        }
+        assert not [v for v in params.values() if "hunter2" in v]
+    assert params["seed"] == "1" and "trial.fold" not in params
 
 
 def test_resume_repair_closes_runs_a_killed_driver_left_running(cfg, tmp_path):

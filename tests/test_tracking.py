@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import json
 import shutil
 import subprocess
 from importlib import metadata
@@ -111,3 +112,54 @@ def test_log_headline_puts_each_losss_test_objective_and_the_best_on_the_parent(
     run = MlflowClient(uri).get_run(parent)
     assert run.data.metrics == {"test_map_at_r.ms": 0.25, "test_map_at_r.ns": 0.5, "test_map_at_r": 0.5}
     assert run.data.tags[tracking.TAG_BEST_LOSS] == "ns"
+
+
+def test_trial_runs_log_their_settings_as_dotted_params_and_a_found_run_only_what_it_lacks(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = StudyTracker("s5", uri)
+    tracker.start(CONFIG, "map_at_r")
+    many = {f"k{i:03d}": i for i in range(150)}  # more than one log_batch call may carry
+    settings = {
+        "train": {"lr": 0.002, "epochs": 2, "betas": [0.9, 0.999], "grad_clip": None},
+        "dataset": {"name": "synthetic", "options": {"num_classes": 16}, "root": "x" * 7000},
+        "trial": {"seed": 0},
+        "extra": many,
+    }
+    tracker.start_trial("ms/1", "multi_similarity", "search", {"alpha": 2.0, "lr": 0.002}, "ms-1", settings=settings)
+    client = MlflowClient(uri)
+    params = client.get_run(tracker._runs["ms/1"]).data.params
+    assert (params["alpha"], params["lr"], params["train.lr"], params["train.epochs"]) == ("2.0", "0.002", "0.002", "2")
+    assert (params["train.betas"], params["train.grad_clip"], params["trial.seed"]) == ("[0.9, 0.999]", "None", "0")
+    assert params["dataset.options.num_classes"] == "16" and params["dataset.root"] == "x" * 6000  # MLflow's longest
+    assert len(params) == 2 + 4 + 3 + 1 + 150
+
+    # a restarted driver finds the run: a param already logged keeps its value (MLflow refuses a change),
+    # one the run lacks (logged by an older version) is added
+    tracker._runs.clear()
+    changed = {**settings, "train": {**settings["train"], "epochs": 3}, "model": {"backbone": "resnet10t"}}
+    tracker.start_trial("ms/1", "multi_similarity", "search", {"alpha": 2.0, "lr": 0.002}, "ms-1", settings=changed)
+    params = client.get_run(tracker._runs["ms/1"]).data.params
+    assert (params["train.epochs"], params["model.backbone"]) == ("2", "resnet10t")
+
+    with pytest.raises(ValueError, match="must not contain a dot"):  # the naming rule: dotted names are settings
+        tracker.start_trial("ms/2", "multi_similarity", "search", {"train.lr": 0.1}, "ms-2")
+
+
+def test_search_spaces_go_to_the_parent_run_once_and_again_only_when_they_change(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = StudyTracker("s6", uri)
+    parent = tracker.start(CONFIG, "map_at_r")
+    spaces = {"ms": {"alpha": {"type": "float", "low": 1.0, "high": 4.0, "log": True, "default": 2.0}}}
+    tracker.log_search_spaces(spaces)
+    client = MlflowClient(uri)
+    logged = Path(client.download_artifacts(parent, "search_spaces.json", str(tmp_path / "a")))
+    assert json.loads(logged.read_text()) == spaces
+    stored = Path(client.get_run(parent).info.artifact_uri.removeprefix("file://")) / "search_spaces.json"
+    written = stored.stat().st_mtime_ns
+    resumed = StudyTracker("s6", uri)
+    resumed.resume(parent)
+    resumed.log_search_spaces(spaces)
+    assert stored.stat().st_mtime_ns == written  # the same spaces: not written again
+    wider = {"ms": {**spaces["ms"], "beta": {"type": "categorical", "choices": [1, 2], "default": 1}}}
+    resumed.log_search_spaces(wider)
+    assert json.loads(stored.read_text()) == wider

@@ -235,6 +235,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def decode_image(path: str | Path, size: int, max_width: int) -> tuple[np.ndarray, bool]:
+    """One image file as the cache stores it (see :func:`_decode`): uint8 (3, size, w ≤ ``max_width``) and
+    whether it is transposed. A kept model embeds new images through it (:mod:`study.models.embedder`)."""
+    return _decode(Path(path), size, max_width)
+
+
 def _decode(path: Path, size: int, max_width: int) -> tuple[np.ndarray, bool]:
     """One image as uint8 (3, size, w) and whether it is stored transposed: RGB, shorter side resized to
     ``size`` (what torchvision's ``Resize(size)`` does to the file), the longer side along the columns, its
