@@ -18,7 +18,7 @@ from study.config import StudyConfig
 from study.spec import FAILED, SPEC
 from study.storage import Storage
 from study.train import NonFiniteLossError, evaluate_untrained, load_data, run_final, run_trial, set_threads
-from study.vocab import Stage, TrialKey, checkpoint_dir, embeddings_bytes, embeddings_file, read_embeddings
+from study.vocab import Stage, TrialKey, as_test, checkpoint_dir, embeddings_bytes, embeddings_file, read_embeddings
 
 # Errors a trial's code raises the same way on every attempt (a bug, a setting the data cannot
 # satisfy); anything else (a lost worker, out of memory, I/O) may pass and is retried by Ray Tune.
@@ -58,7 +58,8 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
 
 
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:
-    """The untrained network's validation metrics (mean over folds) and test metrics."""
+    """The untrained network's validation metrics (mean over folds) and test metrics (not yet renamed
+    ``test_<metric>``: the caller logs both on one run)."""
     set_threads(cfg.resources.cpu)
     return evaluate_untrained(cfg.model, cfg.train, load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed), cfg.seed)
 
@@ -66,7 +67,8 @@ def untrained(cfg: StudyConfig) -> tuple[dict, dict]:
 def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[int]) -> dict[str, float] | str:
     """Reality Check's ensemble of one seed's fold models (retraining search trial ``number``): their
     test embeddings concatenated (each block unit-norm, the whole scaled back to unit norm), evaluated
-    like one model's. Returns the metrics, or why there are none (a fold's run left no embeddings)."""
+    like one model's. Returns the test metrics (``test_<metric>``), or why there are none (a fold's run
+    left no embeddings)."""
     parts = []
     for fold in folds:
         path = embeddings_file(storage, TrialKey.final(loss, number, seed, fold))
@@ -80,4 +82,4 @@ def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[in
         gallery = (np.concatenate([p["gallery"] for p in parts], axis=1) * scale, parts[0]["gallery_labels"])
     submodes = parts[0].get("test_submodes") if gallery is None else None
     labels, ks = parts[0]["test_labels"], parts[0]["ks"].tolist()
-    return metrics.evaluate(test, labels, ks=ks, seed=seed, gallery=gallery, submodes=submodes)
+    return as_test(metrics.evaluate(test, labels, ks=ks, seed=seed, gallery=gallery, submodes=submodes))
