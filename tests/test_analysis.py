@@ -36,11 +36,13 @@ def test_best_complete_trial_per_loss_and_baseline_row():
     assert list(table["loss"]) == ["ms", "ns", "untrained"]
     ms = table.iloc[0]
     assert (ms.trials, ms.complete, ms.pruned, ms.failed) == (4, 2, 1, 1)
-    assert ms.map_at_r == 0.50 and ms.hyperparameters == "alpha=3.25"
+    assert ms.map_at_r == 0.50 and ms["param.alpha"] == "3.25" and pd.isna(ms["param.temperature"])
     assert (ms.lr, ms.loss_lr) == (1e-3, 2e-3)  # the best trial's, shown in every table
-    assert formatted(table).loc[0, "loss_lr"] == "0.002"
-    assert ms["loss metrics"] == "effective_centers=3.25"
-    assert table.iloc[1].hyperparameters == "temperature=0.05" and table.iloc[1]["loss metrics"] == ""
+    shown = formatted(table)
+    assert shown.loc[0, "loss_lr"] == "0.002"
+    assert ms["loss.effective_centers"] == 3.25 and shown.loc[0, "loss metrics"] == "effective_centers=3.25"
+    assert shown.loc[0, "hyperparameters"] == "alpha=3.25"  # one cell when shown, a column each in the CSV
+    assert shown.loc[1, "hyperparameters"] == "temperature=0.05" and shown.loc[1, "loss metrics"] == ""
     assert table.iloc[2].map_at_r == 0.05
     md = to_markdown(table)
     assert "| ms " in md and "**0.5000**" in md and "alpha=3.25" in md  # the best value is marked
@@ -49,9 +51,10 @@ def test_best_complete_trial_per_loss_and_baseline_row():
 def test_loss_metrics_come_from_the_trial_metrics_column():
     runs = pd.DataFrame([_run("ms", "search", "COMPLETE", 0.5), _run("ns", "search", "COMPLETE", 0.4)])
     runs["effective_centers"], runs["custom_metric"] = [3.0, np.nan], [np.nan, 0.25]
-    assert comparison_table(runs, "map_at_r")["loss metrics"].tolist() == ["", ""]  # untagged: not loss metrics
+    assert "loss metrics" not in formatted(comparison_table(runs, "map_at_r"))  # untagged: not loss metrics
     runs["trial_metrics"] = ["effective_centers", "custom_metric"]
-    assert comparison_table(runs, "map_at_r")["loss metrics"].tolist() == ["effective_centers=3", "custom_metric=0.25"]
+    shown = formatted(comparison_table(runs, "map_at_r"))
+    assert shown["loss metrics"].tolist() == ["effective_centers=3", "custom_metric=0.25"]
 
 
 def test_loss_without_complete_trial_still_listed():
@@ -68,7 +71,7 @@ def test_metric_columns_follow_the_datasets_ks():
 
 def _final(loss, seed, value, fold=None, stage="final"):
     row = {"loss": loss, "stage": stage, "state": "COMPLETE", "param.seed": str(seed), "cpu_hours": 0.5,
-           "gpu_hours": 0.25, **{m: value for m in METRICS}}  # fmt: skip
+           "gpu_hours": 0.25, **{f"test_{m}": value for m in METRICS}}  # test classes: test_<metric>
     return row | ({"param.fold": str(fold)} if fold is not None else {})
 
 
@@ -95,7 +98,7 @@ def test_final_table_mean_ci_significance_and_cost():
     assert shown.loc["ms", "map_at_r"].startswith("**0.5200 ± ") and shown.loc["ns", "p_vs_best"].endswith(" *")
     assert shown.loc["untrained", "map_at_r"] == "0.0500"
     latex = to_latex(table.reset_index())
-    assert "\\textbf{0.5200 $\\pm$" in latex and "ns (ensemble)" in latex and "map\\_at\\_r" in latex
+    assert "\\textbf{52.0 $\\pm$" in latex and "ns (ensemble)" in latex and "MAP@R" in latex  # percent
 
 
 def test_best_trained_loss_is_marked_even_when_the_untrained_network_scores_higher():
