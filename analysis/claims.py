@@ -252,7 +252,8 @@ def compare(runs: pd.DataFrame, loss: str, objective: str, param: str, groups: d
         return _row(claim, loss, "not tested", f"no {loss} trial searched {param}")
     scores = {}
     for label, keep in groups.items():
-        scores[label] = trials.loc[trials[column].map(keep).astype(bool), objective].dropna().to_numpy()
+        chosen = trials[column].map(lambda v, keep=keep: pd.notna(v) and keep(v)).astype(bool)  # typed: NA unset
+        scores[label] = trials.loc[chosen, objective].dropna().to_numpy()
     evidence = "; ".join(
         f"{label}: {len(v)} trials, best {v.max():.4f}, mean {v.mean():.4f}" if len(v) else f"{label}: 0 trials"
         for label, v in scores.items()

@@ -16,7 +16,7 @@ import re
 
 from study.vocab import TEST_PREFIX, as_test_name
 
-__all__ = ["TEST_PREFIX", "as_test_name", "display_name", "final_column", "is_test_name", "plain_name"]
+__all__ = ["TEST_PREFIX", "as_test_name", "display_name", "final_column", "is_retrieval", "is_test_name", "plain_name"]
 
 _RECALL = re.compile(r"recall_at_(\d+)")
 DISPLAY_NAMES = {
@@ -34,6 +34,17 @@ DISPLAY_NAMES = {
     "gpu_hours": "GPU-h",
     "loss_lr": "loss lr",
 }
+
+
+# what study.metrics.evaluate reports: retrieval on a set of classes (validation, or test as test_<name>)
+RETRIEVAL = re.compile(
+    r"recall_at_\d+|map_at_r|r_precision|nmi|submode_recall_at_1|submode_chance|queries_without_positives"
+)
+
+
+def is_retrieval(name: str) -> bool:
+    """Whether ``name`` (without the ``test_`` prefix) is a retrieval metric, measured on a set of classes."""
+    return RETRIEVAL.fullmatch(name) is not None
 
 
 def is_test_name(name: str) -> bool:

@@ -328,7 +328,7 @@ def _slice_axis(ax, values: pd.Series, log: bool) -> np.ndarray:
     """x positions of a hyperparameter's values: floats (a log axis when ``log`` and no value is negative),
     else category positions labelled with the sorted categories."""
     numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.notna().all():
+    if numbers.notna().all() and not pd.api.types.is_bool_dtype(values):  # True/False: two categories
         x = numbers.to_numpy(float)
         positive = x[x > 0]
         if log and len(positive) and x.min() >= 0:
