@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.names import final_column
 from analysis.runs import complete_search, loss_metrics
 from study.claims import BY_ID, CLAIMS, Claim
 from study.vocab import Stage, State
@@ -98,7 +99,9 @@ def _arm_runs(runs: pd.DataFrame, claim_id: str, loss: str) -> tuple[pd.DataFram
 def _pairs(ablation: pd.DataFrame, final: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per seed present in both arms with a finite ``metric`` in both: columns ``paper`` and
     ``alternative`` (each arm's value; a seed's runs averaged should one arm have several). A seed
-    missing in either arm is dropped from both."""
+    missing in either arm is dropped from both. Both arms were tested on the test classes: a retrieval
+    metric is read as ``test_<metric>`` (:func:`analysis.names.final_column`)."""
+    metric = final_column(ablation.columns, metric)
     if metric not in ablation or metric not in final:
         return pd.DataFrame(columns=[PAPER, ALTERNATIVE])
     rows = []
@@ -182,12 +185,13 @@ def ablation_claims(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     """One row per (claim, metric) with ablation runs: the controlled verdicts.
 
     Metrics: ``objective``, Recall@1 and the claim's own (``Claim.metrics``) where the runs report
-    them. Columns: claim (id), loss, statement, metric, expected (the sign the claim predicts for
-    paper − alternative), arms (the hyperparameter's values), seeds (pairs), paper, alternative (each
-    arm's mean over those seeds), difference (mean paired difference), ci_low, ci_high (its 95 % CI),
-    p (paired t-test), verdict (:func:`verdict`). Claims without ablation runs are not listed; a claim
-    whose ablation runs found no pair gets one row, "not run: <why>". Several studies: per study,
-    with a ``study`` column first.
+    them, on the test classes (read from ``test_<metric>``, named without the prefix here). Columns:
+    claim (id), loss, statement, metric, expected (the sign the claim predicts for paper − alternative),
+    arms (the hyperparameter's values), seeds (pairs), paper, alternative (each arm's mean over those
+    seeds), difference (mean paired difference), ci_low, ci_high (its 95 % CI), p (paired t-test),
+    verdict (:func:`verdict`). Claims without ablation runs are not listed; a claim whose ablation runs
+    found no pair gets one row, "not run: <why>". Several studies: per study, with a ``study`` column
+    first.
     """
     return _per_study(_ablation_claims, runs, objective, CLAIM_COLUMNS)
 
@@ -248,7 +252,8 @@ def compare(runs: pd.DataFrame, loss: str, objective: str, param: str, groups: d
         return _row(claim, loss, "not tested", f"no {loss} trial searched {param}")
     scores = {}
     for label, keep in groups.items():
-        scores[label] = trials.loc[trials[column].map(keep).astype(bool), objective].dropna().to_numpy()
+        chosen = trials[column].map(lambda v, keep=keep: pd.notna(v) and keep(v)).astype(bool)  # typed: NA unset
+        scores[label] = trials.loc[chosen, objective].dropna().to_numpy()
     evidence = "; ".join(
         f"{label}: {len(v)} trials, best {v.max():.4f}, mean {v.mean():.4f}" if len(v) else f"{label}: 0 trials"
         for label, v in scores.items()

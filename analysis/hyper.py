@@ -35,7 +35,8 @@ def search_params(runs: pd.DataFrame, loss: str, objective: str | None = None) -
         if values.nunique() < 2 or len(values) < len(trials):
             continue
         numeric = pd.to_numeric(values, errors="coerce")
-        params[column.removeprefix("param.")] = numeric if numeric.notna().all() else values.astype(str)
+        is_number = numeric.notna().all() and not pd.api.types.is_bool_dtype(values)  # a bool is a category
+        params[column.removeprefix("param.")] = numeric if is_number else values.astype(str)
     return trials, params
 
 

@@ -25,6 +25,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarForm
 from matplotlib.transforms import ScaledTranslation
 from sklearn.decomposition import PCA
 
+from analysis.names import TEST_PREFIX, display_name
 from analysis.runs import best_trial, complete_search, is_log_scale
 from analysis.tables import mean_ci, seed_means
 from study.vocab import Stage, State, TrialKey
@@ -36,7 +37,6 @@ _GREYS = {"tab10": {7}, "tab20": {14, 15}}  # left out of the palette: grey read
 MAX_CLASSES = 20  # classes shown in an embedding projection (tab20 has 20 distinct colours)
 DPI = 120
 _RECALL = re.compile(r"recall_at_(\d+)")
-_NAMES = {"map_at_r": "MAP@R", "r_precision": "R-Precision", "nmi": "NMI", "train_loss": "training loss"}
 
 
 def loss_colours(losses) -> dict[str, str]:
@@ -50,10 +50,9 @@ def loss_colours(losses) -> dict[str, str]:
 
 
 def metric_label(metric: str) -> str:
-    """A readable axis label: ``recall_at_4`` → ``Recall@4``, ``map_at_r`` → ``MAP@R``."""
-    if match := _RECALL.fullmatch(metric.removeprefix("test_")):
-        return f"Recall@{match[1]}"
-    return _NAMES.get(metric, metric.replace("_", " "))
+    """A readable axis label: ``recall_at_4`` → ``Recall@4``, ``map_at_r`` → ``MAP@R`` (the one map:
+    :func:`analysis.names.display_name`)."""
+    return display_name(metric, recall="Recall@")
 
 
 def optimization_history(runs: pd.DataFrame, objective: str) -> Figure:
@@ -91,19 +90,20 @@ def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figu
     search trial by ``objective`` (default: the ``objective`` column) on the validation classes."""
     colours = _colours(runs)
     final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE)]
-    columns = _recall_columns(final if len(final) else runs)
-    if len(final):
+    if len(final):  # final runs log test_recall_at_<k>
+        columns = _recall_columns(final, test=True)
         curves = {loss: _seed_stats(group, columns) for loss, group in final.groupby("loss")}
-        where, prefix = "test classes, final stage", "test_"
+        where = "test classes, final stage"
     else:
+        columns = _recall_columns(runs)
         objective = objective or runs["objective"].iloc[0]
         search = _search(runs)
         curves = {}
         for loss, group in search.groupby("loss"):
             if (best := best_trial(group, loss, objective)) is not None:
                 curves[loss] = (best[columns].to_numpy(float), np.full(len(columns), np.nan), 1)
-        where, prefix = "validation classes, best trial", ""
-    ks = np.array([int(_RECALL.fullmatch(c)[1]) for c in columns])
+        where = "validation classes, best trial"
+    ks = np.array([int(_RECALL.fullmatch(c.removeprefix(TEST_PREFIX))[1]) for c in columns])
     fig = _figure(WIDTH, 4.8)
     ax = fig.subplots()
     for i, loss in enumerate(sorted(curves)):
@@ -120,7 +120,7 @@ def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figu
             bars.set_label(f"_ci {loss}")
             for artist in bars.lines[1] + bars.lines[2]:
                 artist.set_transform(shift)
-    _draw_baseline(ax, runs, [prefix + c for c in columns], ks)
+    _draw_baseline(ax, runs, columns, ks)  # the baseline logs both: validation and test_ names
     ax.autoscale_view()
     ax.set_xscale("log", base=2 if all(k & (k - 1) == 0 for k in ks) else 10)
     ax.xaxis.set_major_locator(FixedLocator(ks))
@@ -300,10 +300,12 @@ def _trial_number(key) -> float:
     return float("nan") if number is None else float(number)
 
 
-def _recall_columns(rows: pd.DataFrame) -> list[str]:
-    """The ``recall_at_<k>`` columns with a value in ``rows``, by K."""
-    columns = [c for c in rows.columns if _RECALL.fullmatch(c) and rows[c].notna().any()]
-    return sorted(columns, key=lambda c: int(_RECALL.fullmatch(c)[1]))
+def _recall_columns(rows: pd.DataFrame, test: bool = False) -> list[str]:
+    """The ``recall_at_<k>`` columns (``test``: ``test_recall_at_<k>``) with a value in ``rows``, by K."""
+    prefix = TEST_PREFIX if test else ""
+    found = {c: _RECALL.fullmatch(c.removeprefix(prefix)) for c in rows.columns if c.startswith(prefix)}
+    columns = [c for c, match in found.items() if match and rows[c].notna().any()]
+    return sorted(columns, key=lambda c: int(found[c][1]))
 
 
 def _seed_stats(group: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -326,7 +328,7 @@ def _slice_axis(ax, values: pd.Series, log: bool) -> np.ndarray:
     """x positions of a hyperparameter's values: floats (a log axis when ``log`` and no value is negative),
     else category positions labelled with the sorted categories."""
     numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.notna().all():
+    if numbers.notna().all() and not pd.api.types.is_bool_dtype(values):  # True/False: two categories
         x = numbers.to_numpy(float)
         positive = x[x > 0]
         if log and len(positive) and x.min() >= 0:

@@ -7,11 +7,16 @@ state, wall time and resources. :func:`load_history`: every metric at every epoc
 The rules every table, figure and check shares live here too: :func:`complete_search` and
 :func:`best_trial` (which trial is a loss's best), :func:`loss_metrics` (which metrics a loss reports
 about itself) and :func:`is_log_scale` (which hyperparameters were searched on a log scale).
+
+Metric columns follow the runs' naming (:mod:`analysis.names`): a search trial's ``map_at_r`` is its
+validation score, a final, ablation or ensemble run's ``test_map_at_r`` its test score; the baseline
+has both. Parameter columns are typed as the search space sampled them (:func:`typed_params`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from analysis.names import as_test_name, is_retrieval
 from study.tracking import (
     TAG_ARM,
     TAG_CLAIM,
@@ -34,9 +40,10 @@ from study.tracking import (
     TAG_TRIAL,
     TAG_TRIAL_METRICS,
 )
-from study.vocab import Stage, State
+from study.vocab import SEARCH_SPACES_ARTIFACT, Stage, State
 
 LOG_RANGE = 100  # without the log_params tag: positive values spanning this factor are taken as log-scaled
+_TESTED = (Stage.FINAL, Stage.ABLATION, Stage.ENSEMBLE)  # the stages whose runs are tested once
 
 
 class StudyNotFoundError(LookupError):
@@ -74,13 +81,17 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
     the loss's own trial metrics, the hyperparameters searched on a log scale; None for runs logged before
     those tags),
     ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
-    value) and one ``param.<name>`` column per hyperparameter (strings, as MLflow keeps them; the
-    runs' settings, params named ``<section>.<key>``, are left out: the parent run's config has them).
+    value: ``test_<metric>`` on the test classes, see :mod:`analysis.names`) and one ``param.<name>``
+    column per hyperparameter, typed as it was sampled (:func:`typed_params`: floats, nullable
+    integers and booleans, text), so that ``runs.plot.scatter(x="param.alpha", y="map_at_r")`` works;
+    the runs' settings, params named ``<section>.<key>``, are left out: the parent run's config has them.
+    One MLflow query per study for its runs, one download for its search spaces.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     frames = []
     for name in [studies] if isinstance(studies, str) else studies:
         parent = find_parent(client, name)
+        spaces = _search_spaces(client, parent.info.run_id)
         p = parent.data.params
         children = client.search_runs(
             [parent.info.experiment_id],
@@ -110,7 +121,11 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
             for run in children
             if stale or TAG_STALE not in run.data.tags
         ]
-        frame = pd.DataFrame(rows)
+        frame = _legacy_test_names(pd.DataFrame(rows))
+        if spaces and "loss" in frame:  # the space's word on log scales where a run lacks the tag
+            from_space = frame["loss"].map({loss: _log_names(space) for loss, space in spaces.items()})
+            frame["log_params"] = frame["log_params"].where(frame["log_params"].notna(), from_space)
+        frame = typed_params(frame, spaces)
         frame.insert(0, "study", name)
         frame.insert(1, "dataset", p.get("dataset.name", ""))
         frame.insert(2, "objective", parent.data.tags[TAG_OBJECTIVE])
@@ -121,6 +136,115 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
         frame["gpu_hours"] = frame["wall_seconds"] * frame["gpu"] / 3600
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _search_spaces(client: MlflowClient, parent_id: str) -> dict | None:
+    """The study's search spaces (``SEARCH_SPACES_ARTIFACT`` on its parent run), or None without it."""
+    if SEARCH_SPACES_ARTIFACT not in {a.path for a in client.list_artifacts(parent_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        return json.loads(Path(client.download_artifacts(parent_id, SEARCH_SPACES_ARTIFACT, folder)).read_text())
+
+
+def load_search_spaces(name: str, tracking_uri: str | None = None) -> dict | None:
+    """Study ``name``'s search spaces as logged on its parent run, ``{loss: {param: spec}}`` (a spec:
+    ``study.search_space.Param`` as JSON), or None for a study logged before they were."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return _search_spaces(client, find_parent(client, name).info.run_id)
+
+
+def _log_names(space: dict | None) -> str | None:
+    """A space's log-scale parameters as the ``log_params`` tag spells them; None without the space."""
+    return None if space is None else ",".join(n for n, spec in space.items() if spec.get("log"))
+
+
+_INT = re.compile(r"[+-]?\d+")
+_BOOLS = {"True": True, "False": False, "true": True, "false": False}
+
+
+def _kind(specs: list[dict]) -> str | None:
+    """The dtype kind of a hyperparameter from its specs in the losses' spaces: "float", "int", "bool",
+    or None (text, or spaces that disagree: parsed from the values instead)."""
+    kinds = set()
+    for spec in specs:
+        if spec.get("type") in ("float", "int"):
+            kinds.add(spec["type"])
+        else:  # a categorical is typed like its choices
+            choices = spec.get("choices") or []
+            if choices and all(isinstance(c, bool) for c in choices):
+                kinds.add("bool")
+            elif choices and all(isinstance(c, int) and not isinstance(c, bool) for c in choices):
+                kinds.add("int")
+            elif choices and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+                kinds.add("float")
+            else:
+                return None
+    if kinds == {"int", "float"}:  # one name, an int in one loss's space and a float in another's
+        return "float"
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _parsed_kind(values: pd.Series) -> str | None:
+    """The kind MLflow's text says, for a parameter no space describes: every value an integer, a
+    number, or True/False; else None (text)."""
+    text = values.dropna().astype(str)
+    if text.empty:
+        return None
+    if text.map(lambda v: bool(_INT.fullmatch(v))).all():
+        return "int"
+    if pd.to_numeric(text, errors="coerce").notna().all():
+        return "float"
+    return "bool" if text.isin(list(_BOOLS)).all() else None
+
+
+def _as_kind(values: pd.Series, kind: str | None) -> pd.Series:
+    """``values`` (MLflow's text) as ``kind``; unchanged where a value does not fit it."""
+    if kind is None:
+        return values
+    text = values.astype(object).where(values.notna(), None)
+    if kind == "bool":
+        mapped = text.map(lambda v: v if v is None else _BOOLS.get(str(v), "?"))
+        return values if (mapped == "?").any() else mapped.astype("boolean")
+    numbers = pd.to_numeric(text, errors="coerce")
+    if (numbers.isna() & text.notna()).any():
+        return values
+    if kind == "int" and (numbers.dropna() % 1 == 0).all():
+        return numbers.astype("Int64")
+    return numbers.astype(float)
+
+
+def typed_params(runs: pd.DataFrame, spaces: dict | None = None) -> pd.DataFrame:
+    """``runs`` with each ``param.<name>`` column typed as it was sampled: floats as ``float64``, ints
+    as ``Int64`` and booleans as ``boolean`` (nullable: a loss without the hyperparameter leaves it
+    empty), text as text. The type comes from ``spaces`` (the study's search spaces,
+    ``{loss: {param: spec}}``) where they describe the hyperparameter; else (seed, fold, a study logged
+    before the spaces were) from its values: every one an integer, a number, or True/False."""
+    runs = runs.copy()
+    for column in [c for c in runs.columns if c.startswith("param.")]:
+        name = column.removeprefix("param.")
+        specs = [space[name] for space in (spaces or {}).values() if name in space]
+        kind = _kind(specs) if specs else None
+        runs[column] = _as_kind(runs[column], kind if specs and kind else _parsed_kind(runs[column]))
+    return runs
+
+
+def _legacy_test_names(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs logged before test metrics were ``test_<metric>`` (a final, ablation or ensemble run with a
+    retrieval metric but no ``test_`` one) get their test scores renamed so: one naming in every frame."""
+    if "stage" not in runs:
+        return runs
+    plain = [c for c in runs.columns if is_retrieval(c)]
+    tested = [c for c in runs.columns if c.startswith("test_") and is_retrieval(c.removeprefix("test_"))]
+    old = runs["stage"].isin(_TESTED) & runs[plain].notna().any(axis=1)
+    if tested:
+        old &= runs[tested].isna().all(axis=1)
+    if not old.any():
+        return runs
+    runs = runs.copy()
+    for column in plain:
+        runs.loc[old, as_test_name(column)] = runs.loc[old, column]
+        runs.loc[old, column] = np.nan
+    return runs
 
 
 def load_history(runs: pd.DataFrame, tracking_uri: str | None = None) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from analysis.hyper import (
     sensitivity,
     too_few_trials,
 )
+from analysis.names import as_test_name
 from analysis.report import Section, environment_info, render_html
 from analysis.runs import find_parent, load_history, load_parent_config, load_runs
 from analysis.tables import claims_tables, claims_text, export, formatted, protocol_text, write_tables
@@ -60,10 +61,12 @@ def hyperparameter_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFr
 def best_embeddings(runs: pd.DataFrame, objective: str, tracking_uri: str | None) -> dict:
     """Per loss, the test embeddings (and labels) of its best final-stage run, where they were kept."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE)].dropna(subset=[objective])
+    tested = as_test_name(objective)  # what final runs log their test score as
+    final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE)]
+    final = final.dropna(subset=[tested]) if tested in final else final.iloc[:0]
     found = {}
     for loss, group in final.groupby("loss"):
-        run_id = group.loc[group[objective].idxmax(), "run_id"]
+        run_id = group.loc[group[tested].idxmax(), "run_id"]
         if EMBEDDINGS_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
             continue
         with tempfile.TemporaryDirectory() as folder:
@@ -128,7 +131,7 @@ def build_report(name: str, tracking_uri: str | None, folder: Path) -> str:
                 "Final stage: test classes",
                 f"Each loss's best configuration, retrained with several seeds — {protocol_text(runs)} — and "
                 "tested once.",
-                tables=[("Final stage (mean ± 95% CI over seeds)", formatted(final))],
+                tables=[("Final stage (mean ± 95% CI over seeds)", formatted(final, hyperparameters=False))],
                 figures=[("Recall@K on the test classes", figures["recall_at_k"])]
                 + ([("2-D PCA of the best model's test embeddings", figures["embeddings_pca"])] if embeddings else []),
             )

@@ -2,17 +2,27 @@
 classes, mean ± 95% CI over seeds, a significance test against the best loss), with the CPU- and
 GPU-hours each loss cost, exported as CSV, Markdown, LaTeX and HTML with the best value per column
 marked; and the papers' claims (``analysis.claims``): the controlled verdicts, then the exploratory
-trends. Ablation runs (a claim's arm) enter the claims only, never a loss's row, count or cost."""
+trends. Ablation runs (a claim's arm) enter the claims only, never a loss's row, count or cost.
+
+A table names its metric columns after the metric (``map_at_r``, ``map_at_r_ci``) whichever classes
+it was measured on: the search table's are the validation classes' (the runs' ``map_at_r``), the final
+table's the test classes' (the runs' ``test_map_at_r``), as their captions say. The tables are
+frames of numbers (the CSV: full precision, counts as integers, one ``param.<name>`` column per
+hyperparameter, one ``loss.<metric>`` column per metric a loss reports about itself); the Markdown
+and HTML show them as text (:func:`formatted`), the LaTeX as a paper shows them (:func:`to_latex`).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from analysis.claims import ABLATION, TREND_RULE, VERDICT_RULE, ablation_claims, exploratory_trends
+from analysis.names import as_test_name, display_name
 from analysis.runs import best_trial, loss_metrics
 from study.storage import Storage
 from study.vocab import Stage, State
@@ -22,14 +32,17 @@ _COST_COLUMNS = ["cpu_hours", "gpu_hours"]
 COUNTS = ["trials", "complete", "pruned", "failed", "seeds", "runs"]
 LR_COLUMNS = ["lr", "loss_lr"]  # the effective learning rates of a trial (backbone, the loss's own parameters)
 ALPHA = 0.05  # significance level of the test against the best loss
+PARAM, LOSS_METRIC = "param.", "loss."  # a table's hyperparameter and loss-metric columns
+# what the LaTeX table leaves out unless asked (to_latex's ``extra``): a paper's table shows the losses' results
+LATEX_HIDDEN = ["complete", "pruned", "failed", "runs", "protocol", *LR_COLUMNS, "hyperparameters", "loss metrics",
+                *_COST_COLUMNS, "mode"]  # fmt: skip
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
-    """``recall_at_<k>`` in increasing k (the dataset's Ks), then NMI, MAP@R and R-Precision."""
-    recalls = sorted(
-        (c for c in runs.columns if re.fullmatch(r"recall_at_\d+", c)), key=lambda c: int(c.rsplit("_", 1)[1])
-    )
-    return recalls + FIXED_METRICS
+    """``recall_at_<k>`` in increasing k (the dataset's Ks, from validation or ``test_`` columns), then
+    NMI, MAP@R and R-Precision."""
+    ks = {int(m[1]) for c in runs.columns if (m := re.fullmatch(r"(?:test_)?recall_at_(\d+)", c))}
+    return [f"recall_at_{k}" for k in sorted(ks)] + FIXED_METRICS
 
 
 def _groups(runs: pd.DataFrame) -> list[str]:
@@ -66,14 +79,15 @@ def _ordered(table: pd.DataFrame, runs: pd.DataFrame, keys: list[str], objective
 def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     """Best COMPLETE search trial per loss by ``objective`` (validation classes), then the baseline.
 
-    Columns: loss, trials, complete, pruned, failed, the metrics, the best trial's learning rates (``lr``
-    of the backbone, ``loss_lr`` of the loss's own parameters — the same for every loss unless the
-    study searched them), hyperparameters and loss metrics (:func:`analysis.runs.loss_metrics`: what
-    the losses report about their own parameters) as ``name=value`` text,
-    cpu_hours, gpu_hours, mode.
+    Columns: loss, trials, complete, pruned, failed (integers), the metrics, the best trial's learning
+    rates (``lr`` of the backbone, ``loss_lr`` of the loss's own parameters — the same for every loss
+    unless the study searched them), its hyperparameters (``param.<name>``, typed as :func:`load_runs`
+    gives them; empty where a loss has no such hyperparameter) and loss metrics
+    (``loss.<metric>``: :func:`analysis.runs.loss_metrics`, what the losses report about their own
+    parameters), cpu_hours, gpu_hours, mode.
     """
     metrics = metric_columns(runs)
-    params = sorted(c for c in runs.columns if c.startswith("param."))
+    params = sorted(c for c in runs.columns if c.startswith(PARAM))
     own_metrics = loss_metrics(runs)
     keys = _groups(runs)
     cost = _cost(runs, keys)
@@ -88,38 +102,36 @@ def comparison_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
         }
         if (best := best_trial(group, row["loss"], objective)) is not None:
             row |= {m: best.get(m) for m in metrics} | {c: best.get(c) for c in LR_COLUMNS}
-            row["hyperparameters"] = ", ".join(
-                f"{p.removeprefix('param.')}={_short(best[p])}" for p in params if pd.notna(best[p])
-            )
-            row["loss metrics"] = ", ".join(
-                f"{m}={_short(best[m])}" for m in own_metrics if m in best and pd.notna(best[m])
-            )
+            row |= {p: best[p] for p in params if pd.notna(best[p])}
+            row |= {LOSS_METRIC + m: best[m] for m in own_metrics if m in best and pd.notna(best[m])}
         row |= cost.get(key, {})
         rows.append(row)
     for _, base in runs[runs["stage"] == Stage.BASELINE].iterrows():
         rows.append(
             {k: base.get(k) for k in keys} | {"loss": "untrained", "trials": 0} | {m: base.get(m) for m in metrics}
         )
-    columns = [
-        *keys,
-        "trials",
-        "complete",
-        "pruned",
-        "failed",
-        *metrics,
-        *LR_COLUMNS,
-        "hyperparameters",
-        "loss metrics",
-    ]
+    shown_params = [p for p in params if any(p in row for row in rows)]  # the searched losses' only
+    shown_own = [LOSS_METRIC + m for m in own_metrics if any(LOSS_METRIC + m in row for row in rows)]
+    columns = [*keys, "trials", "complete", "pruned", "failed", *metrics, *LR_COLUMNS, *shown_params, *shown_own]
     table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
-    return _ordered(table, runs, keys, objective)
+    for column in shown_params:  # each hyperparameter keeps the type load_runs gave it
+        table[column] = table[column].astype(runs[column].dtype)
+    return _ordered(_as_counts(table), runs, keys, objective)
 
 
-def _short(value: str) -> str:
-    try:
-        return f"{float(value):.4g}"
-    except ValueError:
-        return value
+def _as_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """The count columns as integers (nullable: a row without the count stays empty, never ``2.0``)."""
+    for column in COUNTS:
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    return table
+
+
+def _short(value) -> str:
+    """A hyperparameter's or loss metric's value in a text cell: a number to 4 significant digits."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        return str(value)
+    return f"{float(value):.4g}"
 
 
 def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
@@ -129,34 +141,42 @@ def final_table(runs: pd.DataFrame, objective: str) -> pd.DataFrame:
     ``p_vs_best``: Welch's t-test of the loss's per-seed ``objective`` against the best loss's.
 
     Columns: loss, protocol ("all classes": each seed trained on every training class, as the papers;
-    "folds": one model per validation fold, the Reality Check protocol), seeds, runs, ``<metric>`` and
-    ``<metric>_ci`` for each metric, p_vs_best, cpu_hours, gpu_hours, mode (finetune / features).
+    "folds": one model per validation fold, the Reality Check protocol), seeds, runs (integers),
+    ``<metric>`` and ``<metric>_ci`` for each metric (read from the runs' ``test_<metric>``), p_vs_best,
+    the configuration the final runs retrained (``param.<name>``, without seed and fold), cpu_hours,
+    gpu_hours, mode (finetune / features).
     """
     metrics = metric_columns(runs)
+    tested = [as_test_name(m) for m in metrics]
     keys = _groups(runs)
     cost = _cost(runs, keys)
     rows, samples = [], {}
     done = runs[runs["state"] == State.COMPLETE]
+    params = [c for c in runs.columns if c.startswith(PARAM) and c not in (f"{PARAM}seed", f"{PARAM}fold")]
     for stage, suffix in ((Stage.FINAL, ""), (Stage.ENSEMBLE, " (ensemble)")):
         for key, group in done[done["stage"] == stage].groupby(keys, sort=False):
-            per_seed = seed_means(group, metrics)
+            per_seed = seed_means(group.reindex(columns=[*group.columns, *set(tested) - set(group)]), tested)
             row = dict(zip(keys, key, strict=True)) | {"seeds": len(per_seed), "runs": len(group)}
             row["protocol"] = "folds" if stage == Stage.ENSEMBLE or _per_fold(group) else "all classes"
             row["loss"] += suffix
-            for metric in metrics:
-                row[metric], row[f"{metric}_ci"] = mean_ci(per_seed[metric].to_numpy())
+            for metric, name in zip(metrics, tested, strict=True):
+                row[metric], row[f"{metric}_ci"] = mean_ci(per_seed[name].to_numpy(float))
             if stage == Stage.FINAL:
-                row |= cost.get(key, {})
-            samples[tuple(row[k] for k in keys)] = per_seed[objective].to_numpy()
+                row |= {p: group[p].dropna().iloc[0] for p in params if group[p].notna().any()} | cost.get(key, {})
+            samples[tuple(row[k] for k in keys)] = per_seed[as_test_name(objective)].to_numpy(float)
             rows.append(row)
     for _, base in runs[runs["stage"] == Stage.BASELINE].iterrows():  # the untrained network, tested once
-        if f"test_{objective}" in base and pd.notna(base[f"test_{objective}"]):
+        if as_test_name(objective) in base and pd.notna(base[as_test_name(objective)]):
             untrained = {k: base.get(k) for k in keys} | {"loss": "untrained", "seeds": 1, "runs": 1}
-            rows.append(untrained | {m: base.get(f"test_{m}") for m in metrics})
+            rows.append(untrained | {m: base.get(name) for m, name in zip(metrics, tested, strict=True)})
     columns = [*keys, "protocol", "seeds", "runs", *[c for m in metrics for c in (m, f"{m}_ci")]]
-    table = pd.DataFrame(rows, columns=columns + _COST_COLUMNS[: len(next(iter(cost.values()), {}))])
+    shown_params = [p for p in params if any(p in row for row in rows)]
+    cost_columns = _COST_COLUMNS[: len(next(iter(cost.values()), {}))]
+    table = pd.DataFrame(rows, columns=columns + shown_params + cost_columns)
+    for column in shown_params:
+        table[column] = table[column].astype(runs[column].dtype)
     table.insert(len(columns), "p_vs_best", _p_vs_best(table, samples, keys, objective))
-    return _ordered(table, runs, keys, objective)
+    return _ordered(_as_counts(table), runs, keys, objective)
 
 
 def _per_fold(runs: pd.DataFrame) -> bool:
@@ -176,8 +196,18 @@ def protocol_text(runs: pd.DataFrame) -> str:
 
 def seed_means(group: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """One row per seed: the mean of ``columns`` over the seed's runs (with folds, its fold models)."""
-    seeds = group["param.seed"].fillna("0") if "param.seed" in group else pd.Series("0", index=group.index)
+    # one spelling per seed, whether load_runs typed it (3) or MLflow's text came through ("3", "3.0")
+    seeds = group["param.seed"].map(_seed_key) if "param.seed" in group else pd.Series("0", index=group.index)
     return group.groupby(seeds)[columns].mean()
+
+
+def _seed_key(value) -> str:
+    if pd.isna(value):
+        return "0"
+    try:
+        return str(int(float(value)))
+    except ValueError:
+        return str(value)
 
 
 def _p_vs_best(table: pd.DataFrame, samples: dict, keys: list[str], objective: str) -> list[float]:
@@ -206,27 +236,54 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean()), float(stats.t.ppf((1 + level) / 2, len(values) - 1) * sem)
 
 
-def formatted(table: pd.DataFrame, bold: tuple[str, str] = ("**", "**")) -> pd.DataFrame:
-    """The table as text: metrics to 4 decimals (``mean ± ci`` where a CI column exists), the best
-    value of each metric column wrapped in ``bold`` (per dataset), counts as integers, hours to 3
-    significant digits, p-values with a ``*`` below ``ALPHA``, blanks where a value does not apply."""
+def best_mask(table: pd.DataFrame) -> pd.DataFrame:
+    """Per metric column of ``table``, True where the value is the best (highest) of a trained loss —
+    per study when the table holds several (a ``study`` column first); the untrained baseline is
+    never the best loss, even where it scores higher."""
     metrics = [c for c in table.columns if c in metric_columns(table)]
-    keys = ["study"] if "study" in table and "study" in table.columns[:1] else []
+    by_study = "study" in table.columns[:1]
+    mask = pd.DataFrame(False, index=table.index, columns=metrics)
+    for column in metrics:
+        trained = pd.to_numeric(table[column], errors="coerce").where(table["loss"] != "untrained")
+        best = trained.groupby(table["study"]).transform("max") if by_study else trained.max()
+        mask[column] = (trained == best) & trained.notna()
+    return mask
+
+
+def _packed(table: pd.DataFrame, prefix: str) -> list[str]:
+    """Each row's ``prefix`` columns (``param.``, ``loss.``) as ``name=value`` text, in one cell."""
+    columns = [c for c in table.columns if c.startswith(prefix)]
+    return [
+        ", ".join(f"{c.removeprefix(prefix)}={_short(row[c])}" for c in columns if pd.notna(row[c]))
+        for _, row in table.iterrows()
+    ]
+
+
+def formatted(table: pd.DataFrame, bold: tuple[str, str] = ("**", "**"), hyperparameters: bool = True) -> pd.DataFrame:
+    """The table as text: metrics to 4 decimals (``mean ± ci`` where a CI column exists), the best
+    value of each metric column wrapped in ``bold`` (:func:`best_mask`), counts as integers, hours to 3
+    significant digits, p-values with a ``*`` below ``ALPHA``, blanks where a value does not apply;
+    the ``param.`` columns in one ``hyperparameters`` cell per row (left out without
+    ``hyperparameters``) and the ``loss.`` columns in one ``loss metrics`` cell, ``name=value``."""
+    is_best = best_mask(table)
     shown = pd.DataFrame(index=table.index)
     for column in table.columns:
         if column.endswith("_ci"):
             continue
         values = table[column]
-        if column in metrics:
+        if column in is_best:
             ci = table.get(f"{column}_ci")
             text = [
                 "" if pd.isna(v) else f"{v:.4f}" + ("" if ci is None or pd.isna(ci[i]) else f" ± {ci[i]:.4f}")
                 for i, v in values.items()
             ]
-            trained = values.where(table["loss"] != "untrained")  # the baseline is never the best loss
-            best = trained.groupby(table[keys[0]]).transform("max") if keys else trained.max()
-            is_best = (trained == best) & trained.notna()
-            shown[column] = [f"{bold[0]}{t}{bold[1]}" if b else t for t, b in zip(text, is_best, strict=True)]
+            shown[column] = [f"{bold[0]}{t}{bold[1]}" if b else t for t, b in zip(text, is_best[column], strict=True)]
+        elif column.startswith(PARAM):
+            if hyperparameters and "hyperparameters" not in shown:
+                shown["hyperparameters"] = _packed(table, PARAM)
+        elif column.startswith(LOSS_METRIC):
+            if "loss metrics" not in shown:
+                shown["loss metrics"] = _packed(table, LOSS_METRIC)
         elif column in COUNTS:
             shown[column] = ["" if pd.isna(v) else str(int(v)) for v in values]
         elif column in LR_COLUMNS:
@@ -240,41 +297,87 @@ def formatted(table: pd.DataFrame, bold: tuple[str, str] = ("**", "**")) -> pd.D
     return shown
 
 
-def to_markdown(table: pd.DataFrame) -> str:
+def to_markdown(table: pd.DataFrame, hyperparameters: bool = True) -> str:
     """Markdown with the best value per metric in bold."""
-    return formatted(table).to_markdown(index=False)
+    return formatted(table, hyperparameters=hyperparameters).to_markdown(index=False)
 
 
-def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs LaTeX tabular with the best value per metric in ``\\textbf``."""
-    shown = formatted(table, bold=("\\textbf{", "}"))
-    escaped = shown.map(lambda s: s if s.startswith("\\textbf") else _latex_escape(s))
-    escaped.columns = [_latex_escape(c) for c in shown.columns]
-    return escaped.to_latex(index=False, escape=False).replace(" ± ", " $\\pm$ ")
+def to_latex(table: pd.DataFrame, extra: Sequence[str] = (), digits: int = 1) -> str:
+    """The table as a paper shows it: a booktabs tabular (``\\toprule`` … ``\\bottomrule``) written by
+    pandas' ``Styler`` (which also escapes the text), readable headers (:func:`analysis.names.display_name`:
+    R@1, MAP@R, NMI), metrics in percent to ``digits`` decimals (``63.2 $\\pm$ 1.3`` with a CI), the
+    best of each metric in ``\\textbf`` (:func:`best_mask`), numeric columns right-aligned.
+
+    Columns: those of :func:`formatted` but ``LATEX_HIDDEN`` — for the loss tables the loss (and study,
+    dataset), trials or seeds, the metrics and p_vs_best; ``extra`` brings hidden ones back by name — e.g.
+    ``("cpu_hours", "gpu_hours", "mode")`` for the cost and mode, ``("hyperparameters",)`` for the best
+    configuration."""
+    text = formatted(table, bold=("", ""))
+    metrics = list(best_mask(table).columns)
+    keep = [c for c in text.columns if c not in LATEX_HIDDEN or c in extra]
+    shown = text[keep].copy()
+    for column in metrics:
+        ci = table.get(f"{column}_ci")
+        shown[column] = [
+            ""
+            if pd.isna(v)
+            else f"{100 * v:.{digits}f}" + ("" if ci is None or pd.isna(ci[i]) else f" $\\pm$ {100 * ci[i]:.{digits}f}")
+            for i, v in table[column].items()
+        ]
+    return _latex(shown, verbatim=metrics, bold=best_mask(table))
 
 
-def _latex_escape(text: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", text)
+def _is_numeric_text(values: pd.Series) -> bool:
+    """Whether every non-empty cell of a text column starts like a number (``63.2 $\\pm$ 1.3``, ``+0.012 [...]``,
+    ``0.031 *``): such a column is right-aligned."""
+    cells = [str(v) for v in values if str(v)]
+    return bool(cells) and all(re.match(r"[+\-−]?(\d|\.\d|nan|inf)", c) for c in cells)
 
 
-def to_html(table: pd.DataFrame) -> str:
+def _latex(shown: pd.DataFrame, verbatim: Sequence[str] = (), bold: pd.DataFrame | None = None) -> str:
+    """A text table as booktabs LaTeX through pandas' ``Styler``: headers shown by
+    :func:`~analysis.names.display_name` and escaped, cells escaped except the ``verbatim`` columns (already
+    LaTeX), cells where ``bold`` is True in ``\\textbf``, numeric columns right-aligned."""
+    shown = shown.reset_index(drop=True)
+    align = "".join("r" if _is_numeric_text(shown[c]) else "l" for c in shown.columns)
+    names = {c: display_name(c) for c in shown.columns}
+    styler = shown.rename(columns=names).style.hide(axis="index")
+    escaped = [names[c] for c in shown.columns if c not in verbatim]
+    styler = styler.format(escape="latex", subset=escaped).format_index(escape="latex", axis=1)
+    if bold is not None and len(bold.columns):
+        props = bold.reset_index(drop=True).replace({True: "textbf: --rwrap;", False: ""}).rename(columns=names)
+        styler = styler.apply(lambda _: props, axis=None, subset=list(props.columns))
+    return styler.to_latex(hrules=True, column_format=align)
+
+
+def to_html(table: pd.DataFrame, hyperparameters: bool = True) -> str:
     """An HTML table with the best value per metric in ``<strong>``."""
-    shown = formatted(table, bold=("\0b", "\0/b"))
+    shown = formatted(table, bold=("\0b", "\0/b"), hyperparameters=hyperparameters)
     html = shown.to_html(index=False, escape=True, border=0, classes="results")
     return html.replace("\0b", "<strong>").replace("\0/b", "</strong>")
 
 
-def export(table: pd.DataFrame, folder: Storage, name: str, shown: pd.DataFrame | None = None) -> list[Storage]:
-    """Write ``<name>.csv`` (full precision), ``.md``, ``.tex`` and ``.html`` into ``folder``; the
-    last three show ``shown`` (the table as text, e.g. :func:`claims_text`) when given."""
+def export(
+    table: pd.DataFrame,
+    folder: Storage,
+    name: str,
+    shown: pd.DataFrame | None = None,
+    hyperparameters: bool = True,
+) -> list[Storage]:
+    """Write ``<name>.csv`` (full precision: the table's numbers, one column per hyperparameter),
+    ``.md``, ``.tex`` (:func:`to_latex`) and ``.html`` into ``folder``; the last three show ``shown``
+    (the table as text, e.g. :func:`claims_text`) when given. Without ``hyperparameters`` the Markdown and
+    HTML leave the ``param.`` columns out (the CSV keeps them)."""
     if shown is None:
-        rendered = {"md": to_markdown(table) + "\n", "tex": to_latex(table), "html": to_html(table)}
+        rendered = {
+            "md": to_markdown(table, hyperparameters) + "\n",
+            "tex": to_latex(table),
+            "html": to_html(table, hyperparameters),
+        }
     else:
-        plain = shown.map(_latex_escape)
-        plain.columns = [_latex_escape(c) for c in shown.columns]
         rendered = {
             "md": (shown.to_markdown(index=False) if len(shown) else "(none)") + "\n",
-            "tex": plain.to_latex(index=False, escape=False),
+            "tex": _latex(shown.astype(str)),
             "html": shown.to_html(index=False, escape=True, border=0, classes="results"),
         }
     files = {"csv": table.to_csv(index=False), **rendered}
@@ -366,7 +469,7 @@ def write_tables(runs: pd.DataFrame, out: Storage) -> tuple[str, pd.DataFrame, p
         f"classes (objective: {objective}).\n\n" + to_markdown(search) + "\n"
     )
     if (final["loss"] != "untrained").any():  # the final stage ran
-        export(final, out, "final")
+        export(final, out, "final", hyperparameters=False)  # the search table shows them
         markdown += (
             f"\nFinal stage: each loss's best configuration retrained per seed — {protocol_text(runs)} — and "
             "tested once on the test classes (mean ± 95% CI over seeds; p_vs_best: Welch's t-test against the "

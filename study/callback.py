@@ -19,7 +19,7 @@ from study.search_space import SearchSpace
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
-from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file, objective_name
 
 
 class TrackingCallback(DriverOnly, tune.Callback):
@@ -81,8 +81,9 @@ class TrackingCallback(DriverOnly, tune.Callback):
             return
         key = trial.config[SPEC].key
         self.tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))
-        value = result.get(self.objective)
-        shown = f"{self.objective}={value:.4f}" if value is not None else f"loss={result['train_loss']:.4f}"
+        name = objective_name(key.stage, self.objective)  # test_<objective> on a final run's last epoch
+        value = result.get(name)
+        shown = f"{name}={value:.4f}" if value is not None else f"loss={result['train_loss']:.4f}"
         self.say(f"  {key} epoch {result['epoch']}: {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -343,13 +343,14 @@ def _headline(runs: pd.DataFrame, objective: str) -> dict[str, float]:
     ``runs``), as the final table computes it: per seed the mean over its runs (its fold models),
     then the mean over seeds. Empty when the final stage did not run."""
     from analysis.tables import mean_ci, seed_means
-    from study.vocab import Stage, State
+    from study.vocab import Stage, State, as_test_name
 
-    if objective not in runs:
+    tested = as_test_name(objective)  # final runs log their test scores so
+    if tested not in runs:
         return {}
     final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE)]
     return {
-        loss: mean_ci(seed_means(group, [objective])[objective].to_numpy(float))[0]
+        loss: mean_ci(seed_means(group, [tested])[tested].to_numpy(float))[0]
         for loss, group in final.groupby("loss", sort=False)
     }
 

@@ -18,7 +18,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from study.claims import Claim
 from study.config import StudyConfig, TrainConfig
 from study.search_space import SearchSpace
-from study.vocab import State, TrialKey
+from study.vocab import State, TrialKey, objective_name
 
 SPEC = "spec"  # the one key of a trial's Ray config
 # result key of a trial that ended itself with an error no retry can fix (a non-finite loss, a
@@ -118,13 +118,15 @@ class Outcome:
     @classmethod
     def of(cls, spec: TrialSpec, result: dict | None, objective: str, error: str | None = None) -> Outcome:
         """COMPLETE (every epoch ran, the objective is finite), PRUNED (stopped early by the
-        scheduler) or FAIL (raised: ``error``; diverged; or no finite objective)."""
+        scheduler) or FAIL (raised: ``error``; diverged; or no finite objective). The study's
+        ``objective`` is read as the stage logs it (:func:`study.vocab.objective_name`)."""
         result = result or {}
         if error is not None or FAILED in result:
             return cls(State.FAIL, error=error or result[FAILED])
-        value = result.get(objective)
+        name = objective_name(spec.key.stage, objective)  # a final run's is test_<objective>
+        value = result.get(name)
         if value is None or not math.isfinite(value):
-            return cls(State.FAIL, error=f"no finite {objective} was reported")
+            return cls(State.FAIL, error=f"no finite {name} was reported")
         if result.get("epoch", 0) < spec.train.epochs:
             return cls(State.PRUNED, value)
         return cls(State.COMPLETE, value)

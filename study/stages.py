@@ -48,6 +48,8 @@ from study.vocab import (
     Stage,
     State,
     TrialKey,
+    as_test,
+    as_test_name,
     checkpoint_dir,
 )
 
@@ -261,7 +263,8 @@ def ensemble(
     tracker.start_trial(str(key), loss, Stage.ENSEMBLE, {"seed": seed, "folds": len(folds)}, key.run_name)
     tracker.log_metrics(str(key), result, step=0)
     tracker.end_trial(str(key), State.COMPLETE)
-    say(f"  {key}: {cfg.search.objective}={result[cfg.search.objective]:.4f}")
+    name = as_test_name(cfg.search.objective)
+    say(f"  {key}: {name}={result[name]:.4f}")
 
 
 def close_finished_runs(
@@ -296,7 +299,7 @@ def baseline(cfg: StudyConfig, tracker: StudyTracker, say: Say) -> None:
     settings = {section: public[section] for section in ("train", "model", "dataset", "resources")}
     settings["trial"] = {"seed": cfg.seed}
     tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained", settings=settings)
-    tracker.log_metrics(str(key), val | {f"test_{k}": v for k, v in test.items()}, step=0)
+    tracker.log_metrics(str(key), val | as_test(test), step=0)
     tracker.end_trial(str(key), State.COMPLETE)
     say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
 

@@ -58,7 +58,7 @@ from study.data.transforms import eval_transform, to_device, train_transform
 from study.losses import create_loss
 from study.models import EmbeddingNet
 from study.storage import Storage
-from study.vocab import CHECKPOINT_FILE
+from study.vocab import CHECKPOINT_FILE, as_test
 
 
 class NonFiniteLossError(RuntimeError):
@@ -560,8 +560,9 @@ def run_final(
     checkpoint_dir: Storage | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """A final-stage run: trained on every training class (or fold ``fold``'s training classes),
-    evaluated once, after the last epoch, on the test classes. Returns the test metrics (also in
-    the last reported result) and the test embeddings (``test``, ``test_labels``, ``gallery``…)."""
+    evaluated once, after the last epoch, on the test classes. Returns the test metrics, named
+    ``test_<metric>`` (:func:`study.vocab.as_test`), with the loss's own metrics (also in the last
+    reported result), and the test embeddings (``test``, ``test_labels``, ``gallery``…)."""
     device = resolve_device(train.device)
     inputs = _on_device(data.inputs, device)
     fit = data.trainval if fold is None else data.folds[fold][0]
@@ -573,7 +574,7 @@ def run_final(
             return {}
         result, embeddings = evaluate_test(learner.model, data, inputs, train, device, seed)
         saved.update(embeddings)
-        return result | learner.loss_metrics()
+        return as_test(result) | learner.loss_metrics()  # test_<metric>: never mistaken for a validation score
 
     history = _fit([learner], train.epochs, inputs, test_once, report, checkpoint_dir)
     if not saved:  # every epoch was in the checkpoint: evaluate the restored model

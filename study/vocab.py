@@ -34,6 +34,32 @@ class Stage(StrEnum):
     ENSEMBLE = "ensemble"  # one seed's fold models, their embeddings concatenated, tested once
 
 
+# Metric names: one meaning each, on every run. A metric on the validation classes (search trials, the
+# baseline's validation score) is logged under its own name (``map_at_r``); the same metric on the test
+# classes (final, ablation and ensemble runs, the baseline's test score, the parent run's headline) as
+# ``test_<name>`` (``test_map_at_r``). What a loss reports about its own parameters (``trial_metrics()``:
+# effective centers, proxy correlation) is about the model, not about a set of classes, and what every
+# epoch reports (``train_loss``, ``epoch_seconds``) about the training: both keep their names.
+TEST_PREFIX = "test_"
+
+
+# (no function here starts with "test": pytest would collect it where a test module imports it)
+def as_test_name(name: str) -> str:
+    """The name metric ``name`` takes when measured on the test classes: ``map_at_r`` → ``test_map_at_r``."""
+    return TEST_PREFIX + name
+
+
+def as_test(metrics: dict[str, float]) -> dict[str, float]:
+    """Retrieval metrics measured on the test classes, renamed :func:`as_test_name` (see ``TEST_PREFIX``)."""
+    return {as_test_name(name): value for name, value in metrics.items()}
+
+
+def objective_name(stage: Stage, objective: str) -> str:
+    """The name the study's ``objective`` is logged under on a trial of ``stage``: its own on a search
+    trial (validation classes), ``test_<objective>`` on a final, ablation or ensemble run (test classes)."""
+    return objective if stage is Stage.SEARCH else as_test_name(objective)
+
+
 @dataclass(frozen=True)
 class TrialKey:
     """A run's identity within a study: its MLflow tag, run name and folder all derive from it.

@@ -33,6 +33,7 @@ from study.train import (
 from study.vocab import (
     Stage,
     TrialKey,
+    as_test,
     checkpoint_dir,
     embeddings_bytes,
     embeddings_file,
@@ -107,7 +108,8 @@ def export_model(cfg: StudyConfig, spec: TrialSpec, data: PreparedData, folder: 
 
 
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:
-    """The untrained network's validation metrics (mean over folds) and test metrics."""
+    """The untrained network's validation metrics (mean over folds) and test metrics (not yet renamed
+    ``test_<metric>``: the caller logs both on one run)."""
     set_threads(cfg.resources.cpu)
     return evaluate_untrained(cfg.model, cfg.train, load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed), cfg.seed)
 
@@ -115,7 +117,8 @@ def untrained(cfg: StudyConfig) -> tuple[dict, dict]:
 def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[int]) -> dict[str, float] | str:
     """Reality Check's ensemble of one seed's fold models (retraining search trial ``number``): their
     test embeddings concatenated (each block unit-norm, the whole scaled back to unit norm), evaluated
-    like one model's. Returns the metrics, or why there are none (a fold's run left no embeddings)."""
+    like one model's. Returns the test metrics (``test_<metric>``), or why there are none (a fold's run
+    left no embeddings)."""
     parts = []
     for fold in folds:
         path = embeddings_file(storage, TrialKey.final(loss, number, seed, fold))
@@ -129,4 +132,4 @@ def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[in
         gallery = (np.concatenate([p["gallery"] for p in parts], axis=1) * scale, parts[0]["gallery_labels"])
     submodes = parts[0].get("test_submodes") if gallery is None else None
     labels, ks = parts[0]["test_labels"], parts[0]["ks"].tolist()
-    return metrics.evaluate(test, labels, ks=ks, seed=seed, gallery=gallery, submodes=submodes)
+    return as_test(metrics.evaluate(test, labels, ks=ks, seed=seed, gallery=gallery, submodes=submodes))

@@ -65,7 +65,8 @@ def test_ablations_pair_with_the_final_runs_survive_a_kill_and_decide_the_claims
         assert {k: v for k, v in run.data.params.items() if k != claim.param} == {
             k: v for k, v in final.data.params.items() if k != claim.param
         }
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "map_at_r")] == [4]  # tested once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_map_at_r")] == [4]  # tested once
+        assert "map_at_r" not in run.data.metrics  # a test score is never logged under the validation name
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
         is_alternative = run.data.params[claim.param] == str(claim.alternative)
         assert run.data.tags[TAG_ARM] == ("alternative" if is_alternative else "paper")
@@ -76,7 +77,7 @@ def test_ablations_pair_with_the_final_runs_survive_a_kill_and_decide_the_claims
         for run in (r for r in ablations if r.data.tags[TAG_CLAIM] == claim):
             final = finals[BY_ID[claim].loss, int(run.data.params["seed"])]
             sign = 1 if run.data.tags[TAG_ARM] == "paper" else -1
-            differences.append(sign * (run.data.metrics["map_at_r"] - final.data.metrics["map_at_r"]))
+            differences.append(sign * (run.data.metrics["test_map_at_r"] - final.data.metrics["test_map_at_r"]))
         row = table.loc[(claim, "map_at_r")]
         mean, sem = np.mean(differences), stats.sem(differences)
         half = stats.t.ppf(0.975, len(differences) - 1) * sem

@@ -39,7 +39,8 @@ def _final(loss, seed, map_at_r, recall_at_1=0.5, number=7, fold=None, state="CO
     key = f"{loss}/final/{number}/s{seed}" + ("" if fold is None else f"-f{fold}")
     return {
         "trial": key, "loss": loss, "stage": "final", "state": state, "claim": None, "arm": None,
-        "map_at_r": map_at_r, "recall_at_1": recall_at_1, "nmi": 0.1, "r_precision": 0.1, "param.seed": str(seed),
+        "test_map_at_r": map_at_r, "test_recall_at_1": recall_at_1, "test_nmi": 0.1, "test_r_precision": 0.1,
+        "param.seed": str(seed),
         "param.fold": None if fold is None else str(fold), "cpu_hours": 1.0, "gpu_hours": 0.5, **metrics,
     }  # fmt: skip
 
@@ -49,8 +50,8 @@ def _ablation(claim, arm, seed, map_at_r, recall_at_1=0.5, number=7, state="COMP
     c = BY_ID[claim]
     return {
         "trial": f"{c.loss}/ablation/{number}/{c.factor}/s{seed}", "loss": c.loss, "stage": "ablation",
-        "state": state, "claim": claim, "arm": arm, "map_at_r": map_at_r, "recall_at_1": recall_at_1,
-        "nmi": 0.1, "r_precision": 0.1, "param.seed": str(seed), "param.fold": None, "cpu_hours": 10.0,
+        "state": state, "claim": claim, "arm": arm, "test_map_at_r": map_at_r, "test_recall_at_1": recall_at_1,
+        "test_nmi": 0.1, "test_r_precision": 0.1, "param.seed": str(seed), "param.fold": None, "cpu_hours": 10.0,
         "gpu_hours": 5.0, **metrics,
     }  # fmt: skip
 
@@ -169,8 +170,8 @@ def test_extra_metrics_are_judged_in_the_direction_the_claim_says():
 
 
 def test_submode_recall_row_where_the_runs_report_it():
-    rows = [_final("contrastive", s, 0.5, submode_recall_at_1=0.8 + s / 100) for s in (1, 2, 3)]
-    rows += [_ablation("contrastive.easy_positives", "paper", s, 0.5, submode_recall_at_1=0.9) for s in (1, 2, 3)]
+    rows = [_final("contrastive", s, 0.5, test_submode_recall_at_1=0.8 + s / 100) for s in (1, 2, 3)]
+    rows += [_ablation("contrastive.easy_positives", "paper", s, 0.5, test_submode_recall_at_1=0.9) for s in (1, 2, 3)]
     row = _row(ablation_claims(pd.DataFrame(rows), "map_at_r"), "contrastive.easy_positives", "submode_recall_at_1")
     _check(row, [0.9] * 3, [0.81, 0.82, 0.83])
     assert row.expected == "paper > alternative" and row.verdict == "supported"
@@ -202,7 +203,7 @@ def test_claims_without_pairs_say_why_and_claims_without_ablations_are_not_liste
 
 def test_seeds_of_different_studies_never_pair():
     one = pd.DataFrame(_mining()).assign(study="one")
-    two = pd.DataFrame(_mining()).assign(study="two", map_at_r=lambda f: f["map_at_r"] - 0.2)
+    two = pd.DataFrame(_mining()).assign(study="two", test_map_at_r=lambda f: f["test_map_at_r"] - 0.2)
     two = two[two["stage"] == "final"]  # study two ran no ablation
     table = ablation_claims(pd.concat([one, two], ignore_index=True), "map_at_r")
     assert list(table.columns) == ["study", *CLAIM_COLUMNS] and set(table["study"]) == {"one"}
@@ -271,8 +272,9 @@ def store(tmp_path_factory) -> str:
         run = client.create_run(experiment, tags=tags | {TAG_STATE: "COMPLETE"}).info.run_id
         for name, v in params.items():
             client.log_param(run, name, str(v))
-        for metric in ("map_at_r", "recall_at_1", "nmi", "r_precision", "train_loss"):
-            client.log_metric(run, metric, value, step=1)
+        for metric in ("map_at_r", "recall_at_1", "nmi", "r_precision"):  # test classes: test_<metric>
+            client.log_metric(run, metric if stage == "search" else f"test_{metric}", value, step=1)
+        client.log_metric(run, "train_loss", value, step=1)
         client.set_terminated(run)
 
     for i in range(3):

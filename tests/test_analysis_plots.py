@@ -39,15 +39,15 @@ def _search(loss, number, state, value, **params):
 
 
 def _final(loss, seed, recall, fold=None):
-    """A final-stage run with recall_at_k = recall * k (test classes)."""
+    """A final-stage run with test_recall_at_k = recall * k (test classes: test_<metric>)."""
     return {
         "run_id": f"id-{loss}-s{seed}-f{fold}",
         "trial": f"{loss}/final/0/s{seed}" + ("" if fold is None else f"-f{fold}"),
         "loss": loss,
         "stage": "final",
         "state": "COMPLETE",
-        "map_at_r": recall,
-        **{f"recall_at_{k}": recall * k for k in KS},
+        "test_map_at_r": recall,
+        **{f"test_recall_at_{k}": recall * k for k in KS},
         "param.seed": str(seed),
         "param.fold": None if fold is None else str(fold),
     }
@@ -170,8 +170,8 @@ def test_recall_at_k_without_final_stage_uses_best_complete_trial_on_validation(
 
 
 def test_recall_at_k_detects_other_ks():
-    runs = _runs().drop(columns=[f"recall_at_{k}" for k in (2, 4)])
-    runs["recall_at_1000"] = 0.9
+    runs = _runs().drop(columns=[f"{prefix}recall_at_{k}" for k in (2, 4) for prefix in ("", "test_")])
+    runs["test_recall_at_1000"] = 0.9
     ax = plots.recall_at_k_curves(runs).axes[0]
     line = next(line for line in ax.get_lines() if line.get_label().startswith("ms"))
     np.testing.assert_array_equal(line.get_xdata(), [1, 8, 1000])

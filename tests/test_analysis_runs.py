@@ -108,3 +108,94 @@ def test_trend_over_a_loss_metric_counts_every_trial_when_the_tag_names_it():
     assert "3 trials" in untagged["evidence"]  # a retrieval-like metric: COMPLETE trials only
     tagged = trend(runs.assign(trial_metrics="own"), "ms", "x", "own", -1, "c")
     assert "5 trials" in tagged["evidence"] and tagged["verdict"] == "trend (exploratory)"
+
+
+def _logged_study(folder, spaces: bool) -> str:
+    """A study logged to MLflow (SQLite) by hand, params as MLflow keeps them (text): 3 search trials of
+    one loss, a final run with test_ metrics and one logged before they were (unprefixed); with ``spaces``
+    the parent run carries ``search_spaces.json``. Returns the tracking URI."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from analysis.runs import SEARCH_SPACES_ARTIFACT
+    from study.search_space import Param
+    from study.tracking import TAG_LOSS, TAG_OBJECTIVE, TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("s", artifact_location=(folder / "artifacts").as_uri())
+    parent = client.create_run(experiment, tags={TAG_ROLE: "study", TAG_OBJECTIVE: "map_at_r"}).info.run_id
+    space = {
+        "alpha": Param(type="float", low=1.0, high=4.0, log=True, default=2.0),  # < 100x: only the space says log
+        "k": Param(type="int", low=1, high=10, default=2),
+        "mining": Param(type="categorical", choices=[True, False], default=True),
+        "positive": Param(type="categorical", choices=["all", "easy"], default="all"),
+    }
+    if spaces:
+        dumped = {"ms": {name: p.model_dump(mode="json") for name, p in space.items()}}
+        client.log_text(parent, json.dumps(dumped), SEARCH_SPACES_ARTIFACT)
+
+    def child(key, stage, params, metrics):
+        tags = {"mlflow.parentRunId": parent, TAG_TRIAL: key, TAG_STAGE: stage, TAG_LOSS: "ms", TAG_STATE: "COMPLETE"}
+        run = client.create_run(experiment, tags=tags).info.run_id
+        for name, value in params.items():
+            client.log_param(run, name, str(value))
+        for name, value in metrics.items():
+            client.log_metric(run, name, value, step=1)
+        client.set_terminated(run)
+
+    for i, (alpha, k, mining, positive) in enumerate(
+        [(1.0, 1, True, "all"), (2.5, 3, False, "easy"), (4.0, 10, True, "easy")]
+    ):
+        child(
+            f"ms/{i}", "search", {"alpha": alpha, "k": k, "mining": mining, "positive": positive}, {"map_at_r": 0.1 * i}
+        )
+    child(
+        "ms/final/2/s1",
+        "final",
+        {"alpha": 4.0, "k": 10, "mining": True, "positive": "easy", "seed": 1},
+        {"test_map_at_r": 0.5, "train_loss": 1.0},
+    )
+    child(
+        "ms/final/2/s2",
+        "final",
+        {"alpha": 4.0, "k": 10, "mining": True, "positive": "easy", "seed": 2},
+        {"map_at_r": 0.6, "train_loss": 1.0},
+    )  # logged before test metrics were test_<metric>
+    return uri
+
+
+@pytest.mark.parametrize("spaces", [True, False], ids=["search_spaces.json", "parsed"])
+def test_load_runs_types_the_parameters_as_they_were_sampled(tmp_path, spaces):
+    from matplotlib.figure import Figure
+
+    from analysis.runs import load_runs
+
+    runs = load_runs("s", _logged_study(tmp_path, spaces)).set_index("trial")
+    assert runs["param.alpha"].dtype == np.float64 and runs.loc["ms/1", "param.alpha"] == 2.5
+    assert runs["param.k"].dtype == "Int64" and runs.loc["ms/2", "param.k"] == 10
+    assert runs["param.mining"].dtype == "boolean" and runs.loc["ms/1", "param.mining"] == False  # noqa: E712
+    assert set(runs["param.positive"]) == {"all", "easy"}  # text stays text
+    assert runs["param.seed"].dtype == "Int64" and runs["param.seed"].isna().sum() == 3  # no space: parsed
+    search = runs[runs["stage"] == "search"]
+    ax = search.plot.scatter(x="param.alpha", y="map_at_r", ax=Figure().subplots())  # a TypeError on text params
+    assert sorted(ax.collections[0].get_offsets().data[:, 0].tolist()) == [1.0, 2.5, 4.0]  # numbers, not labels
+    # the log scale: the space says so (alpha spans 4x, below the data's guess of 100x); no tag was logged
+    assert is_log_scale(search, "alpha", search["param.alpha"]) is spaces
+    # a final run's test score is test_<metric>, also for a run logged before that naming
+    assert runs.loc[["ms/final/2/s1", "ms/final/2/s2"], "test_map_at_r"].tolist() == [0.5, 0.6]
+    assert runs.loc[["ms/final/2/s1", "ms/final/2/s2"], "map_at_r"].isna().all()
+    assert runs.loc["ms/2", "map_at_r"] == pytest.approx(0.2) and pd.isna(runs.loc["ms/2", "test_map_at_r"])
+
+
+def test_typed_params_leave_text_that_does_not_fit_as_text():
+    from analysis.runs import typed_params
+
+    runs = pd.DataFrame(
+        {"param.x": ["1", "x", None], "param.y": ["True", "False", None], "param.z": ["1.5", "2", None]}
+    )
+    spaces = {"ms": {"x": {"type": "int", "low": 1, "high": 3}}}  # the space says int, a value says otherwise
+    typed = typed_params(runs, spaces)
+    assert typed["param.x"].tolist()[:2] == ["1", "x"] and typed["param.y"].dtype == "boolean"
+    assert typed["param.z"].dtype == np.float64 and typed["param.z"].tolist()[:2] == [1.5, 2.0]

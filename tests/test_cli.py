@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from study.cli import _headline, app
 from study.config import load_study
 from study.tracking import TAG_BEST_LOSS, StudyTracker
-from study.vocab import CONFIG_FILE, PARENT_RUN_FILE, TrialKey
+from study.vocab import CONFIG_FILE, PARENT_RUN_FILE, Stage, TrialKey, as_test_name
 from tests.conftest import TINY_STUDY, write_study
 
 runner = CliRunner()
@@ -165,7 +165,7 @@ def test_headline_is_each_losss_mean_test_objective_over_its_final_runs():
         ("final", "COMPLETE", "ns", "2", 0.8),
         ("search", "COMPLETE", "pa", None, 0.9),  # validation classes: not a test result
     ]
-    runs = pd.DataFrame(rows, columns=["stage", "state", "loss", "param.seed", "map_at_r"])
+    runs = pd.DataFrame(rows, columns=["stage", "state", "loss", "param.seed", "test_map_at_r"])
     headline = _headline(runs, "map_at_r")
     assert headline.keys() == {"ms", "ns"}
     assert math.isclose(headline["ms"], 0.6) and math.isclose(headline["ns"], 0.65)
@@ -196,7 +196,8 @@ def test_a_finished_run_logs_its_headline_on_the_parent_run(workdir, monkeypatch
             runs += [(TrialKey.final(loss, 0, seed), {"seed": seed}, v) for seed, v in enumerate(values, 1)]
             for key, params, value in runs:
                 tracker.start_trial(str(key), loss, key.stage, params, key.run_name)
-                metrics = {name: value for name in ("recall_at_1", "nmi", "map_at_r", "r_precision")}
+                names = ("recall_at_1", "nmi", "map_at_r", "r_precision")  # test_<name> on a final run
+                metrics = {as_test_name(n) if key.stage == Stage.FINAL else n: value for n in names}
                 tracker.log_metrics(str(key), metrics, step=2)
                 tracker.end_trial(str(key), "COMPLETE")
         tracker.finish()

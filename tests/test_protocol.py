@@ -94,12 +94,15 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     # the ensemble of seed 1 concatenates its three fold models
     ensemble = next(r for r in by_stage["ensemble"] if r.data.tags[TAG_TRIAL].endswith("s1"))
     assert ensemble.data.params["folds"] == "3"
+    for run in [*finals, ensemble]:  # test classes: test_<metric> only, never a validation metric's name
+        assert "test_map_at_r" in run.data.metrics and "map_at_r" not in run.data.metrics
 
     final = pd.read_csv(study_dir / "final.csv")
     ms = final.set_index("loss").loc["multi_similarity"]
     assert (ms.seeds, ms.runs, ms.protocol) == (2, 6, "folds")
     per_seed = [
-        np.mean([r.data.metrics["map_at_r"] for r in finals if f"/s{s}-" in r.data.tags[TAG_TRIAL]]) for s in (1, 2)
+        np.mean([r.data.metrics["test_map_at_r"] for r in finals if f"/s{s}-" in r.data.tags[TAG_TRIAL]])
+        for s in (1, 2)
     ]
     assert np.isclose(ms.map_at_r, np.mean(per_seed))
     assert np.isclose(ms.map_at_r_ci, 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2), rtol=1e-3)

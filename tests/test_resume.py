@@ -214,7 +214,8 @@ def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
             epochs = _epochs(run, "train_loss")
             assert epochs == list(range(1, final_epochs + 1)), key  # every epoch once, in order
             assert before.get(key, []) == epochs[: len(before.get(key, []))]  # the killed driver's epochs kept
-            assert _epochs(run, "recall_at_1") == [final_epochs], key  # tested once, after the last epoch
+            assert _epochs(run, "test_recall_at_1") == [final_epochs], key  # tested once, after the last epoch
+            assert "recall_at_1" not in run.data.metrics, key  # a test score, never under the validation name
             assert "embeddings.npz" in {a.path for a in client.list_artifacts(run.info.run_id)}
             logged = json.loads(
                 Path(client.download_artifacts(run.info.run_id, "config.json", str(workdir))).read_text()

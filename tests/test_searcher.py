@@ -72,6 +72,10 @@ def test_outcome(cfg, spaces):
     assert Outcome.of(spec, {"map_at_r": 0.3, "epoch": 2}, "map_at_r", error="trace").state is State.FAIL
     assert Outcome.of(spec, {"map_at_r": float("nan"), "epoch": 2}, "map_at_r").state is State.FAIL
     assert Outcome.of(spec, None, "map_at_r").state is State.FAIL
+    final = final_spec(cfg, spaces["multi_similarity"], 0, {}, seed=1, fold=None)  # tested: test_<objective>
+    assert Outcome.of(final, {"test_map_at_r": 0.4, "epoch": 2}, "map_at_r") == Outcome(State.COMPLETE, 0.4)
+    wrong = Outcome.of(final, {"map_at_r": 0.4, "epoch": 2}, "map_at_r")  # a validation score: not its objective
+    assert wrong.state is State.FAIL and "test_map_at_r" in wrong.error
 
 
 def test_searcher_starts_from_the_defaults_and_tells_optuna_each_outcome(cfg, spaces):

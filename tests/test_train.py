@@ -30,6 +30,7 @@ from study.train import (
     run_final,
     run_trial,
 )
+from study.vocab import as_test
 from tests.conftest import REPO, TINY_STUDY, write_study
 from tests.test_data_transforms import cuda_syncs
 from tests.test_protocol import cub_tree
@@ -261,14 +262,16 @@ def test_with_folds_a_trial_trains_one_network_per_fold_and_reports_their_mean(s
 def test_final_run_tests_once_on_the_test_classes_and_returns_the_embeddings(study, data, tmp_path):
     reports = []
     result, saved = run_final(study.model, "multi_similarity", {}, study.train, data, seed=1, report=reports.append)
-    assert "recall_at_1" not in reports[0] and reports[-1]["recall_at_1"] == result["recall_at_1"]
+    assert "test_recall_at_1" not in reports[0] and reports[-1]["test_recall_at_1"] == result["test_recall_at_1"]
+    # test classes only: every retrieval metric is test_<metric>, none under a validation metric's name
+    assert not {"recall_at_1", "map_at_r", "nmi", "submode_recall_at_1"} & set(result)
     assert saved["test"].shape == (len(data.test), study.model.embedding_dim)
     assert set(saved["test_labels"]) == set(data.labels[data.test])
     assert not set(data.labels[data.test]) & set(data.labels[data.trainval])  # class-disjoint
-    assert result == pytest.approx(metrics.evaluate(saved["test"], saved["test_labels"], seed=1) | result)
+    assert result == pytest.approx(as_test(metrics.evaluate(saved["test"], saved["test_labels"], seed=1)) | result)
     assert np.array_equal(saved["test_submodes"], data.submodes[data.test])
     recall, chance, _ = metrics.submode_recall_at_1(saved["test"], saved["test_labels"], saved["test_submodes"])
-    assert (result["submode_recall_at_1"], result["submode_chance"]) == pytest.approx((recall, chance))
+    assert (result["test_submode_recall_at_1"], result["test_submode_chance"]) == pytest.approx((recall, chance))
     # resumed from a complete checkpoint: the same model, tested again, same numbers
     folder = Storage.at(tmp_path / "final")
     first, _ = run_final(study.model, "multi_similarity", {}, study.train, data, seed=1, checkpoint_dir=folder)
