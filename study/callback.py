@@ -14,8 +14,8 @@ from ray import tune
 
 from study.config import StudyConfig
 from study.losses import declared_trial_metrics, has_parameters, loss_hyperparameters
-from study.search_space import SearchSpace
 from study.machine import RESULT_KEY as MACHINE
+from study.search_space import SearchSpace
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_MACHINE, TAG_TRIAL_METRICS
