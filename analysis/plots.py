@@ -287,11 +287,16 @@ def figure_to_svg(fig: Figure) -> str:
     return text[text.index("<svg") :]
 
 
-def figure_to_png_base64(fig: Figure) -> str:
-    """The figure as a base64 PNG (dpi 120), for ``<img src="data:image/png;base64,…">``."""
+def figure_to_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (dpi 120), e.g. for ``IPython.display.Image`` in a notebook."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def figure_to_png_base64(fig: Figure) -> str:
+    """The figure as a base64 PNG (dpi 120), for ``<img src="data:image/png;base64,…">``."""
+    return base64.b64encode(figure_to_png(fig)).decode("ascii")
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -147,3 +147,24 @@ def test_optuna_importance_from_the_journal(tmp_path):
     import matplotlib.pyplot as plt
 
     assert plt.get_fignums() == []  # nothing left in pyplot's registry
+
+
+def test_the_report_keeps_only_the_study_s_losses_and_finds_its_journal(tmp_path):
+    from analysis.study_report import find_journal, study_only
+
+    claims = pd.DataFrame({"claim": ["a.x", "b.y", "c.z"], "loss": ["a", "b", "c"]})
+    assert study_only(claims, ["a", "c"])["claim"].tolist() == ["a.x", "c.z"]
+    assert study_only(pd.DataFrame(columns=["claim", "loss"]), ["a"]).empty
+
+    config = {"output_dir": str(tmp_path / "elsewhere"), "search": {"optuna_storage": None}}
+    journal, why = find_journal("s", config, [tmp_path / "out"])
+    assert journal is None and why.startswith("Optuna's figures not shown: no Optuna journal here (")
+    assert (
+        str(tmp_path / "out" / "optuna.journal") in why and str(tmp_path / "elsewhere" / "s" / "optuna.journal") in why
+    )
+    (tmp_path / "elsewhere" / "s").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "s" / "optuna.journal").write_text("")
+    assert find_journal("s", config, [tmp_path / "out"]) == (tmp_path / "elsewhere" / "s" / "optuna.journal", "")
+    database = {"search": {"optuna_storage": "**********"}}
+    journal, why = find_journal("s", database, [tmp_path / "elsewhere" / "s"])
+    assert journal is None and "database (search.optuna_storage)" in why
