@@ -16,7 +16,17 @@ import re
 
 from study.vocab import TEST_PREFIX, as_test_name
 
-__all__ = ["TEST_PREFIX", "as_test_name", "display_name", "final_column", "is_retrieval", "is_test_name", "plain_name"]
+__all__ = [
+    "TEST_PREFIX",
+    "as_test_name",
+    "column_label",
+    "display_name",
+    "final_column",
+    "is_retrieval",
+    "is_test_name",
+    "metric_label",
+    "plain_name",
+]
 
 _RECALL = re.compile(r"recall_at_(\d+)")
 DISPLAY_NAMES = {
@@ -76,3 +86,16 @@ def final_column(columns, metric: str) -> str:
     reports about its own parameters (never prefixed)."""
     tested = as_test_name(metric)
     return tested if tested in columns else metric
+
+
+def metric_label(metric: str) -> str:
+    """A figure's axis label or title: :func:`display_name` (``recall_at_4`` → ``R@4``, ``test_map_at_r`` →
+    ``MAP@R``)."""
+    return display_name(metric)
+
+
+def column_label(column: str) -> str:
+    """A table header: metrics and the named columns (``p_vs_best`` → ``p vs best``, CPU-h, GPU-h) by
+    :func:`display_name`; any other column (``loss``, ``trials``) as it is."""
+    name = plain_name(column.removesuffix("_ci"))
+    return display_name(column) if is_retrieval(name) or name in DISPLAY_NAMES else column

@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarForm
 from matplotlib.transforms import ScaledTranslation
 from sklearn.decomposition import PCA
 
-from analysis.names import TEST_PREFIX, display_name
+from analysis.names import TEST_PREFIX, final_column, metric_label
 from analysis.runs import best_trial, complete_search, is_log_scale
 from analysis.tables import mean_ci, seed_means
 from study.vocab import Stage, State, TrialKey
@@ -47,12 +47,6 @@ def loss_colours(losses) -> dict[str, str]:
     cmap = colormaps[name]
     palette = [to_hex(cmap(i)) for i in range(cmap.N) if i not in _GREYS[name]]
     return {loss: palette[i % len(palette)] for i, loss in enumerate(names)} | {BASELINE: BASELINE_COLOUR}
-
-
-def metric_label(metric: str) -> str:
-    """A readable axis label: ``recall_at_4`` → ``Recall@4``, ``map_at_r`` → ``MAP@R`` (the one map:
-    :func:`analysis.names.display_name`)."""
-    return display_name(metric, recall="Recall@")
 
 
 def optimization_history(runs: pd.DataFrame, objective: str) -> Figure:
@@ -85,7 +79,7 @@ def optimization_history(runs: pd.DataFrame, objective: str) -> Figure:
 
 
 def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figure:
-    """Recall@K against K per loss: the final stage on the test classes (mean over seeds, folds averaged
+    """R@K (Recall@K) against K per loss: the final stage on the test classes (mean over seeds, folds averaged
     within a seed first, 95% CI error bars with ≥ 2 seeds); without a final stage, each loss's best COMPLETE
     search trial by ``objective`` (default: the ``objective`` column) on the validation classes."""
     colours = _colours(runs)
@@ -126,20 +120,26 @@ def recall_at_k_curves(runs: pd.DataFrame, objective: str | None = None) -> Figu
     ax.xaxis.set_major_locator(FixedLocator(ks))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set(xlabel="K (neighbours retrieved)", ylabel="Recall@K")
+    ax.set(xlabel="K (neighbours retrieved)", ylabel="R@K")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize="small")
     band = " (mean and 95% CI over seeds)" if len(final) else ""
-    ax.set_title(f"Recall@K — {where}{band}")
+    ax.set_title(f"R@K — {where}{band}")
     return fig
 
 
-def hyperparameter_slices(runs: pd.DataFrame, loss: str, objective: str) -> Figure | None:
+def hyperparameter_slices(
+    runs: pd.DataFrame, loss: str, objective: str, space: dict[str, dict] | None = None
+) -> Figure | None:
     """One panel per hyperparameter of ``loss`` that takes ≥ 2 values among its search trials with an
-    objective value: objective against the value (log x for a hyperparameter searched on a log scale,
-    :func:`analysis.runs.is_log_scale`; categories for non-numbers), COMPLETE filled, PRUNED hollow,
-    the best COMPLETE trial (:func:`analysis.runs.best_trial`) a star.
-    None when nothing varies."""
+    objective value: objective against the value, COMPLETE filled, PRUNED hollow, the best COMPLETE
+    trial (:func:`analysis.runs.best_trial`) a star; categories for non-numbers.
+
+    The x axis is the search space's: ``space`` (the loss's entry of the study's ``search_spaces.json``,
+    ``{param: {type, low, high, log, zero, …}}``) gives the scale and the searched range (the whole
+    range is shown, not only where trials landed); without it the runs' ``log_params`` tag says which
+    were searched on a log scale (:func:`analysis.runs.is_log_scale`). A log-scale weight that may be
+    exactly 0 gets a symlog axis that keeps 0 in view. None when nothing varies."""
     search = _search(runs)
     trials = search[(search["loss"] == loss) & search[objective].notna()]
     params = [c for c in sorted(trials.columns) if c.startswith("param.") and trials[c].dropna().nunique() >= 2]
@@ -149,7 +149,9 @@ def hyperparameter_slices(runs: pd.DataFrame, loss: str, objective: str) -> Figu
     fig, axes = _grid(len(params), row_height=2.6, sharey=True)
     for ax, param in zip(axes, params, strict=True):
         shown = trials[trials[param].notna()]
-        x = _slice_axis(ax, shown[param], is_log_scale(trials, param, shown[param]))
+        spec = (space or {}).get(param.removeprefix("param."))
+        log = bool(spec.get("log")) if spec is not None else is_log_scale(trials, param, shown[param])
+        x = _slice_axis(ax, shown[param], log, spec)
         done = (shown["state"] == State.COMPLETE).to_numpy()
         y = shown[objective].to_numpy(float)
         ax.plot(x[~done], y[~done], "o", mfc="none", mec=colour, mew=1.3, label="pruned")
@@ -157,12 +159,54 @@ def hyperparameter_slices(runs: pd.DataFrame, loss: str, objective: str) -> Figu
         if best is not None and best.name in shown.index:
             at = shown.index.get_loc(best.name)
             ax.plot([x[at]], [y[at]], "*", ms=15, color=colour, mec="black", zorder=3, label="best")
-        ax.set_xlabel(param.removeprefix("param."))
+        scale = {"log": " (log scale)", "symlog": " (log scale, 0 allowed)"}.get(ax.get_xscale(), "")
+        ax.set_xlabel(param.removeprefix("param.") + scale)
         ax.grid(alpha=0.3)
     _label_first_column(axes, metric_label(objective))
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, frameon=False)
     fig.suptitle(f"{loss}: {metric_label(objective)} against each hyperparameter ({len(trials)} search trials)")
+    return fig
+
+
+def final_per_seed(runs: pd.DataFrame, objective: str) -> Figure | None:
+    """The final stage's test ``objective``, one point per seed (folds averaged within a seed) and per
+    loss, with the mean and its 95% CI (Student's t, ≥ 2 seeds) beside them; losses best first, the
+    untrained network as a dashed line. The spread the headline's verdict rests on. None without a
+    final stage."""
+    column = final_column(runs.columns, objective)  # test_<objective>
+    if column not in runs:
+        return None
+    final = runs[(runs["stage"] == Stage.FINAL) & (runs["state"] == State.COMPLETE) & runs[column].notna()]
+    if final.empty:
+        return None
+    colours = _colours(runs)
+    per_seed = {loss: seed_means(group, [column])[column].to_numpy(float) for loss, group in final.groupby("loss")}
+    order = sorted(per_seed, key=lambda loss: -np.nanmean(per_seed[loss]))
+    fig = _figure(WIDTH, 0.5 * len(order) + 1.6)
+    ax = fig.subplots()
+    for row, loss in enumerate(order):
+        values = per_seed[loss]
+        mean, ci = mean_ci(values)
+        y = len(order) - 1 - row
+        ax.plot(values, np.full(len(values), y + 0.15), "o", mfc="none", mec=colours[loss], label="_seeds")
+        ax.errorbar([mean], [y - 0.15], xerr=None if np.isnan(ci) else [[ci], [ci]], fmt="D", color=colours[loss],
+                    capsize=4, label=f"_mean {loss}")  # fmt: skip
+    base = runs.loc[runs["stage"] == Stage.BASELINE, column]
+    for value in pd.Series(base).dropna():
+        ax.axvline(value, ls="--", color=BASELINE_COLOUR, lw=1, label=BASELINE)
+    ax.set_yticks(range(len(order)), labels=[f"{loss} ({len(per_seed[loss])} seeds)" for loss in reversed(order)])
+    ax.set_ylim(-0.6, len(order) - 0.4)
+    ax.set_xlabel(f"{metric_label(objective)} on the test classes")
+    ax.grid(axis="x", alpha=0.3)
+    handles = [
+        Line2D([], [], marker="o", ls="", mfc="none", mec="0.3", label="one seed"),
+        Line2D([], [], marker="D", color="0.3", label="mean ± 95% CI"),
+    ]
+    if len(base) and pd.Series(base).notna().any():
+        handles.append(Line2D([], [], ls="--", color=BASELINE_COLOUR, label=BASELINE))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    ax.set_title(f"Final stage: {metric_label(objective)} per seed (test classes)")
     return fig
 
 
@@ -245,11 +289,16 @@ def figure_to_svg(fig: Figure) -> str:
     return text[text.index("<svg") :]
 
 
-def figure_to_png_base64(fig: Figure) -> str:
-    """The figure as a base64 PNG (dpi 120), for ``<img src="data:image/png;base64,…">``."""
+def figure_to_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (dpi 120), e.g. for ``IPython.display.Image`` in a notebook."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def figure_to_png_base64(fig: Figure) -> str:
+    """The figure as a base64 PNG (dpi 120), for ``<img src="data:image/png;base64,…">``."""
+    return base64.b64encode(figure_to_png(fig)).decode("ascii")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -324,21 +373,30 @@ def _draw_baseline(ax, runs: pd.DataFrame, columns: list[str], ks: np.ndarray) -
             ax.plot(ks[ok], values[ok], "--", marker=".", color=BASELINE_COLOUR, label=BASELINE)
 
 
-def _slice_axis(ax, values: pd.Series, log: bool) -> np.ndarray:
-    """x positions of a hyperparameter's values: floats (a log axis when ``log`` and no value is negative),
-    else category positions labelled with the sorted categories."""
+def _slice_axis(ax, values: pd.Series, log: bool, spec: dict | None = None) -> np.ndarray:
+    """x positions of a hyperparameter's values: floats (a log axis when ``log`` and no value is negative;
+    symlog when 0 is among the values or allowed by ``spec``), else category positions labelled with the
+    sorted categories (``spec``'s choices first, in their order). With ``spec``'s ``low``/``high`` the
+    axis spans the searched range."""
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().all() and not pd.api.types.is_bool_dtype(values):  # True/False: two categories
         x = numbers.to_numpy(float)
-        positive = x[x > 0]
+        low, high = (spec or {}).get("low"), (spec or {}).get("high")
+        ranged = isinstance(low, int | float) and isinstance(high, int | float) and high > low
+        positive = np.r_[x[x > 0], [low] if ranged and low > 0 else []]
         if log and len(positive) and x.min() >= 0:
             # a log axis; with zeros among the values (a switched-off term), symlog keeps them in view
-            if x.min() > 0:
+            if x.min() > 0 and not (spec or {}).get("zero"):
                 ax.set_xscale("log")
             else:
                 ax.set_xscale("symlog", linthresh=positive.min())
+        if ranged:
+            lo, hi = min(low, x.min()), max(high, x.max())
+            pad = (hi / lo) ** 0.04 if ax.get_xscale() == "log" and lo > 0 else None
+            ax.set_xlim(*((lo / pad, hi * pad) if pad else (lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo))))
         return x
-    categories = sorted(values.astype(str).unique())
+    choices = [str(c) for c in (spec or {}).get("choices") or []]
+    categories = choices + sorted(set(values.astype(str)) - set(choices))
     ax.set_xticks(range(len(categories)), labels=categories)
     ax.set_xlim(-0.5, len(categories) - 0.5)
     return values.astype(str).map({c: i for i, c in enumerate(categories)}).to_numpy(float)

@@ -32,6 +32,7 @@ from study.tracking import (
     TAG_LOSS,
     TAG_LOSS_LR,
     TAG_LR,
+    TAG_MACHINE,
     TAG_OBJECTIVE,
     TAG_ROLE,
     TAG_STAGE,
@@ -79,7 +80,8 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
     ``wall_seconds``, ``lr`` and ``loss_lr`` (the learning rates it trained with: backbone and the loss's
     own parameters, NaN for a loss without parameters), ``trial_metrics`` and ``log_params`` (comma-separated:
     the loss's own trial metrics, the hyperparameters searched on a log scale; None for runs logged before
-    those tags),
+    those tags), ``machine`` (JSON: the machine the trial trained on, :mod:`study.machine`; None before
+    that tag and for the untrained baseline),
     ``cpu``, ``gpu`` (per trial), ``cpu_hours``, ``gpu_hours``, one column per metric (its last
     value: ``test_<metric>`` on the test classes, see :mod:`analysis.names`) and one ``param.<name>``
     column per hyperparameter, typed as it was sampled (:func:`typed_params`: floats, nullable
@@ -113,6 +115,7 @@ def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: 
                 "loss_lr": float(run.data.tags.get(TAG_LOSS_LR, "nan")),
                 "trial_metrics": run.data.tags.get(TAG_TRIAL_METRICS),
                 "log_params": run.data.tags.get(TAG_LOG_PARAMS),
+                "machine": run.data.tags.get(TAG_MACHINE),
                 **run.data.metrics,
                 # hyperparameters only: a dotted param is one of the run's settings (``train.lr``,
                 # ``model.backbone``: study.tracking.setting_params); a searched one is also a bare param
@@ -329,4 +332,5 @@ def is_log_scale(runs: pd.DataFrame, param: str, values) -> bool:
 _NOT_METRICS = {
     "study", "dataset", "objective", "mode", "run_id", "run_name", "trial", "loss", "stage", "state", "claim", "arm",
     "wall_seconds", "cpu", "gpu", "cpu_hours", "gpu_hours", "lr", "loss_lr", "trial_metrics", "log_params",
+    "machine",
 }  # fmt: skip

@@ -15,10 +15,11 @@ from ray import tune
 
 from study.config import StudyConfig, public_dump
 from study.losses import declared_trial_metrics, has_parameters, loss_hyperparameters
+from study.machine import RESULT_KEY as MACHINE
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
-from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_TRIAL_METRICS
+from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_MACHINE, TAG_TRIAL_METRICS
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file, objective_name
 
 
@@ -80,6 +81,8 @@ class TrackingCallback(DriverOnly, tune.Callback):
         if FAILED in result:  # the trial's last word; logged when it completes
             return
         key = trial.config[SPEC].key
+        if MACHINE in result:  # the worker's machine, sent with a trial's first result
+            self.tracker.set_tag(str(key), TAG_MACHINE, result[MACHINE])
         self.tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))
         name = objective_name(key.stage, self.objective)  # test_<objective> on a final run's last epoch
         value = result.get(name)

@@ -52,6 +52,8 @@ TAG_LOSS_LR = "dml_study.loss_lr"
 # hyperparameters sampled on a log scale (its search space) — what analysis needs without importing torch
 TAG_TRIAL_METRICS = "dml_study.trial_metrics"
 TAG_LOG_PARAMS = "dml_study.log_params"
+# JSON: the machine the trial trained on (host, CPU, GPUs, driver, library versions; study.machine)
+TAG_MACHINE = "dml_study.machine"
 
 _STATUS = {State.COMPLETE: RunStatus.FINISHED, State.PRUNED: RunStatus.KILLED, State.FAIL: RunStatus.FAILED}
 
@@ -255,6 +257,9 @@ class StudyTracker:
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if isinstance(v, (int, float))]
         self.client.log_batch(self._runs[key], metrics=batch)
         self._last_step[key] = step
+
+    def set_tag(self, key: str, name: str, value: str) -> None:
+        self.client.set_tag(self._runs[key], name, value)
 
     def log_file(self, key: str, name: str, data: bytes) -> None:
         """Attach ``data`` to trial ``key``'s run as the artifact ``name``."""

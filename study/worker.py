@@ -16,6 +16,7 @@ from ray import tune
 from study import metrics
 from study.config import StudyConfig
 from study.losses import loss_hyperparameters
+from study.machine import RESULT_KEY, machine_json
 from study.models.embedder import embedder_bytes
 from study.spec import FAILED, SPEC, TrialSpec
 from study.storage import Storage
@@ -56,9 +57,10 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
     data = load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
     folder = checkpoint_dir(storage, spec.key)
     model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
+    report = _with_machine(tune.report)
     try:
         if spec.key.stage is Stage.SEARCH:
-            run_trial(model, loss, kwargs, spec.train, data, seed=spec.seed, report=tune.report, checkpoint_dir=folder)
+            run_trial(model, loss, kwargs, spec.train, data, seed=spec.seed, report=report, checkpoint_dir=folder)
             return
         _, saved = run_final(
             model,
@@ -68,7 +70,7 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
             data,
             seed=spec.seed,
             fold=spec.fold,
-            report=tune.report,
+            report=report,
             checkpoint_dir=folder,
         )
         embeddings_file(storage, spec.key).write_bytes(embeddings_bytes(saved))
@@ -105,6 +107,20 @@ def export_model(cfg: StudyConfig, spec: TrialSpec, data: PreparedData, folder: 
     }
     model = cfg.model.model_dump(include={"backbone", "embedding_dim", "pooling", "freeze_bn"})
     return embedder_bytes(model, weights, preprocessing, loss, trial=str(spec.key), dataset=cfg.dataset.name)
+
+
+def _with_machine(report):
+    """``report`` that adds this worker's machine (:func:`study.machine.machine_json`) to the first
+    result it sends, for the driver to tag the trial's run with."""
+    sent = False
+
+    def first_with_machine(metrics: dict, **kwargs):
+        nonlocal sent
+        if not sent:
+            metrics, sent = {**metrics, RESULT_KEY: machine_json()}, True
+        return report(metrics, **kwargs)
+
+    return first_with_machine
 
 
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:

@@ -2,7 +2,8 @@
 
 The report itself is never changed for this: ``render`` copies it and injects a script that, once the
 page has loaded, writes a JSON summary of the rendered DOM into ``document.title``, which
-``--dump-dom`` then hands back.
+``--dump-dom`` then hands back. With ``print_media`` the copy's ``@media print`` rules apply on screen
+too, so the layout measured is the printed one (at a page's width).
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ window.addEventListener("load", () => {
     images: images.length,
     images_rendered: images.filter(i => i.complete && i.naturalWidth > 0).length,
     svgs: document.querySelectorAll("svg").length,
+    viewport_width: document.documentElement.clientWidth,
+    page_width: document.documentElement.scrollWidth,
+    // tables wider than their box or the window (columns cut off or behind a scrollbar), by caption
+    too_wide: tables.filter(t => {
+      const box = t.parentElement, right = t.getBoundingClientRect().right;
+      return right > document.documentElement.clientWidth + 0.5 || box.scrollWidth > box.clientWidth + 0.5
+        || t.scrollWidth > t.clientWidth + 0.5;
+    }).map(t => (t.caption ? t.caption.textContent : "(no caption)") + " " + Math.round(t.scrollWidth) + "px"),
+    table_widths: tables.map(t => Math.round(t.getBoundingClientRect().width)),
   });
 });
 </script>
@@ -88,22 +98,40 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def render(html_path: Path, workdir: Path | None = None, *, chromium: str | None = None) -> dict:
-    """Load ``html_path`` in headless Chromium; return the page's render summary and a screenshot.
+WIDTH = 1400  # px: the window a report must fit without horizontal scrolling
+PRINT_WIDTH = 718  # px: an A4 page's printable width at 96 dpi with Chromium's default 1 cm margins
+
+
+def render(
+    html_path: Path,
+    workdir: Path | None = None,
+    *,
+    chromium: str | None = None,
+    width: int = WIDTH,
+    print_media: bool = False,
+) -> dict:
+    """Load ``html_path`` in headless Chromium in a ``width``-pixel window (with ``print_media``: the
+    printed layout); return the page's render summary and a screenshot.
 
     Keys: tables, rows (all ``<tr>``), body_rows (data rows per table, in order), images,
-    images_rendered (``complete && naturalWidth > 0``), svgs (inline), screenshot (a PNG path).
+    images_rendered (``complete && naturalWidth > 0``), svgs (inline), viewport_width, page_width
+    (the document's scroll width: wider than the viewport means a horizontal scrollbar), too_wide
+    (captions of tables wider than their box or the window), table_widths, screenshot (a PNG path).
     """
     chromium = chromium or ensure_chromium()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="render-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     page = html_path.read_text(encoding="utf-8")
+    if print_media:
+        page = page.replace("@media print", "@media all")
     head, sep, tail = page.rpartition("</body>")
     checked = workdir / html_path.name
     checked.write_text(head + CHECK + sep + tail if sep else page + CHECK, encoding="utf-8")
     url = checked.resolve().as_uri()
     profile = f"--user-data-dir={workdir / 'profile'}"  # parallel runs must not share a profile
 
-    dom = _run([chromium, *FLAGS, profile, "--virtual-time-budget=5000", "--dump-dom", url])
+    window = f"--window-size={width},2000"
+    dom = _run([chromium, *FLAGS, profile, window, "--virtual-time-budget=5000", "--dump-dom", url])
     title = re.search(r"<title>(.*?)</title>", dom, re.S)
     text = html.unescape(title.group(1)) if title else ""
     if not text.startswith(MARK):
@@ -111,7 +139,7 @@ def render(html_path: Path, workdir: Path | None = None, *, chromium: str | None
     summary = json.loads(text.removeprefix(MARK))
 
     screenshot = workdir / "screenshot.png"
-    _run([chromium, *FLAGS, profile, f"--screenshot={screenshot}", "--window-size=1280,2000", url])
+    _run([chromium, *FLAGS, profile, f"--screenshot={screenshot}", window, url])
     if not screenshot.is_file():
         raise AssertionError(f"chromium wrote no screenshot to {screenshot}")
     return summary | {"screenshot": screenshot}

@@ -179,7 +179,8 @@ def test_recall_at_k_detects_other_ks():
 
 def test_hyperparameter_slices_one_panel_per_varying_hyperparameter():
     fig = plots.hyperparameter_slices(_runs(), "ms", "map_at_r")
-    assert [ax.get_xlabel() for ax in fig.axes] == ["alpha", "beta", "positive"]  # margin never varies
+    # margin never varies; a log axis says so
+    assert [ax.get_xlabel() for ax in fig.axes] == ["alpha (log scale)", "beta", "positive"]
     alpha, beta, positive = fig.axes
     assert alpha.get_xscale() == "log" and beta.get_xscale() == "linear"
     assert [t.get_text() for t in positive.get_xticklabels()] == ["all", "easy"]
@@ -208,6 +209,53 @@ def test_hyperparameter_slices_follow_the_log_params_tag():
     runs.loc[runs["loss"] == "ns", "log_params"] = "temperature"
     runs.loc[(runs["loss"] == "ns") & (runs["stage"] == "search"), "param.temperature"] = ["0.0", "0.05", "0.5"]
     assert plots.hyperparameter_slices(runs, "ns", "map_at_r").axes[0].get_xscale() == "symlog"  # 0 kept in view
+
+
+def test_hyperparameter_slices_take_scale_and_range_from_the_search_space():
+    """The logged search space wins over the tag and the data: its scale, its whole range, its choices."""
+    runs = _runs().assign(log_params="alpha")  # the tag says alpha; the space says beta
+    space = {
+        "alpha": {"type": "float", "low": 0.001, "high": 20.0, "log": False},
+        "beta": {"type": "float", "low": 0.5, "high": 8.0, "log": True},
+        "positive": {"type": "categorical", "choices": ["easy", "all"]},
+    }
+    alpha, beta, positive = plots.hyperparameter_slices(runs, "ms", "map_at_r", space).axes
+    assert alpha.get_xscale() == "linear" and beta.get_xscale() == "log"
+    low, high = beta.get_xlim()
+    assert low < 0.5 and high > 8.0 and low > 0.4 and high < 10  # the searched range, not just the trials' 1..4
+    low, high = alpha.get_xlim()
+    assert low < 0.001 and high > 20.0
+    assert [t.get_text() for t in positive.get_xticklabels()] == ["easy", "all"]  # the space's order
+    star = next(line for line in positive.get_lines() if line.get_marker() == "*")
+    assert star.get_xdata()[0] == 0.0  # the best trial's "easy" is the first category now
+    zero = {"temperature": {"type": "float", "low": 0.01, "high": 1.0, "log": True, "zero": True}}
+    ns = plots.hyperparameter_slices(runs, "ns", "map_at_r", zero).axes[0]
+    assert ns.get_xscale() == "symlog" and ns.get_xlabel() == "temperature (log scale, 0 allowed)"
+
+
+def test_final_per_seed_draws_each_seed_and_the_mean_with_its_ci():
+    runs = _runs()
+    runs.loc[runs["stage"] == "baseline", "test_map_at_r"] = 0.01
+    fig = plots.final_per_seed(runs, "map_at_r")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["contrastive (1 seeds)", "ns (2 seeds)", "ms (3 seeds)"]  # best at the top
+    colours = plots.loss_colours(runs["loss"])
+    seeds = {
+        loss: sorted(np.concatenate([line.get_xdata() for line in ax.get_lines()
+                                     if line.get_label() == "_seeds" and to_hex(line.get_markeredgecolor()) == c]))
+        for loss, c in colours.items() if loss != "untrained"
+    }  # fmt: skip
+    assert seeds["ms"] == [0.10, 0.11, 0.15] and seeds["ns"] == [0.06, 0.09] and seeds["contrastive"] == [0.05]
+    ms = next(c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.get_label() == "_mean ms")
+    np.testing.assert_allclose(np.asarray(ms.lines[0].get_xdata(), float), [np.mean([0.10, 0.11, 0.15])])
+    segment = ms.lines[2][0].get_segments()[0]
+    half = stats.t.ppf(0.975, 2) * np.std([0.10, 0.11, 0.15], ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose((segment[1, 0] - segment[0, 0]) / 2, half)
+    baseline = [line for line in ax.get_lines() if line.get_label() == "untrained"]
+    assert len(baseline) == 1 and list(baseline[0].get_xdata()) == [0.01, 0.01]
+    assert ax.get_xlabel() == "MAP@R on the test classes"
+    assert plots.final_per_seed(_runs(final=False), "map_at_r") is None
 
 
 def test_search_trials_are_numbered_by_their_trial_key():

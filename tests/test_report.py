@@ -1,4 +1,5 @@
-"""The HTML report: self-contained, escaped, and rendered by a real browser (headless Chromium)."""
+"""The HTML report: self-contained, escaped, tables that fit the page, and rendered by a real browser
+(headless Chromium) at 1400 px and in print."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from analysis.report import PACKAGES, Section, environment_info, render_html
+from analysis.report import MAX_COLUMNS, Section, built_with, render_html, table_parts
 from tests import chromium
 
 EVIL = "<script>alert(1)</script>"
@@ -38,7 +39,21 @@ def tables() -> list[tuple[str, pd.DataFrame]]:
         }
     )
     with_nan = pd.DataFrame({"loss": ["soft_triple", "proxy_anchor"], "effective_centers": [3.5, np.nan]})
-    return [("Best trial per loss", comparison), (f"Loss metrics {EVIL}", with_nan)]
+    return [("Best trial per loss", comparison), (f"Loss metrics {EVIL}", with_nan), ("Wide", _wide())]
+
+
+def _wide() -> pd.DataFrame:
+    """A final table as In-Shop gives it (six Ks), with long hyperparameter lists: wider than the page."""
+    metrics = [f"recall_at_{k}" for k in (1, 10, 20, 30, 40, 50)] + ["nmi", "map_at_r", "r_precision"]
+    rows = []
+    for i, loss in enumerate(["multi_similarity", "proxy_anchor", "soft_triple"]):
+        row = {"loss": loss, "protocol": "all classes", "seeds": 3, "runs": 3}
+        row |= {m: f"0.{5000 + 37 * i + j:04d} ± 0.0{123 + j:03d}" for j, m in enumerate(metrics)}
+        row |= {"p_vs_best": "" if i == 0 else "0.012 *", "cpu_hours": 1.5 + i, "gpu_hours": 0.25 * i}
+        row["hyperparameters"] = ", ".join(f"parameter_{k}={k * 1.2345 + i:.4g}" for k in range(12))
+        row["mode"] = "finetune"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +72,8 @@ def report(tables, tmp_path_factory) -> Path:
         ),
     ]
     path = tmp_path_factory.mktemp("report") / "report.html"
-    path.write_text(render_html("Study <tiny>", sections, subtitle=f"subtitle {EVIL}"), encoding="utf-8")
+    page = render_html("Study <tiny>", sections, subtitle=f"subtitle {EVIL}", headline=("significant", f"won {EVIL}"))
+    path.write_text(page, encoding="utf-8")
     return path
 
 
@@ -76,19 +92,39 @@ def test_user_text_is_escaped(report):
     page = report.read_text(encoding="utf-8")
     assert EVIL not in page
     assert "alert(1)" in page  # it is there, as text
-    # table cell, table caption, text, subtitle, section title (heading + contents), figure (alt + caption), code
-    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 9
+    # table cell, table caption, text, subtitle, headline, section title (heading + contents), figure (alt +
+    # caption), code
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 10
     assert "<title>Study &lt;tiny&gt;</title>" in page
 
 
 def test_table_cells(report):
     page = report.read_text(encoding="utf-8")
-    assert '<td class="num"><strong>0.5736 ± 0.0123</strong></td>' in page
+    # the CI under its mean, in the same bold cell
+    assert '<td class="num"><strong>0.5736 <span class="ci">± 0.0123</span></strong></td>' in page
     assert "**" not in page
     assert '<td class="num">0.2123</td>' in page  # 4 decimals, right-aligned
     assert '<td class="num">3.5000</td>' in page
     assert "<td></td>" in page  # NaN shown blank
     assert "<td>multi_similarity</td>" in page
+    assert "<th>R@1</th>" in page and "<th>MAP@R</th>" in page and "recall_at_1" not in page  # display names
+    assert '<p class="headline significant" role="note">won &lt;script&gt;' in page
+
+
+def test_wide_tables_are_split_and_constant_columns_named_in_the_caption():
+    parts = table_parts("Wide", _wide())
+    assert [p["caption"] for p in parts] == ["Wide (part 1 of 2)", "Wide (part 2 of 2)"]
+    assert all(len(p["header"]) <= MAX_COLUMNS and p["header"][0] == "loss" for p in parts)
+    shown = [h for p in parts for h in p["header"][1:]]
+    assert shown == ["seeds", "runs", "R@1", "R@10", "R@20", "R@30", "R@40", "R@50", "NMI", "MAP@R", "R-Precision",
+                     "p vs best", "CPU-h", "GPU-h", "hyperparameters"]  # fmt: skip
+    assert parts[0]["note"] == "protocol: all classes; mode: finetune" and parts[1]["note"] == ""
+    assert [row[0]["main"] for row in parts[1]["rows"]] == ["multi_similarity", "proxy_anchor", "soft_triple"]
+    blank = pd.DataFrame({"loss": ["a", "b"], "value": [1.0, 2.0], "loss metrics": ["", np.nan]})
+    [part] = table_parts("Blank", blank)
+    assert part["header"] == ["loss", "value"]  # a column blank in every row is dropped
+    [one] = table_parts("One row", _wide().iloc[:1], max_columns=100)
+    assert "protocol" in one["header"] and one["note"] == ""  # one row: nothing is constant "across rows"
 
 
 def test_table_of_contents(report):
@@ -97,27 +133,51 @@ def test_table_of_contents(report):
         assert f'href="#{anchor}"' in page and f'id="{anchor}"' in page
 
 
-def test_renders_in_chromium(report, tables, tmp_path):
-    result = chromium.render(report, tmp_path)
-    assert result["tables"] == len(tables)
-    assert result["body_rows"] == [len(frame) for _, frame in tables]
-    assert result["rows"] == sum(len(frame) + 1 for _, frame in tables)  # plus the header row
-    assert result["images"] == 2
-    assert result["images_rendered"] == 2
-    with Image.open(result["screenshot"]) as shot:
-        shot.verify()
-    with Image.open(result["screenshot"]) as shot:
-        assert shot.size == (1280, 2000)
-        colours = shot.convert("RGB").getcolors(maxcolors=1_000_000)
-    assert colours is None or len(colours) > 10, "the screenshot is blank"
+def test_renders_in_chromium_and_every_table_fits_at_1400_px_and_in_print(report, tables, tmp_path):
+    parts = [part for caption, frame in tables for part in table_parts(caption, frame)]
+    for print_media, width in ((False, chromium.WIDTH), (True, chromium.PRINT_WIDTH)):
+        result = chromium.render(report, tmp_path / str(print_media), width=width, print_media=print_media)
+        assert result["tables"] == len(parts) == len(tables) + 1  # the wide one in two parts
+        assert result["body_rows"] == [len(part["rows"]) for part in parts]
+        assert result["rows"] == sum(len(part["rows"]) + 1 for part in parts)  # plus the header row
+        assert result["images"] == 2
+        assert result["images_rendered"] == 2
+        # no table wider than the page: no column cut off or behind a scrollbar, no page-wide scrollbar
+        assert result["too_wide"] == [], result
+        assert result["page_width"] <= result["viewport_width"] <= width
+        assert max(result["table_widths"]) <= result["viewport_width"]
+        with Image.open(result["screenshot"]) as shot:
+            shot.verify()
+        with Image.open(result["screenshot"]) as shot:
+            assert shot.size == (width, 2000)
+            colours = shot.convert("RGB").getcolors(maxcolors=1_000_000)
+        assert colours is None or len(colours) > 10, "the screenshot is blank"
 
 
-def test_environment_info():
-    info = environment_info()
-    assert {"python", "platform", "machine", "gpus", *PACKAGES} <= info.keys()
-    assert all(isinstance(value, str) and value for value in info.values())
-    assert info["pandas"] == pd.__version__
-    assert re.search(r"\d+ cores$", info["machine"])
+def test_the_width_check_sees_a_table_wider_than_the_page(tmp_path):
+    """The check can fail: a row of 40 cells that may not wrap is wider than 1400 px."""
+    wide = pd.DataFrame([{f"c{i}": f"{i}.0000000000" for i in range(40)}])
+    path = tmp_path / "wide.html"
+    path.write_text(render_html("wide", [Section("Wide", tables=[("Too wide", wide)])]), encoding="utf-8")
+    # table_parts splits it; without the split (one part), the browser must report it too wide
+    page = path.read_text(encoding="utf-8")
+    assert page.count("<table") == 4
+    one = tmp_path / "one.html"
+    cells = "".join(f"<td style='white-space: nowrap'>{i}.0000000000</td>" for i in range(40))
+    one.write_text(
+        page.replace("</section>", f"<div class='table-wrap'><table><tr>{cells}</tr></table></div></section>")
+    )
+    result = chromium.render(one, tmp_path / "one")
+    assert (
+        result["page_width"] > result["viewport_width"]
+        and len(result["too_wide"]) == 1
+        and result["too_wide"][0].startswith("(no caption)")
+    )
+
+
+def test_built_with_names_the_reporting_libraries():
+    line = built_with()
+    assert f"pandas {pd.__version__}" in line and line.startswith("Report built on ")
 
 
 def test_no_chromium_skips_or_fails(monkeypatch, tmp_path):

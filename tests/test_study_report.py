@@ -3,8 +3,12 @@ headless Chromium, the artifacts in MLflow, and the analysis notebook executed a
 
 from __future__ import annotations
 
+import base64
 import io
 import os
+import re
+import socket
+from html import unescape
 
 import numpy as np
 import pandas as pd
@@ -13,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from study.cli import app
-from tests.chromium import ensure_chromium, render
+from tests.chromium import PRINT_WIDTH, ensure_chromium, render
 from tests.conftest import REPO, TINY_STUDY, write_study
 
 pytestmark = pytest.mark.slow  # real Ray studies
@@ -50,26 +54,42 @@ def test_report_renders_in_chromium_with_every_table_and_image(study):
     html = out / "report.html"
     assert f"report: {html}" in output.replace(str(folder) + "/", "") or "report.html" in output
     page = html.read_text()
+    text = unescape(re.sub(r"<[^>]+>", "", page))  # the page's text as shown
     assert "<link" not in page and 'src="http' not in page  # self-contained
     (folder / "chromium").mkdir(exist_ok=True)
-    shown = render(html, folder / "chromium", chromium=ensure_chromium())
-    assert shown["images"] >= 4 and shown["images_rendered"] == shown["images"]
+    chromium = ensure_chromium()
+    shown = render(html, folder / "chromium", chromium=chromium)
+    printed = render(html, folder / "print", chromium=chromium, width=PRINT_WIDTH, print_media=True)
+    for layout in (shown, printed):  # no table wider than the page, on screen (1400 px) or printed
+        assert layout["too_wide"] == [] and layout["page_width"] <= layout["viewport_width"], layout
+    assert shown["images"] >= 5 and shown["images_rendered"] == shown["images"]
     final, search = pd.read_csv(out / "final.csv"), pd.read_csv(out / "results.csv")
-    # tables: final stage, search, then those with rows among importance and sensitivity (a loss with fewer
-    # than analysis.hyper.MIN_TRIALS COMPLETE trials gets a line instead), the controlled claims (ablation
-    # runs) and the exploratory trends; last the environment
+    # tables: the final stage and the search, each in two (metrics; runs, hyperparameters and cost), then
+    # those with rows among importance and sensitivity (a loss with fewer than analysis.hyper.MIN_TRIALS
+    # COMPLETE trials gets a line instead), the controlled claims (ablation runs) and the exploratory
+    # trends; last the training machines and their software
     optional = [
         pd.read_csv(out / f"{name}.csv") for name in ("importance", "sensitivity", "claims", "exploratory_trends")
     ]
-    rows = [len(final), len(search), *(len(table) for table in optional if len(table))]
-    assert shown["tables"] == len(rows) + 1 and shown["body_rows"][: len(rows)] == rows
+    rows = [len(final), len(final), len(search), len(search), *(len(table) for table in optional if len(table))]
+    assert shown["tables"] == len(rows) + 2 and shown["body_rows"][: len(rows)] == rows
     assert "importance and sensitivity not shown: " in page  # 4 trials per loss: below the minimum
+    assert "Optuna's importance plots not shown: no loss has 10 COMPLETE trials" in text  # the journal was found
     assert "Exploratory trends" in page
     best = final.iloc[0]
-    assert f"{best.map_at_r:.4f} ± {best.map_at_r_ci:.4f}" in page  # the numbers are the study's
+    assert f"{best.map_at_r:.4f} ± {best.map_at_r_ci:.4f}" in text  # the numbers are the study's
     assert "each seed trained on every training class" in page and "all classes" in page  # the protocol used
-    for name in ("recall_at_k", "optimization_history", "learning_curves", "embeddings_pca"):
+    # the headline: the final table's winner, its margin over the runner-up with a CI and a verdict
+    [headline] = re.findall(r'<p class="headline (significant|inconclusive)" role="note">(.*?)</p>', page, re.S)
+    assert headline[1].startswith(f"{best.loss} {'wins' if headline[0] == 'significant' else 'leads'}")
+    assert "a margin of" in headline[1] and "95% CI [" in headline[1]
+    assert "<th>R@1</th>" in page and "<th>MAP@R</th>" in page and "<th>recall_at_1</th>" not in page
+    # the machines that trained, recorded by the trials' workers (here: this machine, no GPU)
+    assert "Environment: the training machines" in page and f"<td>{socket.gethostname()}</td>" in page
+    assert "1 of " in text and "runs recorded no machine" in text  # the untrained baseline
+    for name in ("recall_at_k", "final_per_seed", "optimization_history", "learning_curves"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0 and (out / "figures" / f"{name}.svg").exists()
+    assert not list((out / "figures").glob("embeddings_pca.*"))  # the PCA panels showed nothing: dropped
     for table in ("results", "final", "importance", "sensitivity", "claims", "exploratory_trends"):
         assert {p.suffix for p in out.glob(f"{table}.*")} == {".csv", ".md", ".tex", ".html"}
 
@@ -96,15 +116,18 @@ def test_notebook_rebuilds_the_tables_from_the_study(study, monkeypatch):
     NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
     ).execute()
-    outputs = "".join(
-        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-        for c in notebook.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-    )
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    images = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+    # figures inline: final per seed, R@K, optimization history, learning curves, a slice per loss
+    assert len(images) >= 6 and all(base64.b64decode(png).startswith(b"\x89PNG") for png in images)
+    # tables as HTML: final, search, claims, trends (and the run counts)
+    assert html.count("<table") >= 4
     final = pd.read_csv(folder / "runs" / "tiny" / "final.csv")
-    assert f"{final.iloc[0].map_at_r:.4f} ± {final.iloc[0].map_at_r_ci:.4f}" in outputs  # the same table
-    assert "slices_multi_similarity" in outputs and "Easy positive sampling" in outputs
+    assert f"{final.iloc[0].map_at_r:.4f} ± {final.iloc[0].map_at_r_ci:.4f}" in html  # the same table
+    assert "<th" in html and ">MAP@R</th>" in html and "Easy positive sampling" in html
+    assert f"{final.iloc[0].loss} " in html and "a margin of" in html  # the headline
 
 
 def test_load_runs_and_history_are_tidy(study):
