@@ -7,7 +7,6 @@ are attached to the run and its checkpoint folder is deleted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from ray import tune
@@ -23,10 +22,11 @@ from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_f
 
 class TrackingCallback(DriverOnly, tune.Callback):
     """Logs each trial of the losses in ``spaces`` to its MLflow child run through ``tracker``
-    (a :class:`~study.tracking.StudyTracker`, or anything with its methods)."""
+    (a :class:`~study.tracking.StudyTracker`, or anything with its methods). The terminal shows them
+    through :class:`~study.progress_callback.ProgressCallback`."""
 
-    def __init__(self, tracker, cfg: StudyConfig, spaces: dict[str, SearchSpace], say: Callable[[str], None]):
-        self.tracker, self.cfg, self.spaces, self.say = tracker, cfg, spaces, say
+    def __init__(self, tracker, cfg: StudyConfig, spaces: dict[str, SearchSpace]):
+        self.tracker, self.cfg, self.spaces = tracker, cfg, spaces
         self.objective = cfg.search.objective
         # tags every run of a loss carries: its own trial metrics, its log-scale parameters
         self._loss_tags = {
@@ -65,9 +65,6 @@ class TrackingCallback(DriverOnly, tune.Callback):
             return
         key = trial.config[SPEC].key
         self.tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))
-        value = result.get(self.objective)
-        shown = f"{self.objective}={value:.4f}" if value is not None else f"loss={result['train_loss']:.4f}"
-        self.say(f"  {key} epoch {result['epoch']}: {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         spec = trial.config[SPEC]
@@ -88,4 +85,3 @@ class TrackingCallback(DriverOnly, tune.Callback):
         self.tracker.end_trial(str(key), outcome.state, error=outcome.error)
         # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
         checkpoint_dir(storage, key).delete()
-        self.say(f"  {key}: {outcome.state}")
