@@ -27,8 +27,8 @@ STAGES = (Stage.SEARCH, Stage.FINAL, Stage.ABLATION)  # the stages of the Tune r
 @dataclass
 class Tally:
     """One loss's runs of one stage: how many it has (``total``), how many have ended (earlier
-    drivers' included), the epochs a run trains at most, and the runs training now (key → epochs
-    reported so far by this driver)."""
+    drivers' included), the epochs a run trains at most, and the runs training now (key → the last
+    epoch it reported)."""
 
     total: int = 0
     done: int = 0
@@ -78,16 +78,19 @@ class StudyProgress:
         self._keep_if_best(loss, Best(value, number, dict(params)))
 
     def start(self, key: TrialKey, params: Mapping[str, Any]) -> str:
-        """Run ``key`` started (or started again: a retry, a resume); returns its line."""
-        tally = self._tally(key)
-        tally.running.setdefault(str(key), 0)
+        """Run ``key`` started, or started again after its worker died (Ray Tune retries it from its
+        last checkpoint); returns its line."""
+        tally, name = self._tally(key), str(key)
+        again = name in tally.running
+        tally.running.setdefault(name, 0)
         now = self.clock()
-        self._last_at[str(key)] = now
+        self._last_at[name] = now
         self._loss_started.setdefault(key.loss, now)
-        return f"▶ {key} started: {format_params(params)}"
+        return f"▶ {key} {'retried' if again else 'started'}: {format_params(params)}"
 
-    def epoch(self, key: TrialKey) -> None:
-        """Run ``key`` reported one epoch."""
+    def epoch(self, key: TrialKey, epoch: int | None = None) -> None:
+        """Run ``key`` trained one more epoch, ``epoch`` (default: the one after its last); a run
+        resumed from a checkpoint goes on from that checkpoint's epoch."""
         tally, name = self._tally(key), str(key)
         if name not in tally.running:  # a result without a start (cannot happen in Ray Tune): count it from now
             self.start(key, {})
@@ -95,7 +98,7 @@ class StudyProgress:
         self._epoch_seconds += now - self._last_at[name]
         self._epochs_seen += 1
         self._last_at[name] = now
-        tally.running[name] += 1
+        tally.running[name] = tally.running[name] + 1 if epoch is None else epoch
 
     def end(
         self, key: TrialKey, state: State, value: float | None, params: Mapping[str, Any], error: str | None = None

@@ -25,7 +25,7 @@ class ProgressCallback(DriverOnly, tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if FAILED not in result:  # the trial's last word, not an epoch: shown when it completes
-            self.view.result(trial.config[SPEC].key)
+            self.view.result(trial.config[SPEC].key, result.get("epoch"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended(trial, Outcome.of(trial.config[SPEC], trial.last_result, self.objective))

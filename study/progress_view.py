@@ -70,9 +70,9 @@ class ProgressView:
             self.say(self.progress.start(key, params))
             self._maybe_summary()
 
-    def result(self, key: TrialKey) -> None:
+    def result(self, key: TrialKey, epoch: int | None = None) -> None:
         with self._lock:
-            self.progress.epoch(key)
+            self.progress.epoch(key, epoch)
             self._maybe_summary()
 
     def ended(self, key: TrialKey, state: State, value: float | None, params: Mapping[str, Any], error=None) -> None:

@@ -84,6 +84,19 @@ def test_a_resumed_study_counts_earlier_trials_and_keeps_their_best():
     )
 
 
+def test_a_retried_run_says_so_and_goes_on_from_its_checkpoints_epoch():
+    clock = Clock()
+    progress = _progress(clock)
+    key = TrialKey.search("ms", 0)
+    progress.start(key, {"alpha": 2.0})
+    _epochs(progress, clock, key, 2, seconds=1.0)
+    assert progress.start(key, {"alpha": 2.0}) == "▶ ms/0 retried: alpha=2"  # its worker died
+    clock.now += 1
+    progress.epoch(key, 2)  # the checkpoint held epoch 1
+    assert progress.tally("ms", Stage.SEARCH).running == {"ms/0": 2}
+    assert "after 2 epochs" in progress.end(key, State.COMPLETE, 0.1, {})
+
+
 def test_eta_is_the_epochs_left_times_the_time_per_epoch_over_the_runs_in_flight():
     clock = Clock()
     progress = _progress(clock, losses=("ms",))
@@ -171,7 +184,7 @@ def test_on_a_terminal_a_live_table_with_a_row_per_loss():
         view.ended(key, State.COMPLETE, 0.42, {"scale": 16.0})
     text = out.getvalue()
     assert "▶ ns/0 started: scale=16" in text and "■ ns/0 COMPLETE map_at_r=0.4200" in text
-    assert "\x1b[" in text  # drawn in place
+    assert "\x1b[?25l" in text and "\x1b[2K" in text and "\x1b[1A" in text  # hidden cursor, redrawn in place
     table = text.rsplit("best map_at_r", 1)[1]  # the last drawing of the table
     assert "0.4200 (#0)" in table and "scale=16" in table and "1/4" in table
     assert "study: search 1/8 · final 0/4 · runs 1/12" in table
@@ -201,7 +214,7 @@ def test_the_callback_shows_a_trial_from_its_spec_and_its_outcome(tmp_path):
     )
     assert events[:3] == [
         ("started", spec.key, {"alpha": 2.0}),
-        ("result", spec.key),
+        ("result", spec.key, 2),
         ("ended", spec.key, State.COMPLETE, 0.3, {"alpha": 2.0}, None),
     ]
     assert events[3][:4] == ("ended", spec.key, State.FAIL, None) and events[3][5].endswith("RuntimeError: worker died")
