@@ -8,7 +8,6 @@ and its checkpoint folder is deleted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from ray import tune
@@ -20,15 +19,16 @@ from study.search_space import SearchSpace
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_MACHINE, TAG_TRIAL_METRICS
-from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file, objective_name
+from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file
 
 
 class TrackingCallback(DriverOnly, tune.Callback):
     """Logs each trial of the losses in ``spaces`` to its MLflow child run through ``tracker``
-    (a :class:`~study.tracking.StudyTracker`, or anything with its methods)."""
+    (a :class:`~study.tracking.StudyTracker`, or anything with its methods). The terminal shows them
+    through :class:`~study.progress_callback.ProgressCallback`."""
 
-    def __init__(self, tracker, cfg: StudyConfig, spaces: dict[str, SearchSpace], say: Callable[[str], None]):
-        self.tracker, self.cfg, self.spaces, self.say = tracker, cfg, spaces, say
+    def __init__(self, tracker, cfg: StudyConfig, spaces: dict[str, SearchSpace]):
+        self.tracker, self.cfg, self.spaces = tracker, cfg, spaces
         self.objective = cfg.search.objective
         # tags every run of a loss carries: its own trial metrics, its log-scale parameters
         self._loss_tags = {
@@ -84,10 +84,6 @@ class TrackingCallback(DriverOnly, tune.Callback):
         if MACHINE in result:  # the worker's machine, sent with a trial's first result
             self.tracker.set_tag(str(key), TAG_MACHINE, result[MACHINE])
         self.tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))
-        name = objective_name(key.stage, self.objective)  # test_<objective> on a final run's last epoch
-        value = result.get(name)
-        shown = f"{name}={value:.4f}" if value is not None else f"loss={result['train_loss']:.4f}"
-        self.say(f"  {key} epoch {result['epoch']}: {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         spec = trial.config[SPEC]
@@ -113,4 +109,3 @@ class TrackingCallback(DriverOnly, tune.Callback):
         # study folder's copy of a kept network (MLflow has it)
         checkpoint_dir(storage, key).delete()
         model.delete()
-        self.say(f"  {key}: {outcome.state}")

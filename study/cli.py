@@ -26,6 +26,7 @@ RUN_TRACKING_HELP = (
     "MLflow tracking URI for this invocation; wins over $MLFLOW_TRACKING_URI, which wins over the study's tracking.uri"
 )
 READ_TRACKING_HELP = "Default: $MLFLOW_TRACKING_URI, else MLflow's"
+VERBOSE_HELP = "Also show Ray's, Optuna's and MLflow's own output (Ray Tune's status tables, the workers' lines)"
 
 
 def _fail(message: str) -> None:
@@ -90,11 +91,16 @@ def run(
     new: Annotated[bool, typer.Option("--new", help="Replace an existing study folder")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study in an existing folder")] = False,
     tracking_uri: Annotated[str | None, typer.Option(help=RUN_TRACKING_HELP)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)] = False,
 ) -> None:
-    """Run a study: search every loss with Ray Tune + Optuna, log to MLflow, print the table."""
+    """Run a study: search every loss with Ray Tune + Optuna, log to MLflow, print the table.
+
+    The terminal shows each run as it starts (its hyperparameters) and ends, and per loss the runs
+    done of each stage, the best trial so far, elapsed time and an ETA."""
     from study.config import ConfigError, load_study
 
     _use_tracking_uri(tracking_uri)
+    _quiet(verbose)
     try:
         cfg = load_study(study_file, set_)
     except ConfigError as exc:
@@ -104,11 +110,11 @@ def run(
     if _holds_anything(cfg.storage) and not (new or resume):
         _fail(f"{cfg.storage} already exists: pass --resume to continue it or --new to replace it")
     if resume:
-        _resume(cfg.storage, cfg)
+        _resume(cfg.storage, cfg, verbose)
         return
     _check_tracking(cfg)
     _preflight(cfg)
-    _run(cfg, resume=False, replace=new)
+    _run(cfg, resume=False, replace=new, verbose=verbose)
 
 
 @app.command("resume")
@@ -117,13 +123,24 @@ def resume_(
         str, typer.Argument(help="The study's folder: runs/quickstart, or s3://bucket/runs/quickstart")
     ],
     tracking_uri: Annotated[str | None, typer.Option(help=RUN_TRACKING_HELP)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Continue a study whose driver died: finished trials are kept, unfinished ones resume."""
     _use_tracking_uri(tracking_uri)
-    _resume(Storage.at(location), None)
+    _quiet(verbose)
+    _resume(Storage.at(location), None, verbose)
 
 
-def _resume(storage: Storage, given) -> None:
+def _quiet(verbose: bool) -> None:
+    """Optuna's and MLflow's log lines off, unless ``--verbose`` (:mod:`study.quiet`); before the
+    first of them could print (the tracking store is created by the checks)."""
+    if not verbose:
+        from study.quiet import quiet_libraries
+
+        quiet_libraries()
+
+
+def _resume(storage: Storage, given, verbose: bool = False) -> None:
     """Resume from the study folder's own config.yaml; a study file given with it must agree.
 
     config.yaml holds secrets (database and tracking URLs) redacted: a study file given brings the
@@ -154,7 +171,7 @@ def _resume(storage: Storage, given) -> None:
             _fail(f"{source}: {exc}, or resume with the study file: dml-study run STUDY_FILE --resume")
     _check_tracking(cfg)
     _preflight(cfg, parent_id=storage.child(PARENT_RUN_FILE).read_text().strip())
-    _run(cfg, resume=True)
+    _run(cfg, resume=True, verbose=verbose)
 
 
 def _describe(cfg: StudyConfig, tracking_uri: str | None) -> str:
@@ -293,7 +310,7 @@ def _check_server(uri: str | None) -> None:
         _fail(str(exc))
 
 
-def _run(cfg, resume: bool, replace: bool = False) -> None:
+def _run(cfg, resume: bool, replace: bool = False, verbose: bool = False) -> None:
     """Run or resume the study while holding its folder's lock: one driver per study. A new run
     (``--new``) first empties the folder, under the lock, so a live study is never deleted. Once it
     finished: the tables, and the headline result on the parent run (:func:`_headline`)."""
@@ -314,7 +331,7 @@ def _run(cfg, resume: bool, replace: bool = False) -> None:
     try:
         if replace:
             cfg.storage.clear(keep=(LOCK_FILE, FLOCK_FILE))
-        tracker = run_study(cfg, say=lambda line: typer.echo(line), resume=resume)
+        tracker = run_study(cfg, resume=resume, verbose=verbose)
     except (JournalCorruptError, PreflightError, RayAddressError) as exc:  # raised before anything is written
         _fail(str(exc))
     except StudyInterrupted:

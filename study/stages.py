@@ -25,6 +25,7 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from rich.console import Console
 
 from study import worker
 from study.callback import TrackingCallback
@@ -34,6 +35,9 @@ from study.data.images import UnreadableImageError
 from study.journal import clear_writer_lock, repair_journal
 from study.local_ray import start_local_ray
 from study.preflight import check_cluster, ray_address
+from study.progress import StudyProgress
+from study.progress_callback import ProgressCallback
+from study.progress_view import ProgressView
 from study.schedule import PerLossASHA, StudySchedule
 from study.search_space import SearchSpace
 from study.searcher import StudySearcher
@@ -60,19 +64,20 @@ class StudyInterrupted(Exception):
     """Ctrl-C (SIGINT): the study stopped with trials unfinished; ``resume`` continues it."""
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False) -> None:
     """Join the cluster RAY_ADDRESS names (set by ``ray job submit`` or the user), else start a local
     instance ("local": never attach by surprise to another Ray on this machine) that listens on
-    loopback only (:func:`~study.local_ray.start_local_ray`)."""
+    loopback only (:func:`~study.local_ray.start_local_ray`). Only with ``verbose`` do the workers'
+    own output lines reach this terminal (a trial's error reaches it anyway, through Ray Tune)."""
     address = ray_address()
     # a diverged trial's last result names the reason instead of the objective (see study.spec.Outcome)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, include_dashboard=False, logging_level="warning")
+        ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=verbose)
     else:
-        start_local_ray(include_dashboard=False, logging_level="warning")
+        start_local_ray(include_dashboard=False, logging_level="warning", log_to_driver=verbose)
 
 
 def optuna_storage(cfg: StudyConfig) -> optuna.storages.BaseStorage:
@@ -104,15 +109,23 @@ def optuna_trials(storage: optuna.storages.BaseStorage, study_name: str) -> list
 
 
 def _searcher(
-    cfg: StudyConfig, storage: optuna.storages.BaseStorage, space: SearchSpace, tracker: StudyTracker, say: Say
+    cfg: StudyConfig,
+    storage: optuna.storages.BaseStorage,
+    space: SearchSpace,
+    tracker: StudyTracker,
+    view: ProgressView,
 ) -> tuple[StudySearcher | None, int]:
     """``space``'s loss's searcher and how many of its ``search.trials_per_loss`` trials are left to
     run; a resumed study first repairs what its dead driver left (:func:`close_finished_runs`)."""
     study_name = f"{cfg.name}.{space.loss}"
     earlier = optuna_trials(storage, study_name)
     close_finished_runs(tracker, cfg, space.loss, [t for t in earlier if t.state.is_finished()])
-    remaining = cfg.search.trials_per_loss - sum(t.state.is_finished() for t in earlier)
-    say(f"searching {space.loss}: {max(remaining, 0)} of {cfg.search.trials_per_loss} trials to run")
+    finished = sum(t.state.is_finished() for t in earlier)
+    remaining = cfg.search.trials_per_loss - finished
+    view.plan(space.loss, Stage.SEARCH, max(cfg.search.trials_per_loss, finished), finished, cfg.train.epochs)
+    if best := best_trial(storage, cfg, space.loss):  # an earlier driver's
+        view.seed_best(space.loss, best.value, best.number, space.from_optuna(best.params))
+    view.say(f"searching {space.loss}: {max(remaining, 0)} of {cfg.search.trials_per_loss} trials to run")
     if remaining <= 0:
         return None, 0
     study = optuna.create_study(
@@ -138,15 +151,22 @@ def best_trial(storage: optuna.storages.BaseStorage, cfg: StudyConfig, loss: str
 
 
 def final_specs(
-    cfg: StudyConfig, storage: optuna.storages.BaseStorage, space: SearchSpace, tracker: StudyTracker, say: Say
+    cfg: StudyConfig,
+    storage: optuna.storages.BaseStorage,
+    space: SearchSpace,
+    tracker: StudyTracker,
+    view: ProgressView,
 ) -> list[TrialSpec]:
     """The loss's final runs and ablations still to train: its best search trial's point retrained
     with each seed on every training class (``final.train_on: all``) or on each fold's, tested once;
     and, with ``ablations``, that point with one claim's factor changed (:func:`ablation_specs`).
     Runs of an earlier best (a better trial appeared on resume) are tagged stale."""
+    say = view.say
     best = best_trial(storage, cfg, space.loss)
     if best is None or not cfg.final.seeds:
         say(f"final {space.loss}: " + ("no complete search trial, skipped" if cfg.final.seeds else "off"))
+        view.plan(space.loss, Stage.FINAL, 0)
+        view.plan(space.loss, Stage.ABLATION, 0)
         return []
     stale = tracker.supersede(space.loss, best.number)
     if stale:
@@ -155,11 +175,12 @@ def final_specs(
     specs = [final_spec(cfg, space, best.number, best.params, seed, fold) for seed in seeds for fold in _folds(cfg)]
     todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
     say(f"final {space.loss}: best trial {best.number}, {len(todo)} of {len(specs)} runs to train")
-    return todo + ablation_specs(cfg, space, best, tracker, say)
+    view.plan(space.loss, Stage.FINAL, len(specs), len(specs) - len(todo))
+    return todo + ablation_specs(cfg, space, best, tracker, view)
 
 
 def ablation_specs(
-    cfg: StudyConfig, space: SearchSpace, best: optuna.trial.FrozenTrial, tracker: StudyTracker, say: Say
+    cfg: StudyConfig, space: SearchSpace, best: optuna.trial.FrozenTrial, tracker: StudyTracker, view: ProgressView
 ) -> list[TrialSpec]:
     """Each claim about the loss (:func:`study.claims.claims_for`) as its second arm: the best point
     with the claim's factor changed, trained with every final seed on all training classes and
@@ -169,22 +190,41 @@ def ablation_specs(
     )
     if not claims:
         if cfg.ablations and cfg.final.train_on != "all":
-            say(f"ablations {space.loss}: skipped ({why})")
+            view.say(f"ablations {space.loss}: skipped ({why})")
+        view.plan(space.loss, Stage.ABLATION, 0)
         return []
     seeds = final_seeds(cfg)
     specs = [ablation_spec(cfg, space, best.number, best.params, claim, seed) for claim in claims for seed in seeds]
     todo = [s for s in specs if state_of(tracker, s.key) != State.COMPLETE]
-    say(f"ablations {space.loss}: {why}; {len(todo)} of {len(specs)} runs to train")
+    view.say(f"ablations {space.loss}: {why}; {len(todo)} of {len(specs)} runs to train")
+    view.plan(space.loss, Stage.ABLATION, len(specs), len(specs) - len(todo))
     return todo
 
 
-def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: StudyTracker, say: Say) -> None:
+def plan_progress(cfg: StudyConfig, spaces: dict[str, SearchSpace], view: ProgressView) -> None:
+    """Every loss's runs as the study file plans them, so that the totals are known from the start;
+    a loss's search (:func:`_searcher`) and final stage (:func:`final_specs`) correct them for a
+    resumed study and for a final stage that is skipped."""
+    final_epochs = cfg.final.epochs or cfg.train.epochs
+    for loss, space in spaces.items():
+        claims, _ = ablation_plan(
+            loss, space.params, ablations=cfg.ablations, seeds=cfg.final.seeds, train_on=cfg.final.train_on
+        )
+        view.plan(loss, Stage.SEARCH, cfg.search.trials_per_loss, epochs=cfg.train.epochs)
+        view.plan(loss, Stage.FINAL, cfg.final.seeds * len(_folds(cfg)), epochs=final_epochs)
+        view.plan(loss, Stage.ABLATION, len(claims) * cfg.final.seeds, epochs=final_epochs)
+
+
+def search_and_final(
+    cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: StudyTracker, view: ProgressView, verbose: bool = False
+) -> None:
     """Every loss's search and final stage in one Ray Tune run (:mod:`study.schedule`), then the
-    fold ensembles."""
+    fold ensembles. Ray Tune prints nothing of its own unless ``verbose``: ``view`` shows the run."""
+    say = view.say
     storage = optuna_storage(cfg)
-    searches = {loss: _searcher(cfg, storage, space, tracker, say) for loss, space in spaces.items()}
+    searches = {loss: _searcher(cfg, storage, space, tracker, view) for loss, space in spaces.items()}
     schedule = StudySchedule(
-        searches, lambda loss: final_specs(cfg, storage, spaces[loss], tracker, say), cfg.search.max_concurrent
+        searches, lambda loss: final_specs(cfg, storage, spaces[loss], tracker, view), cfg.search.max_concurrent
     )
     scheduler = PerLossASHA(
         lambda: ASHAScheduler(
@@ -200,6 +240,10 @@ def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: 
         tune.with_parameters(worker.run_spec, cfg=without_secrets(cfg), storage=cfg.storage),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
+    if not verbose:
+        # Ray Tune's output engine prints its "Configuration for experiment" box, the results folder
+        # and a TensorBoard hint even at verbose=0; the legacy engine prints nothing at verbose=0.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -216,8 +260,8 @@ def search_and_final(cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: 
             name=cfg.name,
             storage_path=cfg.storage.child(RAY_RESULTS).root,
             storage_filesystem=cfg.storage.fs,
-            verbose=0,
-            callbacks=[TrackingCallback(tracker, cfg, spaces, say)],
+            verbose=1 if verbose else 0,  # 1: Ray Tune's own status table every 30 s
+            callbacks=[TrackingCallback(tracker, cfg, spaces), ProgressCallback(view, cfg.search.objective)],
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
         ),
     )
@@ -304,13 +348,27 @@ def baseline(cfg: StudyConfig, tracker: StudyTracker, say: Say) -> None:
     say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
 
 
-def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> StudyTracker:
+def run_study(
+    cfg: StudyConfig, resume: bool = False, verbose: bool = False, console: Console | None = None
+) -> StudyTracker:
     """Run every stage of the study; the study folder gets config.yaml, the Optuna journal,
     checkpoints and Ray results. With ``resume`` the study in that folder continues: finished trials
-    are kept, unfinished ones go on from their last epoch, and the parent MLflow run is reused."""
+    are kept, unfinished ones go on from their last epoch, and the parent MLflow run is reused.
+
+    Its progress goes to ``console`` (default: stdout; :class:`~study.progress_view.ProgressView`);
+    Ray's own output (its status tables, the workers' lines) only with ``verbose``."""
     spaces = search_spaces(cfg)
-    storage = cfg.storage
-    init_ray()  # before anything is written: a wrong cluster address leaves no trace
+    view = ProgressView(StudyProgress(cfg.search.objective, list(spaces)), console)
+    plan_progress(cfg, spaces, view)
+    with view:
+        return _run_study(cfg, spaces, view, resume, verbose)
+
+
+def _run_study(
+    cfg: StudyConfig, spaces: dict[str, SearchSpace], view: ProgressView, resume: bool, verbose: bool
+) -> StudyTracker:
+    say, storage = view.say, cfg.storage
+    init_ray(verbose)  # before anything is written: a wrong cluster address leaves no trace
     check_cluster(cfg)  # ... nor a trial no node can hold
     tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
     if resume:
@@ -325,7 +383,7 @@ def run_study(cfg: StudyConfig, say: Say = print, resume: bool = False) -> Study
     try:
         tracker.log_search_spaces({loss: space.dump() for loss, space in spaces.items()})
         baseline(cfg, tracker, say)
-        search_and_final(cfg, spaces, tracker, say)
+        search_and_final(cfg, spaces, tracker, view, verbose)
         status = "FINISHED"
     except (KeyboardInterrupt, StudyInterrupted):  # Ctrl-C in a Ray task, or during the Tune run
         status = "KILLED"

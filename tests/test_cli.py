@@ -187,7 +187,7 @@ def test_a_finished_run_logs_its_headline_on_the_parent_run(workdir, monkeypatch
 
     tests = {"multi_similarity": (0.5, 0.7), "normalized_softmax": (0.2, 0.4)}
 
-    def run_study(cfg, say, resume):  # what the stages log: search trials, then final runs per seed
+    def run_study(cfg, resume, verbose):  # what the stages log: search trials, then final runs per seed
         tracker = StudyTracker(cfg.name, os.environ["MLFLOW_TRACKING_URI"])
         cfg.storage.child(CONFIG_FILE).write_text(yaml.safe_dump(cfg.public_dump()))
         cfg.storage.child(PARENT_RUN_FILE).write_text(tracker.start(cfg.public_dump(), cfg.search.objective))

@@ -54,7 +54,7 @@ def test_the_callback_tags_the_run_with_the_machine_and_logs_no_metric_of_it(tmp
     cfg = parse_study(yaml.safe_dump({**TINY_STUDY, "output_dir": str(tmp_path)}), "study.yaml")
     spaces = search_spaces(cfg)
     tracker = _Tracker()
-    callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
+    callback = TrackingCallback(tracker, cfg, spaces)
     spec = search_spec(cfg, spaces["multi_similarity"], 0, {})
     trial = SimpleNamespace(config={SPEC: spec}, last_result=None, error_file=None)
     described = machine.machine_json()

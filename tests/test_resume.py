@@ -153,6 +153,17 @@ def _kill_a_trial_worker(driver: subprocess.Popen) -> None:
     workers[0].kill()
 
 
+# What Ray Tune, Optuna and MLflow print by themselves, off unless --verbose (study.quiet)
+NOISE = (
+    "Configuration for experiment",
+    "View detailed results",
+    "tensorboard",
+    "Creating initial MLflow database tables",
+    "A new study created",
+)
+CURSOR_CODES = ("\x1b[?25l", "\x1b[2K", "\x1b[1A")  # what rich's live display draws with
+
+
 @pytest.mark.parametrize("retries", [1, 0])
 def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(workdir, retries):
     path = _study(workdir, ["multi_similarity"], trials=2, max_concurrent=1, max_retries=retries)
@@ -161,11 +172,17 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(work
     _kill_a_trial_worker(driver)
     out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out
+    # the progress view, as plain lines (stdout is a pipe), and none of the libraries' own output
+    assert "▶ multi_similarity/1 started: alpha=" in out and "· search 2/2" in out
+    assert "study: search 2/2 · runs 2/2 · 0 running" in out
+    assert not [code for code in CURSOR_CODES if code in out]  # (Ray colours its own error lines)
+    assert not [noise for noise in NOISE if noise.lower() in out.lower()], out
     states = _check_consistent(workdir, ["multi_similarity"], trials=2)
     if retries:  # the same kill as below, but the trial went on from its checkpoint
         assert "FAIL" not in states.values()
     else:
         assert states["multi_similarity/0"] == "FAIL"
+        assert "✗ multi_similarity/0 FAIL" in out  # the error reaches the terminal
         _, children = _mlflow_trials(workdir)
         failed = next(r for r in children if r.data.tags[TAG_TRIAL] == "multi_similarity/0")
         assert failed.info.status == "FAILED" and failed.data.tags[TAG_ERROR]

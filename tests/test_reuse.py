@@ -58,7 +58,7 @@ def test_the_kept_network_embeds_the_test_images_as_its_final_run_did(tmp_path, 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = StudyTracker(cfg.name, uri)
     tracker.start(cfg.public_dump(), "map_at_r")
-    callback = TrackingCallback(tracker, cfg, search_spaces(cfg), lambda line: None)
+    callback = TrackingCallback(tracker, cfg, search_spaces(cfg))
     spaces = search_spaces(cfg)
     spec = final_spec(cfg, spaces["proxy_anchor"], 0, {"alpha": 16.0}, seed=1, fold=None)
     assert spec.keep_model and not final_spec(cfg, spaces["proxy_anchor"], 0, {}, seed=2, fold=None).keep_model

@@ -126,8 +126,8 @@ def _trial(spec, last_result=None, error_file=None):
 
 
 def test_callback_logs_a_search_trial_from_its_spec(cfg, spaces):
-    tracker, said = FakeTracker(), []
-    callback = TrackingCallback(tracker, cfg, spaces, said.append)
+    tracker = FakeTracker()
+    callback = TrackingCallback(tracker, cfg, spaces)
     spec = search_spec(cfg, spaces["proxy_anchor"], 2, {"alpha": 16.0, "loss_lr_mult": 10.0, "lr": 2e-3})
     folder = checkpoint_dir(cfg.storage, spec.key)
     folder.child("trial.pt").write_bytes(b"weights")
@@ -147,12 +147,11 @@ def test_callback_logs_a_search_trial_from_its_spec(cfg, spaces):
     assert log_args == ("proxy_anchor/2", {"map_at_r": 0.25, "proxy_abs_cos": 0.1}) and log_kwargs == {"step": 2}
     assert end_args == ("proxy_anchor/2", State.COMPLETE) and end_kwargs == {"error": None}
     assert not folder.exists()  # the checkpoint of an ended trial is deleted
-    assert said[-1] == "  proxy_anchor/2: COMPLETE"
 
 
 def test_callback_fails_a_diverged_trial_with_its_reason_and_tags_no_loss_lr_without_parameters(cfg, spaces):
     tracker = FakeTracker()
-    callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
+    callback = TrackingCallback(tracker, cfg, spaces)
     spec = search_spec(cfg, spaces["multi_similarity"], 0, {})
     trial = _trial(spec, {FAILED: "NonFiniteLossError: loss is nan", "epoch": 1})
     callback.on_trial_start(0, [], trial)
@@ -165,7 +164,7 @@ def test_callback_fails_a_diverged_trial_with_its_reason_and_tags_no_loss_lr_wit
 
 def test_callback_attaches_a_final_runs_embeddings_and_keeps_a_raised_trials_trace(cfg, spaces, tmp_path):
     tracker = FakeTracker()
-    callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
+    callback = TrackingCallback(tracker, cfg, spaces)
     spec = final_spec(cfg, spaces["multi_similarity"], 0, {}, seed=1, fold=None)
     embeddings_file(cfg.storage, spec.key).write_bytes(b"npz")
     trace = tmp_path / "error.txt"
@@ -187,7 +186,7 @@ def test_a_trial_run_logs_every_setting_as_dotted_params_beside_its_sampled_ones
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": SecretStr(secret)})})
     tracker = StudyTracker("settings", uri)
     tracker.start(cfg.public_dump(), "map_at_r")
-    callback = TrackingCallback(tracker, cfg, spaces, lambda line: None)
+    callback = TrackingCallback(tracker, cfg, spaces)
     space = spaces["proxy_anchor"]
     point = {"alpha": 16.0, "loss_lr_mult": 10.0, "lr": 2e-3}
     for spec in (search_spec(cfg, space, 2, point), final_spec(cfg, space, 2, point, seed=1, fold=None)):

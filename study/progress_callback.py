@@ -1,0 +1,40 @@
+"""Ray Tune → the terminal, on the driver: each trial's start, epochs and end told to the study's
+:class:`~study.progress_view.ProgressView`, with the state :class:`~study.spec.Outcome` gives it (the
+one the tracking callback logs and the searcher tells Optuna)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import tune
+
+from study.progress_view import ProgressView
+from study.searcher import DriverOnly
+from study.spec import FAILED, SPEC, Outcome
+
+
+class ProgressCallback(DriverOnly, tune.Callback):
+    """Shows every trial of the Tune run in ``view``; ``objective`` decides its state and value."""
+
+    def __init__(self, view: ProgressView, objective: str):
+        self.view, self.objective = view, objective
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        spec = trial.config[SPEC]
+        self.view.started(spec.key, spec.params)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if FAILED not in result:  # the trial's last word, not an epoch: shown when it completes
+            self.view.result(trial.config[SPEC].key, result.get("epoch"))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial, Outcome.of(trial.config[SPEC], trial.last_result, self.objective))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        path = Path(trial.error_file) if trial.error_file else None
+        trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
+        self._ended(trial, Outcome.of(trial.config[SPEC], trial.last_result, self.objective, error=trace))
+
+    def _ended(self, trial, outcome: Outcome) -> None:
+        spec = trial.config[SPEC]
+        self.view.ended(spec.key, outcome.state, outcome.value, spec.params, outcome.error)

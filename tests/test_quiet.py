@@ -1,0 +1,29 @@
+"""The libraries' own log lines are off on the driver unless --verbose."""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+import pytest
+
+from study.quiet import QUIET_LOGGERS, quiet_libraries
+
+
+@pytest.fixture
+def restore_levels():
+    saved = optuna.logging.get_verbosity(), {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    yield
+    optuna.logging.set_verbosity(saved[0])
+    for name, level in saved[1].items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_optuna_and_mlflow_keep_warnings_only(restore_levels):
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    logging.getLogger("mlflow").setLevel(logging.INFO)
+    quiet_libraries()
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+    store = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
+    assert not store.isEnabledFor(logging.INFO) and store.isEnabledFor(logging.WARNING)
+    assert not logging.getLogger("alembic.runtime.migration").isEnabledFor(logging.INFO)
