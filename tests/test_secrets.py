@@ -158,7 +158,7 @@ def ran(monkeypatch):
     """study.cli._run replaced: records the config a resume would run with, starts nothing (and checks
     no dataset or MLflow run: tests/test_preflight.py does)."""
     calls = []
-    monkeypatch.setattr(study.cli, "_run", lambda cfg, resume: calls.append((cfg, resume)))
+    monkeypatch.setattr(study.cli, "_run", lambda cfg, resume, verbose=False: calls.append((cfg, resume)))
     monkeypatch.setattr(study.cli, "_preflight", lambda cfg, parent_id=None: None)
     return calls
 
