@@ -21,6 +21,8 @@ from study.machine import FIELDS
 
 
 def _run(loss, stage, seed, value, fold=None, machine=None):
+    # a tested run (final, ensemble) logs its metrics as test_<metric>, a search trial unprefixed
+    prefix = "" if stage == "search" else "test_"
     return {
         "study": "s",
         "objective": "map_at_r",
@@ -31,10 +33,10 @@ def _run(loss, stage, seed, value, fold=None, machine=None):
         "trial": f"{loss}/{stage}/0/s{seed}",
         "param.seed": str(seed),
         "param.fold": None if fold is None else str(fold),
-        "map_at_r": value,
-        "recall_at_1": value * 2,
-        "nmi": 0.5,
-        "r_precision": value,
+        f"{prefix}map_at_r": value,
+        f"{prefix}recall_at_1": value * 2,
+        f"{prefix}nmi": 0.5,
+        f"{prefix}r_precision": value,
         "cpu_hours": 0.1,
         "gpu_hours": 0.0,
         "machine": machine,
@@ -97,7 +99,7 @@ def test_an_ensemble_row_is_compared_with_another_loss_not_its_own_folds():
 
 
 def test_display_names():
-    assert [metric_label(m) for m in ("recall_at_1", "test_recall_at_100", "map_at_r", "val_nmi", "r_precision")] == [
+    assert [metric_label(m) for m in ("recall_at_1", "test_recall_at_100", "map_at_r", "nmi", "r_precision")] == [
         "R@1", "R@100", "MAP@R", "NMI", "R-Precision",
     ]  # fmt: skip
     assert metric_label("submode_recall_at_1") == "sub-mode R@1" and metric_label("epoch_seconds") == "epoch seconds"
