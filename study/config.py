@@ -55,8 +55,15 @@ class DatasetConfig(_Strict):
         return name
 
 
+# timm.create_model arguments the embedding network sets itself (study.models.embedding)
+TIMM_RESERVED = ("num_classes", "global_pool", "pretrained", "pretrained_cfg_overlay", "fc_norm")
+
+
 class ModelConfig(_Strict):
     backbone: str = "resnet10t"
+    # keyword arguments of timm.create_model for the trunk, e.g. a narrower ResNet
+    # ({channels: [32, 64, 128, 256], stem_width: 16}); not the ones dml-study sets itself (TIMM_RESERVED)
+    backbone_options: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool | Literal["hub"] | Path = False
     embedding_dim: int = Field(64, ge=2)
     pooling: Literal["avg", "max", "avgmax", "token"] = "avg"  # token: ViT/DeiT class token
@@ -399,6 +406,22 @@ def _check_model(model: ModelConfig) -> None:
         raise ConfigError(
             f"model.backbone: unknown timm model {model.backbone!r}; see timm.list_models() for the allowed names"
         )
+    reserved = sorted(set(model.backbone_options) & set(TIMM_RESERVED))
+    if reserved:
+        raise ConfigError(
+            f"model.backbone_options: {', '.join(reserved)} is set by dml-study (model.pooling, model.pretrained)"
+        )
+    if model.backbone_options:
+        import torch
+
+        try:
+            with torch.device("meta"):  # no memory, no weights: only whether timm accepts the options
+                timm.create_model(model.backbone, num_classes=0, **model.backbone_options)
+        except Exception as err:  # noqa: BLE001 - timm raises TypeError, ValueError, AssertionError…
+            raise ConfigError(
+                f"model.backbone_options: timm cannot build {model.backbone} with {model.backbone_options} "
+                f"({err.__class__.__name__}: {err})"
+            ) from None
     if isinstance(model.pretrained, Path) and not model.pretrained.is_file():
         raise ConfigError(f"model.pretrained: weights file {model.pretrained} not found")
 

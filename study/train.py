@@ -283,6 +283,7 @@ def _trunk_key(model: ModelConfig, train: TrainConfig, seed: int) -> str:
         weights = f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     key = {
         "backbone": model.backbone,
+        "backbone_options": model.backbone_options,
         "weights": weights,
         "seed": None if model.pretrained else seed,  # random init: the seed draws the trunk
         "pooling": model.pooling,
@@ -328,7 +329,12 @@ def build_model(model: ModelConfig, seed: int, channels_last: bool = False) -> E
     """The network ``model`` describes, initialised with ``seed``."""
     torch.manual_seed(seed)
     net = EmbeddingNet(
-        model.backbone, model.embedding_dim, model.pretrained, pooling=model.pooling, freeze_bn=model.freeze_bn
+        model.backbone,
+        model.embedding_dim,
+        model.pretrained,
+        pooling=model.pooling,
+        freeze_bn=model.freeze_bn,
+        backbone_options=model.backbone_options,
     )
     return net.to(memory_format=torch.channels_last) if channels_last else net
 

@@ -105,7 +105,7 @@ def export_model(cfg: StudyConfig, spec: TrialSpec, data: PreparedData, folder: 
         "num_classes": len(np.unique(data.labels[fit])),
         "weights": learner["loss"],
     }
-    model = cfg.model.model_dump(include={"backbone", "embedding_dim", "pooling", "freeze_bn"})
+    model = cfg.model.model_dump(include={"backbone", "backbone_options", "embedding_dim", "pooling", "freeze_bn"})
     return embedder_bytes(model, weights, preprocessing, loss, trial=str(spec.key), dataset=cfg.dataset.name)
 
 

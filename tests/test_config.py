@@ -46,6 +46,14 @@ def _assert_rejected(result, *fragments, folder):
         ({"dataset": {"name": "synthetic", "root": "/no/such/dir"}}, ["dataset.root", "/no/such/dir"]),
         ({"model": {"backbone": "no_such_net"}}, ["model.backbone", "no_such_net"]),
         ({"model": {"backbone": "test_resnet", "pretrained": "/no/w.pth"}}, ["model.pretrained", "/no/w.pth"]),
+        (
+            {"model": {"backbone": "resnet10t", "backbone_options": {"global_pool": "max"}}},
+            ["model.backbone_options: global_pool is set by dml-study"],
+        ),
+        (
+            {"model": {"backbone": "resnet10t", "backbone_options": {"widthz": 2}}},
+            ["model.backbone_options: timm cannot build resnet10t with {'widthz': 2}", "widthz"],
+        ),
         ({"train": {**TINY_STUDY["train"], "batch_size": 18}}, ["batch_size (18)", "m_per_class (4)"]),
         ({"train": {**TINY_STUDY["train"], "optimizer": "lamb"}}, ["train.optimizer", "'adamw', 'adam' or 'sgd'"]),
         ({"train": {**TINY_STUDY["train"], "schedule": "poly"}}, ["train.schedule", "'constant', 'step' or 'cosine'"]),

@@ -18,6 +18,16 @@ def test_embeddings_are_unit_norm_with_configured_size():
     torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
 
 
+def test_backbone_options_reach_timm():
+    """The quickstart's narrower resnet10t: the options change the trunk (its feature width and size)."""
+    narrow = EmbeddingNet("resnet10t", 16, backbone_options={"channels": [32, 64, 128, 256], "stem_width": 16})
+    full = EmbeddingNet("resnet10t", 16)
+    assert narrow.trunk.num_features == 256 and full.trunk.num_features == 512
+    assert narrow.trunk.conv1[0].out_channels == 12 and full.trunk.conv1[0].out_channels == 24
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in full.parameters()) / 3
+    assert narrow(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+
+
 def test_pretrained_from_a_local_weights_file(tmp_path):
     torch.manual_seed(1)
     source = timm.create_model("test_resnet", num_classes=0)

@@ -2,7 +2,7 @@
 :class:`Embedder` that embeds new images with it exactly as the run embedded its test images.
 
 The file is a ``torch.save``-d dict of tensors and plain values, readable with ``weights_only=True``
-(no pickled code): ``format``; ``model`` (backbone, embedding_dim, pooling, freeze_bn: enough to build
+(no pickled code): ``format``; ``model`` (backbone, backbone_options, embedding_dim, pooling, freeze_bn: enough to build
 the architecture without downloading weights); ``weights``, the :class:`EmbeddingNet` state dict (trunk
 and embedding head); ``preprocessing`` (``crop_size``, ``image_size``, ``max_aspect`` and ``input_size``,
 the (H, W) arrays the network saw where known); ``loss`` (``name``, ``kwargs``, ``num_classes`` and
@@ -52,7 +52,14 @@ def read_embedder(data: bytes, device: str | torch.device = "cpu") -> Embedder:
         raise ValueError(f"model file format {state.get('format')!r}; this dml-study reads format {FORMAT}")
     m = state["model"]
     # pretrained=False: the weights are in the file, nothing is downloaded
-    net = EmbeddingNet(m["backbone"], m["embedding_dim"], False, pooling=m["pooling"], freeze_bn=m["freeze_bn"])
+    net = EmbeddingNet(
+        m["backbone"],
+        m["embedding_dim"],
+        False,
+        pooling=m["pooling"],
+        freeze_bn=m["freeze_bn"],
+        backbone_options=m.get("backbone_options"),
+    )
     net.load_state_dict(state["weights"])
     return Embedder(net.to(device).eval(), state)
 

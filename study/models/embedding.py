@@ -16,7 +16,9 @@ convolution convert them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -57,11 +59,12 @@ class EmbeddingNet(nn.Module):
         *,
         pooling: str = "avg",
         freeze_bn: bool = False,
+        backbone_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-        self.trunk = _create_trunk(backbone, pooling, pretrained)
+        self.trunk = _create_trunk(backbone, pooling, pretrained, backbone_options or {})
         if freeze_bn:
             self.trunk = freeze_batch_norm_2d(self.trunk)
         self.head = nn.Linear(self.trunk.num_features, embedding_dim)
@@ -85,9 +88,10 @@ class EmbeddingNet(nn.Module):
             parameter.requires_grad_(trainable)
 
 
-def _create_trunk(backbone: str, pooling: str, pretrained: bool | str | Path) -> nn.Module:
-    """timm trunk without classifier, pooling as asked; a pooling the backbone cannot do is a one-line ValueError."""
-    kwargs: dict = {"num_classes": 0, "global_pool": pooling}
+def _create_trunk(backbone: str, pooling: str, pretrained: bool | str | Path, options: Mapping[str, Any]) -> nn.Module:
+    """timm trunk without classifier, pooling as asked, built with ``options`` (more timm arguments: a
+    narrower ResNet's ``channels``…); a pooling the backbone cannot do is a one-line ValueError."""
+    kwargs: dict = {**options, "num_classes": 0, "global_pool": pooling}
     if isinstance(pretrained, (str, Path)) and pretrained != "hub":
         kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained)}}
     else:
