@@ -64,26 +64,27 @@ def _is_log(trials: pd.DataFrame, name: str, values: pd.Series) -> bool:
 
 
 def importance(
-    runs: pd.DataFrame, loss: str, objective: str, seed: int = 0, min_trials: int = MIN_TRIALS
+    runs: pd.DataFrame,
+    loss: str,
+    objective: str,
+    seed: int = 0,
+    min_trials: int = MIN_TRIALS,
+    space: dict | None = None,
 ) -> pd.DataFrame:
     """fANOVA importance of each varying hyperparameter for ``objective`` (sums to 1).
 
     Columns: param, importance, trials. Empty with fewer than ``min_trials`` COMPLETE trials or nothing
-    varying (:func:`too_few_trials` says which). The search space is taken as the range the trials
-    span, log-scaled where it was searched so.
+    varying (:func:`too_few_trials` says which). The search space is the loss's as searched (``space``:
+    its entry of the study's ``search_spaces.json``, :func:`analysis.runs.load_search_spaces`); without
+    it, the range the trials span, log-scaled where it was searched so.
     """
     if too_few_trials(runs, loss, objective, min_trials):
         return pd.DataFrame(columns=IMPORTANCE_COLUMNS)
     trials, params = search_params(runs, loss, objective)
-    distributions = {
-        name: optuna.distributions.FloatDistribution(v.min(), v.max(), log=_is_log(trials, name, v))
-        if v.dtype.kind == "f"
-        else optuna.distributions.CategoricalDistribution(sorted(v.unique()))
-        for name, v in params.items()
-    }
+    distributions = {name: _distribution(trials, name, v, (space or {}).get(name)) for name, v in params.items()}
     study = optuna.create_study(direction="maximize")
     for i in range(len(trials)):
-        values = {name: (float(v.iloc[i]) if v.dtype.kind == "f" else v.iloc[i]) for name, v in params.items()}
+        values = {name: _value(v.iloc[i], v.dtype.kind) for name, v in params.items()}
         study.add_trial(
             optuna.trial.create_trial(
                 params=values, distributions=distributions, value=float(trials[objective].iloc[i])
@@ -94,8 +95,32 @@ def importance(
     return pd.DataFrame({"param": list(scores), "importance": list(scores.values()), "trials": len(trials)})
 
 
-def _searched_span(runs: pd.DataFrame, loss: str, name: str, log: bool) -> float:
-    """The extent of hyperparameter ``name``'s searched range (on the log scale with ``log``), as far
+def _value(value, kind: str):
+    """A trial's value as its Optuna distribution takes it."""
+    return float(value) if kind == "f" else int(value) if kind in "iu" else value
+
+
+def _distribution(trials: pd.DataFrame, name: str, values: pd.Series, spec: dict | None):
+    """The Optuna distribution ``values`` were drawn from: the searched bounds and scale of ``spec``
+    (a ``study.search_space.Param`` as JSON) where they hold every value — a log-scale weight that was
+    also 0 ("off") is taken on a linear scale from 0 — else the values' own span."""
+    low, high = (spec or {}).get("low"), (spec or {}).get("high")
+    if values.dtype.kind in "iu":  # an integer hyperparameter (SoftTriple's K) is ordered, not a category
+        log = bool((spec or {}).get("log")) and values.min() > 0
+        low, high = (values.min(), values.max()) if low is None or high is None else (low, high)
+        return optuna.distributions.IntDistribution(int(min(low, values.min())), int(max(high, values.max())), log=log)
+    if values.dtype.kind != "f":  # search_params gives numbers as numbers and anything else as text
+        return optuna.distributions.CategoricalDistribution(sorted(values.unique()))
+    if low is None or high is None or spec.get("type") == "categorical":
+        return optuna.distributions.FloatDistribution(values.min(), values.max(), log=_is_log(trials, name, values))
+    log = bool(spec.get("log")) and values.min() > 0
+    low = low if log or values.min() >= low else min(0.0, values.min())
+    return optuna.distributions.FloatDistribution(low, max(high, values.max()), log=log)
+
+
+def _searched_span(runs: pd.DataFrame, loss: str, name: str, log: bool, spec: dict | None = None) -> float:
+    """The extent of hyperparameter ``name``'s searched range (on the log scale with ``log``): the bounds
+    of ``spec`` (its entry of the study's ``search_spaces.json``) where the study logged them, else as far
     as the runs frame knows it: the span of the values every search trial of ``loss`` sampled —
     PRUNED, FAIL and RUNNING ones too, whose configurations were drawn from the space alike.
 
@@ -103,6 +128,9 @@ def _searched_span(runs: pd.DataFrame, loss: str, name: str, log: bool) -> float
     near the good one, so the survivors crowd together, and against their own span every one of them
     lies "far" from the best in every hyperparameter at once.
     """
+    low, high = (spec or {}).get("low"), (spec or {}).get("high")
+    if low is not None and high is not None and high > low and (low > 0 or not log):
+        return float(np.log(high / low) if log else high - low)
     column = f"param.{name}"
     sampled = runs.loc[(runs["stage"] == Stage.SEARCH) & (runs["loss"] == loss), column]
     x = pd.to_numeric(sampled, errors="coerce").to_numpy(float)
@@ -111,12 +139,15 @@ def _searched_span(runs: pd.DataFrame, loss: str, name: str, log: bool) -> float
     return float(x.max() - x.min())
 
 
-def sensitivity(runs: pd.DataFrame, loss: str, objective: str, min_trials: int = MIN_TRIALS) -> pd.DataFrame:
+def sensitivity(
+    runs: pd.DataFrame, loss: str, objective: str, min_trials: int = MIN_TRIALS, space: dict | None = None
+) -> pd.DataFrame:
     """How much ``objective`` falls when one hyperparameter moves away from its best value.
 
     For each varying hyperparameter: the distance of every COMPLETE trial's value from the best
-    trial's, as a fraction of the searched range (:func:`_searched_span`: spanned by every search
-    trial of the loss; log scale where it was searched so; for a categorical, 0 if equal else 1).
+    trial's, as a fraction of the searched range (:func:`_searched_span`: the bounds of ``space``, the
+    loss's logged search space, else the span of every search trial of the loss; log scale where it
+    was searched so; for a categorical, 0 if equal else 1).
     ``drop`` = best objective − mean objective of the trials farther than ``FAR`` (NaN when none is);
     ``relative_drop`` = drop / best. Columns: param, best_value, far_trials, drop, relative_drop.
     A small drop means the loss is robust to that hyperparameter. Empty with fewer than
@@ -134,7 +165,7 @@ def sensitivity(runs: pd.DataFrame, loss: str, objective: str, min_trials: int =
             log = _is_log(trials, name, values)
             x = values.to_numpy(float)
             x = np.log(x) if log else x
-            distance = np.abs(x - x[best]) / _searched_span(runs, loss, name, log)
+            distance = np.abs(x - x[best]) / _searched_span(runs, loss, name, log, (space or {}).get(name))
         else:
             distance = (values.to_numpy() != values.iloc[best]).astype(float)
         far = distance > FAR

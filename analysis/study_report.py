@@ -47,7 +47,9 @@ from study.vocab import OPTUNA_JOURNAL, Stage
 ARTIFACTS = "report"  # folder of the parent run's artifacts
 
 
-def hyperparameter_analysis(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def hyperparameter_analysis(
+    runs: pd.DataFrame, objective: str, spaces: dict | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Importance and sensitivity of every searched loss, one frame each with a ``loss`` column, and
     one line per loss left out saying why (:func:`analysis.hyper.too_few_trials`), for the report to
     print instead: "importance and sensitivity not shown: 3 COMPLETE trials of multi_similarity, 10 needed"."""
@@ -57,8 +59,9 @@ def hyperparameter_analysis(runs: pd.DataFrame, objective: str) -> tuple[pd.Data
         if (why := too_few_trials(runs, loss, objective)) is not None:
             notes.append(f"importance and sensitivity not shown: {why}")
             continue
-        imp.append(importance(runs, loss, objective).assign(loss=loss))
-        sens.append(sensitivity(runs, loss, objective).assign(loss=loss))
+        space = (spaces or {}).get(loss)  # the searched bounds, where the study logged them
+        imp.append(importance(runs, loss, objective, space=space).assign(loss=loss))
+        sens.append(sensitivity(runs, loss, objective, space=space).assign(loss=loss))
     columns_imp, columns_sens = ["loss", *IMPORTANCE_COLUMNS], ["loss", *SENSITIVITY_COLUMNS]
     return (
         pd.concat(imp)[columns_imp] if imp else pd.DataFrame(columns=columns_imp),
@@ -67,9 +70,11 @@ def hyperparameter_analysis(runs: pd.DataFrame, objective: str) -> tuple[pd.Data
     )
 
 
-def hyperparameter_tables(runs: pd.DataFrame, objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hyperparameter_tables(
+    runs: pd.DataFrame, objective: str, spaces: dict | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Importance and sensitivity, as :func:`hyperparameter_analysis` without the notes."""
-    imp, sens, _ = hyperparameter_analysis(runs, objective)
+    imp, sens, _ = hyperparameter_analysis(runs, objective, spaces)
     return imp, sens
 
 
@@ -108,7 +113,7 @@ def build_report(name: str, tracking_uri: str | None, folder: Path, near: list[P
     spaces = load_search_spaces(name, tracking_uri) or {}
     storage = Storage.at(str(folder))
     markdown, search, final = write_tables(runs, storage)  # and claims.*, exploratory_trends.*
-    imp, sens, hyper_notes = hyperparameter_analysis(runs, objective)
+    imp, sens, hyper_notes = hyperparameter_analysis(runs, objective, spaces)
     losses = list(config.get("search", {}).get("losses") or sorted(runs["loss"].dropna().unique()))
     claims, trends = (study_only(table, losses) for table in claims_tables(runs, objective))
     for table_name, table in {"importance": imp, "sensitivity": sens}.items():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from analysis.claims import compare, exploratory_trends, trend
-from analysis.hyper import MIN_TRIALS, importance, sensitivity, too_few_trials
+from analysis.hyper import MIN_TRIALS, _distribution, importance, sensitivity, too_few_trials
 from analysis.study_report import hyperparameter_analysis
 
 
@@ -172,3 +173,30 @@ def test_exploratory_trends_only_for_the_losses_the_study_searched():
     assert list(per_study.columns[:2]) == ["study", "claim"] and per_study["study"].value_counts().to_dict() == {
         "one": 4, "two": 2
     }  # fmt: skip
+
+
+def test_the_logged_search_space_sets_the_ranges_of_sensitivity_and_importance():
+    """With the study's search_spaces.json the searched bounds, not the sampled span, are the range."""
+    rows = CROWDED + PRUNED_WIDE
+    runs = _trials(
+        "soft_triple",
+        {"a": [r[0] for r in rows], "b": [r[1] for r in rows], "k": [r[2] for r in rows]},
+        [r[3] for r in rows],
+        states=["COMPLETE"] * len(CROWDED) + ["PRUNED"] * len(PRUNED_WIDE),
+    ).assign(log_params="")
+    space = {"b": {"type": "float", "low": 0.0, "high": 4.0, "log": False}, "k": {"type": "int", "low": 1, "high": 20}}
+    result = sensitivity(runs, "soft_triple", "map_at_r", space=space).set_index("param")
+    assert result.loc["b", "far_trials"] == 0 and np.isnan(result.loc["b", "drop"])  # no b is 1 from 0 in [0, 4]
+    assert result.loc["k", "far_trials"] == 4  # [1, 20] as the trials spanned it
+    imp = importance(runs, "soft_triple", "map_at_r", space=space)
+    assert set(imp["param"]) == {"a", "b", "k"} and imp["importance"].sum() == pytest.approx(1)
+
+    weight = {"type": "float", "low": 1e-3, "high": 10.0, "log": True, "zero": True}  # 0 = off
+    trials = _trials("pa", {"w": [0.01]}, [0.5]).assign(log_params="w")
+    assert _distribution(trials, "w", pd.Series([0.01, 0.1]), weight) == FloatDistribution(1e-3, 10.0, log=True)
+    assert _distribution(trials, "w", pd.Series([0.0, 0.1]), weight) == FloatDistribution(0.0, 10.0)
+    assert _distribution(trials, "w", pd.Series([0.01, 0.1]), None) == FloatDistribution(0.01, 0.1, log=True)
+    assert _distribution(trials, "m", pd.Series(["x", "y"]), None) == CategoricalDistribution(["x", "y"])
+    k = {"type": "int", "low": 1, "high": 20, "log": False}  # SoftTriple's K: ordered, on its searched range
+    assert _distribution(trials, "k", pd.Series([2, 3]), k) == IntDistribution(1, 20)
+    assert _distribution(trials, "k", pd.Series([2, 3]), None) == IntDistribution(2, 3)

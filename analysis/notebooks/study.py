@@ -30,7 +30,7 @@ from analysis import plots
 from analysis.claims import ablation_claims, exploratory_trends
 from analysis.headline import headline
 from analysis.names import column_label
-from analysis.runs import load_history, load_runs
+from analysis.runs import load_history, load_runs, load_search_spaces
 from analysis.study_report import hyperparameter_tables
 from analysis.tables import claims_text, comparison_table, final_table, formatted
 from study.vocab import Stage
@@ -39,6 +39,7 @@ STUDY = os.environ.get("DML_STUDY_NAME", "quickstart")
 runs = load_runs(STUDY, os.environ.get("MLFLOW_TRACKING_URI"))
 objective = runs["objective"].iloc[0]
 history = load_history(runs)
+spaces = load_search_spaces(STUDY, os.environ.get("MLFLOW_TRACKING_URI")) or {}  # bounds and scales as searched
 
 
 def table(frame):
@@ -91,14 +92,14 @@ show(plots.learning_curves(runs, history, objective))
 # ## Hyperparameters: importance (fANOVA), sensitivity, and each loss's slices
 
 # %%
-importance, sensitivity = hyperparameter_tables(runs, objective)
+importance, sensitivity = hyperparameter_tables(runs, objective, spaces)
 if len(importance):
     display(table(importance))
     display(table(sensitivity))
 else:
     print("importance and sensitivity: too few COMPLETE trials for fANOVA")
 for loss in sorted(runs.loc[runs["stage"] == Stage.SEARCH, "loss"].unique()):
-    figure = plots.hyperparameter_slices(runs, loss, objective)
+    figure = plots.hyperparameter_slices(runs, loss, objective, spaces.get(loss))
     if figure is not None:
         show(figure)
 
