@@ -6,6 +6,7 @@ import logging
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 
 from study.quiet import QUIET_LOGGERS, quiet_libraries
 
@@ -27,3 +28,16 @@ def test_optuna_and_mlflow_keep_warnings_only(restore_levels):
     store = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
     assert not store.isEnabledFor(logging.INFO) and store.isEnabledFor(logging.WARNING)
     assert not logging.getLogger("alembic.runtime.migration").isEnabledFor(logging.INFO)
+
+
+def test_mlflow_draws_no_download_progress_bar(restore_levels, monkeypatch, tmp_path, capfd):
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    client.log_text(run, "{}", "search_spaces.json")
+    capfd.readouterr()
+    client.download_artifacts(run, "search_spaces.json", str(tmp_path))
+    assert "Downloading artifacts" in capfd.readouterr().err  # MLflow's default: the control
+    quiet_libraries()
+    client.download_artifacts(run, "search_spaces.json", str(tmp_path))
+    assert "Downloading artifacts" not in capfd.readouterr().err
