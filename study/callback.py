@@ -23,7 +23,8 @@ from study.vocab import EMBEDDINGS_ARTIFACT, Stage, checkpoint_dir, embeddings_f
 
 class TrackingCallback(DriverOnly, tune.Callback):
     """Logs each trial of the losses in ``spaces`` to its MLflow child run through ``tracker``
-    (a :class:`~study.tracking.StudyTracker`, or anything with its methods)."""
+    (a :class:`~study.tracking_writer.TrackingWriter`: it queues the calls and returns at once, so a
+    slow tracking server never holds up Tune's event loop)."""
 
     def __init__(self, tracker, cfg: StudyConfig, spaces: dict[str, SearchSpace], say: Callable[[str], None]):
         self.tracker, self.cfg, self.spaces, self.say = tracker, cfg, spaces, say
@@ -86,6 +87,7 @@ class TrackingCallback(DriverOnly, tune.Callback):
         if key.stage is Stage.FINAL and embeddings.exists():  # for the report's projection of test embeddings
             self.tracker.log_file(str(key), EMBEDDINGS_ARTIFACT, embeddings.read_bytes())
         self.tracker.end_trial(str(key), outcome.state, error=outcome.error)
-        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more
-        checkpoint_dir(storage, key).delete()
+        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more once
+        # its run has ended in MLflow: until then a resumed study recovers its epochs from it
+        self.tracker.after_logged(checkpoint_dir(storage, key).delete)
         self.say(f"  {key}: {outcome.state}")
