@@ -28,10 +28,10 @@ the queue against a :class:`~study.tracking.StudyTracker`.
 **A bounded queue** (:data:`MAX_QUEUED` calls). Unbounded, a server slower than the results arrive
 would grow the driver's memory without limit and widen what a killed driver loses. Bounded, once
 it is full the caller waits for a free slot: the driver falls back to today's pace (the server's)
-instead of failing. The bound is far above what a study queues: a call is a few kB (a result's
-dozen metrics), 10,000 are tens of MB, and at a realistic arrival rate (64 GPUs, one epoch each
-per 30 s: ~2 results/s) they are more than an hour of results, so only a server that stalls for an
-hour makes the driver wait at all; a short stall (a restart, a slow query) never does.
+instead of failing. The bound is far above what a study queues while the writer keeps up: a queued
+result (a dozen metrics) takes about 1.2 kB, so 10,000 calls hold about 12 MB, and at a realistic
+arrival rate (64 GPUs, one epoch each per 30 s: ~2 results/s) they are more than an hour of
+results: a short stall of the server (a restart, a slow query) never makes the driver wait.
 """
 
 from __future__ import annotations
