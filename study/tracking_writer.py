@@ -37,6 +37,7 @@ results: a short stall of the server (a restart, a slow query) never makes the d
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -153,11 +154,19 @@ class TrackingWriter:
 
 def failure_text(uri: str | None, error: Exception) -> str:
     """One line: which tracking store failed and why. MLflow's HTTP errors repeat the request's URL,
-    credentials included, and the whole chain of causes: the last cause is what the user can act on
-    (``[Errno 111] Connection refused``)."""
+    credentials included, and the whole chain of causes: the innermost is what the user can act on
+    (``[Errno 111] Connection refused``, ``Remote end closed connection without response``)."""
     text = redact_text(str(error)).strip()
-    if "Max retries exceeded" in text:  # requests' chain: "...: Failed to establish ...: [Errno 111] ..."
-        text = text.rsplit(": ", 1)[-1].strip(" ')\"")
+    if "(Caused by " in text:  # requests' chain: "... (Caused by NewConnectionError(\"...: [Errno 111] ...\"))"
+        text = _balanced(re.split(r": |\('|\(\"", text.rsplit("(Caused by ", 1)[-1])[-1])
     lines = [line for line in text.splitlines() if line.strip()]
     reason = f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
     return f"MLflow tracking at {redact(uri or 'sqlite:///mlflow.db')} failed ({reason})"
+
+
+def _balanced(text: str) -> str:
+    """``text`` without the quotes and closing parentheses the chain around it left at its end."""
+    text = text.rstrip("'\" ")
+    while text.endswith(")") and text.count(")") > text.count("("):
+        text = text[:-1].rstrip("'\" ")
+    return text

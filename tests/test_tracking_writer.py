@@ -4,8 +4,13 @@ a slow tracking server that never holds up the caller, a failed write raised in 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +23,7 @@ from study.cli import app
 from study.config import parse_study, search_spaces
 from study.spec import SPEC, search_spec
 from study.tracking import TAG_STATE, StudyTracker
-from study.tracking_writer import TrackingError, TrackingWriter
+from study.tracking_writer import TrackingError, TrackingWriter, failure_text
 from study.vocab import CONFIG_FILE, PARENT_RUN_FILE, checkpoint_dir
 from tests.conftest import TINY_STUDY, write_study
 
@@ -170,6 +175,14 @@ def test_a_full_queue_makes_the_caller_wait(uri):
     writer.close()
 
 
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def _dead_server(tracker: StudyTracker, monkeypatch) -> str:
     """Point ``tracker`` at a tracking server that does not answer (port 9 refuses), without
     MLflow's minutes of retries; returns its URI, with a password."""
@@ -204,6 +217,47 @@ def test_a_failed_write_is_raised_at_flush_and_at_every_later_call(uri, monkeypa
         writer.close()
 
 
+# how MLflow words a request that failed (the password is the URI's, repeated)
+REQUESTS_FAILED = (
+    "API request to http://u:pw@127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool"
+    "(host='127.0.0.1', port=9): Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch "
+)
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        (
+            REQUESTS_FAILED
+            + "(Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new "
+            'connection: [Errno 111] Connection refused"))',
+            "[Errno 111] Connection refused",
+        ),
+        (
+            REQUESTS_FAILED
+            + "(Caused by ProtocolError('Connection aborted.', RemoteDisconnected('Remote end closed connection "
+            "without response')))",
+            "Remote end closed connection without response",
+        ),
+        (
+            REQUESTS_FAILED
+            + "(Caused by ReadTimeoutError(\"HTTPConnectionPool(host='127.0.0.1', port=9): Read timed out. (read "
+            'timeout=120)"))',
+            "Read timed out. (read timeout=120)",
+        ),
+        (
+            "INTERNAL_ERROR: Response: {'error_code': 'INTERNAL_ERROR'}\nmore",
+            "INTERNAL_ERROR: Response: {'error_code': 'INTERNAL_ERROR'}",
+        ),
+    ],
+)
+def test_a_failure_is_one_line_with_the_innermost_cause(message, reason):
+    from mlflow.exceptions import MlflowException
+
+    text = failure_text("http://u:pw@127.0.0.1:9", MlflowException(message))
+    assert text == f"MLflow tracking at http://u:***@127.0.0.1:9 failed (MlflowException: {reason})"
+
+
 def test_a_failed_write_stops_the_study_with_one_line(workdir, monkeypatch):
     """``run`` around a stand-in for the stages (no Ray) that logs through the writer as the real
     ones do, the server gone mid-study: one line naming the tracking URI (redacted) and how to go on,
@@ -229,3 +283,36 @@ def test_a_failed_write_stops_the_study_with_one_line(workdir, monkeypatch):
         "dml-study: MLflow tracking at http://user:***@127.0.0.1:9 failed (MlflowException: [Errno 111] Connection "
         "refused); the study stopped; fix it, then: dml-study resume runs/tiny"
     )
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_mid_study_stops_it_with_one_line(workdir, monkeypatch):
+    """For real: a study logging to an ``mlflow server`` whose server is killed after the first
+    epoch. The driver stops (Ray Tune's trials with it) with one line naming the server, exit 1."""
+    from tests.test_resume import _checkpoints, _start, _study, _wait_for
+    from tests.test_tracking_server import _free_port
+
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
+        "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://user:pw-never-shown@127.0.0.1:{port}"
+        _wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), "the mlflow server")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not MLflow's minutes of retries
+        driver = _start(workdir, "run", str(_study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)))
+        _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 1, out
+    # refused, or cut off mid-request: which one depends on when the server died
+    head = f"dml-study: MLflow tracking at http://user:***@127.0.0.1:{port} failed (MlflowException: "
+    tail = "); the study stopped; fix it, then: dml-study resume runs/tiny"
+    assert [line for line in out.splitlines() if line.startswith(head) and line.endswith(tail)], out
+    assert "pw-never-shown" not in out and "Traceback" not in out
