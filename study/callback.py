@@ -24,8 +24,9 @@ from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embed
 
 class TrackingCallback(DriverOnly, tune.Callback):
     """Logs each trial of the losses in ``spaces`` to its MLflow child run through ``tracker``
-    (a :class:`~study.tracking.StudyTracker`, or anything with its methods). The terminal shows them
-    through :class:`~study.progress_callback.ProgressCallback`."""
+    (a :class:`~study.tracking_writer.TrackingWriter`: it queues the calls and returns at once, so a
+    slow tracking server never holds up Tune's event loop). The terminal shows them through
+    :class:`~study.progress_callback.ProgressCallback`."""
 
     def __init__(self, tracker, cfg: StudyConfig, spaces: dict[str, SearchSpace]):
         self.tracker, self.cfg, self.spaces = tracker, cfg, spaces
@@ -105,7 +106,8 @@ class TrackingCallback(DriverOnly, tune.Callback):
         if spec.keep_model and outcome.state is State.COMPLETE and model.exists():  # the loss's network, for reuse
             self.tracker.log_model(str(key), model.read_bytes())
         self.tracker.end_trial(str(key), outcome.state, error=outcome.error)
-        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more, nor the
+        # a finished trial's checkpoint (weights + optimizer, tens of MB) is not needed any more once
+        # its run has ended in MLflow (until then a resumed study recovers its epochs from it), nor the
         # study folder's copy of a kept network (MLflow has it)
-        checkpoint_dir(storage, key).delete()
-        model.delete()
+        self.tracker.after_logged(checkpoint_dir(storage, key).delete)
+        self.tracker.after_logged(model.delete)

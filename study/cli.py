@@ -322,6 +322,7 @@ def _run(cfg, resume: bool, replace: bool = False, verbose: bool = False) -> Non
     from study.preflight import PreflightError, RayAddressError
     from study.stages import StudyInterrupted, run_study
     from study.tracking import resolve_tracking_uri
+    from study.tracking_writer import TrackingError
 
     lock = StudyLock(cfg.storage)
     try:
@@ -343,6 +344,9 @@ def _run(cfg, resume: bool, replace: bool = False, verbose: bool = False) -> Non
         raise typer.Exit(130) from None
     except UnreadableImageError as exc:  # found by the baseline, before any trial; fix it, then --resume
         _fail(f"{exc}; fix or remove it, then run again with --resume")
+    except TrackingError as exc:  # mid-study: what MLflow holds is kept, the rest is logged again on resume
+        typer.echo(f"dml-study: {exc}; the study stopped; fix it, then: dml-study resume {cfg.storage}", err=True)
+        raise typer.Exit(1) from None
     finally:
         if not _holds_anything(cfg.storage):  # stopped before writing anything: leave no trace
             cfg.storage.delete()

@@ -43,6 +43,7 @@ from study.search_space import SearchSpace
 from study.searcher import StudySearcher
 from study.spec import SPEC, TrialSpec, ablation_spec, final_seeds, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
+from study.tracking_writer import TrackingWriter
 from study.train import load_state
 from study.vocab import (
     CONFIG_FILE,
@@ -58,6 +59,8 @@ from study.vocab import (
 )
 
 Say = Callable[[str], None]
+# what the stages log through: the study's TrackingWriter (tests also pass a StudyTracker)
+Tracker = StudyTracker | TrackingWriter
 
 
 class StudyInterrupted(Exception):
@@ -112,7 +115,7 @@ def _searcher(
     cfg: StudyConfig,
     storage: optuna.storages.BaseStorage,
     space: SearchSpace,
-    tracker: StudyTracker,
+    tracker: Tracker,
     view: ProgressView,
 ) -> tuple[StudySearcher | None, int]:
     """``space``'s loss's searcher and how many of its ``search.trials_per_loss`` trials are left to
@@ -154,7 +157,7 @@ def final_specs(
     cfg: StudyConfig,
     storage: optuna.storages.BaseStorage,
     space: SearchSpace,
-    tracker: StudyTracker,
+    tracker: Tracker,
     view: ProgressView,
 ) -> list[TrialSpec]:
     """The loss's final runs and ablations still to train: its best search trial's point retrained
@@ -180,7 +183,7 @@ def final_specs(
 
 
 def ablation_specs(
-    cfg: StudyConfig, space: SearchSpace, best: optuna.trial.FrozenTrial, tracker: StudyTracker, view: ProgressView
+    cfg: StudyConfig, space: SearchSpace, best: optuna.trial.FrozenTrial, tracker: Tracker, view: ProgressView
 ) -> list[TrialSpec]:
     """Each claim about the loss (:func:`study.claims.claims_for`) as its second arm: the best point
     with the claim's factor changed, trained with every final seed on all training classes and
@@ -216,7 +219,7 @@ def plan_progress(cfg: StudyConfig, spaces: dict[str, SearchSpace], view: Progre
 
 
 def search_and_final(
-    cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: StudyTracker, view: ProgressView, verbose: bool = False
+    cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: TrackingWriter, view: ProgressView, verbose: bool = False
 ) -> None:
     """Every loss's search and final stage in one Ray Tune run (:mod:`study.schedule`), then the
     fold ensembles. Ray Tune prints nothing of its own unless ``verbose``: ``view`` shows the run."""
@@ -266,6 +269,7 @@ def search_and_final(
         ),
     )
     tuner.fit()  # Ctrl-C: Ray Tune stops its trials (each keeps its last epoch's checkpoint) and returns
+    tracker.flush()  # the callback's queued writes (and checkpoint deletions) are done before going on
     if not schedule.finished:
         raise StudyInterrupted
     for loss in spaces:
@@ -279,7 +283,7 @@ def search_and_final(
                 ensemble(cfg, loss, best.number, seed, _folds(cfg), tracker, say)
 
 
-def state_of(tracker: StudyTracker, key: TrialKey) -> str | None:
+def state_of(tracker: Tracker, key: TrialKey) -> str | None:
     """The state MLflow holds for run ``key``; None if it has no run."""
     run = tracker.find_trial(str(key))
     return None if run is None else run.data.tags.get(TAG_STATE)
@@ -292,9 +296,7 @@ def _remote(cfg: StudyConfig, function, *args):
     return ray.get(task.remote(*args))
 
 
-def ensemble(
-    cfg: StudyConfig, loss: str, number: int, seed: int, folds: list[int], tracker: StudyTracker, say: Say
-) -> None:
+def ensemble(cfg: StudyConfig, loss: str, number: int, seed: int, folds: list[int], tracker: Tracker, say: Say) -> None:
     """Seed ``seed``'s fold models (retraining search trial ``number``) as one ensemble, evaluated on a
     worker and logged as its own run."""
     key = TrialKey.ensemble(loss, number, seed)
@@ -312,7 +314,7 @@ def ensemble(
 
 
 def close_finished_runs(
-    tracker: StudyTracker, cfg: StudyConfig, loss: str, finished: list[optuna.trial.FrozenTrial]
+    tracker: Tracker, cfg: StudyConfig, loss: str, finished: list[optuna.trial.FrozenTrial]
 ) -> None:
     """A driver killed between telling Optuna and MLflow leaves a finished trial's run RUNNING:
     log the epochs its checkpoint holds and end the run with Optuna's state."""
@@ -328,7 +330,7 @@ def close_finished_runs(
         tracker.end_trial(str(key), State(trial.state.name))
 
 
-def baseline(cfg: StudyConfig, tracker: StudyTracker, say: Say) -> None:
+def baseline(cfg: StudyConfig, tracker: Tracker, say: Say) -> None:
     """The untrained network's validation metrics (mean over folds) and test metrics (``test_<metric>``)."""
     key = TrialKey.baseline()
     if state_of(tracker, key) == State.COMPLETE:
@@ -370,7 +372,8 @@ def _run_study(
     say, storage = view.say, cfg.storage
     init_ray(verbose)  # before anything is written: a wrong cluster address leaves no trace
     check_cluster(cfg)  # ... nor a trial no node can hold
-    tracker = StudyTracker(cfg.name, resolve_tracking_uri(cfg.tracking.uri))
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    tracker = StudyTracker(cfg.name, uri)
     if resume:
         repair_optuna_journal(cfg, say)
         tracker.resume(storage.child(PARENT_RUN_FILE).read_text().strip())
@@ -379,15 +382,20 @@ def _run_study(
         config = cfg.public_dump()  # credentials redacted: the file and MLflow never see them
         storage.child(CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         storage.child(PARENT_RUN_FILE).write_text(tracker.start(config, cfg.search.objective))
+    # from here on every MLflow call goes through one writer thread, off Ray Tune's event loop
+    writer = TrackingWriter(tracker, uri)
     status = "FAILED"
     try:
-        tracker.log_search_spaces({loss: space.dump() for loss, space in spaces.items()})
-        baseline(cfg, tracker, say)
-        search_and_final(cfg, spaces, tracker, view, verbose)
+        writer.log_search_spaces({loss: space.dump() for loss, space in spaces.items()})
+        baseline(cfg, writer, say)
+        search_and_final(cfg, spaces, writer, view, verbose)
         status = "FINISHED"
     except (KeyboardInterrupt, StudyInterrupted):  # Ctrl-C in a Ray task, or during the Tune run
         status = "KILLED"
         raise StudyInterrupted from None
     finally:
+        # everything queued reaches MLflow before the parent run ends; a failed write (TrackingError)
+        # is raised here instead, leaving the parent RUNNING for `resume`
+        writer.close()
         tracker.finish(status)
     return tracker

@@ -120,6 +120,9 @@ class FakeTracker:
     def __getattr__(self, name):
         return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
 
+    def after_logged(self, action):  # as the TrackingWriter does once the calls before it are written
+        action()
+
 
 def _trial(spec, last_result=None, error_file=None):
     return SimpleNamespace(config={SPEC: spec}, last_result=last_result, error_file=error_file)
