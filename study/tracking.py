@@ -261,6 +261,11 @@ class StudyTracker:
     def set_tag(self, key: str, name: str, value: str) -> None:
         self.client.set_tag(self._runs[key], name, value)
 
+    def after_logged(self, action) -> None:
+        """Run ``action`` now: this tracker writes synchronously, so what was logged before is in MLflow
+        (the :class:`~study.tracking_writer.TrackingWriter` queues it instead)."""
+        action()
+
     def log_file(self, key: str, name: str, data: bytes) -> None:
         """Attach ``data`` to trial ``key``'s run as the artifact ``name``."""
         with tempfile.TemporaryDirectory() as folder:

@@ -78,7 +78,7 @@ def test_a_resumed_trial_is_logged_in_order_and_exactly_once(cfg, uri):
     tracker = StudyTracker(cfg.name, uri)
     parent = tracker.start({}, "map_at_r")
     writer = TrackingWriter(tracker, uri)
-    callback = TrackingCallback(writer, cfg, {"multi_similarity": space}, lambda line: None)
+    callback = TrackingCallback(writer, cfg, {"multi_similarity": space})
     trial = _trial(spec)
     callback.on_trial_start(0, [], trial)
     for epoch in (1, 2, 3):
@@ -88,7 +88,7 @@ def test_a_resumed_trial_is_logged_in_order_and_exactly_once(cfg, uri):
     again = StudyTracker(cfg.name, uri)
     again.resume(parent)
     writer = TrackingWriter(again, uri)
-    callback = TrackingCallback(writer, cfg, {"multi_similarity": space}, lambda line: None)
+    callback = TrackingCallback(writer, cfg, {"multi_similarity": space})
     folder = checkpoint_dir(cfg.storage, spec.key)
     folder.child("trial.pt").write_bytes(b"weights")
     ended = threading.Event()
@@ -119,7 +119,7 @@ def test_interleaved_trials_keep_each_trials_order(cfg, uri):
     tracker = StudyTracker(cfg.name, uri)
     tracker.start({}, "map_at_r")
     writer = TrackingWriter(tracker, uri)
-    callback = TrackingCallback(writer, cfg, {"multi_similarity": space}, lambda line: None)
+    callback = TrackingCallback(writer, cfg, {"multi_similarity": space})
     trials = [_trial(search_spec(cfg, space, n, {})) for n in range(6)]
     for trial in trials:
         callback.on_trial_start(0, [], trial)
@@ -145,7 +145,7 @@ def test_a_slow_tracking_server_does_not_hold_up_the_caller(cfg, uri):
     tracker.start({}, "map_at_r")
     tracker.client = SlowClient(tracker.client, delay)
     writer = TrackingWriter(tracker, uri)
-    callback = TrackingCallback(writer, cfg, {"multi_similarity": space}, lambda line: None)
+    callback = TrackingCallback(writer, cfg, {"multi_similarity": space})
     trial = _trial(search_spec(cfg, space, 0, {}))
     start = time.perf_counter()
     callback.on_trial_start(0, [], trial)  # a search, a run, its params and config.json: 4 slow calls
@@ -264,7 +264,7 @@ def test_a_failed_write_stops_the_study_with_one_line(workdir, monkeypatch):
     exit 1, and no traceback."""
     import study.stages  # imports Ray (not started): here only
 
-    def run_study(cfg, say, resume):
+    def run_study(cfg, resume, verbose):
         tracker = StudyTracker(cfg.name, os.environ["MLFLOW_TRACKING_URI"])
         cfg.storage.child(CONFIG_FILE).write_text(yaml.safe_dump(cfg.public_dump()))
         cfg.storage.child(PARENT_RUN_FILE).write_text(tracker.start(cfg.public_dump(), cfg.search.objective))
