@@ -34,39 +34,17 @@ from study.tracking import (
     TAG_LR,
     TAG_MACHINE,
     TAG_OBJECTIVE,
-    TAG_ROLE,
     TAG_STAGE,
     TAG_STALE,
     TAG_STATE,
     TAG_TRIAL,
     TAG_TRIAL_METRICS,
+    find_parent,
 )
 from study.vocab import SEARCH_SPACES_ARTIFACT, Stage, State
 
 LOG_RANGE = 100  # without the log_params tag: positive values spanning this factor are taken as log-scaled
 _TESTED = (Stage.FINAL, Stage.ABLATION, Stage.ENSEMBLE)  # the stages whose runs are tested once
-
-
-class StudyNotFoundError(LookupError):
-    """No study of that name in the tracking store."""
-
-
-def find_parent(client: MlflowClient, name: str):
-    """The latest parent run of study ``name`` (its MLflow experiment)."""
-    experiment = client.get_experiment_by_name(name)
-    parents = (
-        client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`{TAG_ROLE}` = 'study'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if experiment
-        else []
-    )
-    if not parents:
-        raise StudyNotFoundError(f"no study named {name!r} in the tracking store {client.tracking_uri}")
-    return parents[0]
 
 
 def load_runs(studies: str | list[str], tracking_uri: str | None = None, stale: bool = False) -> pd.DataFrame:

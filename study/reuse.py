@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.models.embedder import Embedder, read_embedder
-from study.tracking import TAG_BEST_LOSS, TAG_LOSS, TAG_MODEL, TAG_ROLE, TAG_STALE
+from study.tracking import TAG_BEST_LOSS, TAG_LOSS, TAG_MODEL, TAG_STALE, find_parent
 from study.vocab import MODEL_ARTIFACT
 
 
@@ -40,16 +40,7 @@ def model_run(study: str, loss: str | None = None, tracking_uri: str | None = No
     ``loss`` None: the study's best loss (the parent's ``dml_study.best_loss``, set once the final stage
     has been tabled). LookupError (one line) when there is none."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(study)
-    parents = client.search_runs(
-        [experiment.experiment_id] if experiment else [],
-        filter_string=f"tags.`{TAG_ROLE}` = 'study'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not parents:
-        raise LookupError(f"no study named {study!r} in {client.tracking_uri}")
-    parent = parents[0]
+    parent = find_parent(client, study)  # StudyNotFoundError is a LookupError
     loss = loss or parent.data.tags.get(TAG_BEST_LOSS)
     if loss is None:
         raise LookupError(f"study {study!r} has no best loss yet (its final stage has not run): name a loss")

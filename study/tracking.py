@@ -288,6 +288,28 @@ class StudyTracker:
         self.client.set_terminated(run_id, RunStatus.to_string(_STATUS[state]))
 
 
+class StudyNotFoundError(LookupError):
+    """No study of that name in the tracking store."""
+
+
+def find_parent(client: MlflowClient, name: str):
+    """The latest parent run of study ``name`` (its MLflow experiment)."""
+    experiment = client.get_experiment_by_name(name)
+    parents = (
+        client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{TAG_ROLE}` = 'study'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment
+        else []
+    )
+    if not parents:
+        raise StudyNotFoundError(f"no study named {name!r} in the tracking store {client.tracking_uri}")
+    return parents[0]
+
+
 def _context_tags(config: dict) -> dict[str, str]:
     """The parent run's context tags; the ones that cannot be known here (no git checkout, no user
     name in a container) are left out rather than failing the study."""
