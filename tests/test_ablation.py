@@ -62,8 +62,9 @@ def test_ablations_pair_with_the_final_runs_survive_a_kill_and_decide_the_claims
         claim = BY_ID[run.data.tags[TAG_CLAIM]]
         final = finals[claim.loss, int(run.data.params["seed"])]
         assert run.data.params[claim.param] != final.data.params[claim.param]  # the claim's factor, and only it
-        assert {k: v for k, v in run.data.params.items() if k != claim.param} == {
-            k: v for k, v in final.data.params.items() if k != claim.param
+        factor = {claim.param, f"loss.{claim.param}"}  # the sampled value and the loss's argument it set
+        assert {k: v for k, v in run.data.params.items() if k not in factor} == {
+            k: v for k, v in final.data.params.items() if k not in factor
         }
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_map_at_r")] == [4]  # tested once
         assert "map_at_r" not in run.data.metrics  # a test score is never logged under the validation name

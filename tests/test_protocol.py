@@ -80,7 +80,7 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
 
     # Each final run is tested once, after its last epoch, on the 6 test classes (36 images).
     run = finals[0]
-    history = client.get_metric_history(run.info.run_id, "recall_at_1")
+    history = client.get_metric_history(run.info.run_id, "test_recall_at_1")
     assert [m.step for m in history] == [2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     # the search trials never saw a test class: their configs train and validate on classes 1–6 only
