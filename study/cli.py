@@ -383,9 +383,8 @@ def report(
     out: Annotated[str | None, typer.Option(help="Output folder or URI (default: runs/<study>)")] = None,
 ) -> None:
     """Rebuild a study's tables and its HTML report from MLflow alone; log them to its parent run."""
-    from analysis.runs import StudyNotFoundError
     from analysis.study_report import ARTIFACTS, write_report
-    from study.tracking import resolve_tracking_uri
+    from study.tracking import StudyNotFoundError, resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per download otherwise
     uri = resolve_tracking_uri(None, tracking_uri)
@@ -405,9 +404,9 @@ def compare(
     out: Annotated[str, typer.Option(help="Output folder or URI")] = "runs/compare",
 ) -> None:
     """Several studies in one table (rows per study, dataset and loss; best values marked per study)."""
-    from analysis.runs import StudyNotFoundError, load_runs
+    from analysis.runs import load_runs
     from analysis.tables import IncomparableStudiesError, write_tables
-    from study.tracking import resolve_tracking_uri
+    from study.tracking import StudyNotFoundError, resolve_tracking_uri
 
     names = list(dict.fromkeys(studies))
     if len(names) < 2:
