@@ -30,7 +30,7 @@ from analysis.hyper import (
 from analysis.names import metric_label
 from analysis.optuna_figures import load_journal, param_importances
 from analysis.report import Section, built_with, render_html
-from analysis.runs import find_parent, load_history, load_parent_config, load_runs, load_search_spaces
+from analysis.runs import load_history, load_parent_config, load_runs, load_search_spaces
 from analysis.tables import (
     LR_COLUMNS,
     claims_tables,
@@ -42,6 +42,7 @@ from analysis.tables import (
     write_tables,
 )
 from study.storage import Storage
+from study.tracking import find_parent
 from study.vocab import OPTUNA_JOURNAL, Stage
 
 ARTIFACTS = "report"  # folder of the parent run's artifacts
