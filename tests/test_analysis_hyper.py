@@ -100,14 +100,19 @@ CROWDED = [
 PRUNED_WIDE = [(0.0, 1.0, 20, 0.10), (1.0, 0.5, 1, 0.20)]  # the searched range: b up to 1, K up to 20
 
 
-def test_sensitivity_differs_per_parameter_when_the_complete_trials_crowd_together():
+def _crowded_runs() -> pd.DataFrame:
+    """SoftTriple's search trials: CROWDED complete, PRUNED_WIDE pruned; the space's word: nothing on a log scale."""
     rows = CROWDED + PRUNED_WIDE
-    runs = _trials(
+    return _trials(
         "soft_triple",
         {"a": [r[0] for r in rows], "b": [r[1] for r in rows], "k": [r[2] for r in rows]},
         [r[3] for r in rows],
         states=["COMPLETE"] * len(CROWDED) + ["PRUNED"] * len(PRUNED_WIDE),
-    ).assign(log_params="")  # the space's word: nothing on a log scale
+    ).assign(log_params="")
+
+
+def test_sensitivity_differs_per_parameter_when_the_complete_trials_crowd_together():
+    runs = _crowded_runs()
     result = sensitivity(runs, "soft_triple", "map_at_r").set_index("param")
     scores = np.array([r[3] for r in CROWDED])
     # a: every other trial lies ≥ 0.6 of [0, 1] away; b: only b > 0.25 of [0, 1]; K: (K − 1) / 19 > 0.25, K ≥ 7
@@ -177,13 +182,7 @@ def test_exploratory_trends_only_for_the_losses_the_study_searched():
 
 def test_the_logged_search_space_sets_the_ranges_of_sensitivity_and_importance():
     """With the study's search_spaces.json the searched bounds, not the sampled span, are the range."""
-    rows = CROWDED + PRUNED_WIDE
-    runs = _trials(
-        "soft_triple",
-        {"a": [r[0] for r in rows], "b": [r[1] for r in rows], "k": [r[2] for r in rows]},
-        [r[3] for r in rows],
-        states=["COMPLETE"] * len(CROWDED) + ["PRUNED"] * len(PRUNED_WIDE),
-    ).assign(log_params="")
+    runs = _crowded_runs()
     space = {"b": {"type": "float", "low": 0.0, "high": 4.0, "log": False}, "k": {"type": "int", "low": 1, "high": 20}}
     result = sensitivity(runs, "soft_triple", "map_at_r", space=space).set_index("param")
     assert result.loc["b", "far_trials"] == 0 and np.isnan(result.loc["b", "drop"])  # no b is 1 from 0 in [0, 4]

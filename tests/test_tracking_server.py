@@ -31,15 +31,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, int]:
+    """A real ``mlflow server`` on 127.0.0.1 (a free port) storing into ``folder``, in its own process
+    group; the caller waits for it and stops it. Returns the process and its port."""
     port = _free_port()
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
     ]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return server, port
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server, port = start_mlflow_server(tmp_path)
     uri = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -290,15 +287,9 @@ def test_a_tracking_server_lost_mid_study_stops_it_with_one_line(workdir, monkey
     """For real: a study logging to an ``mlflow server`` whose server is killed after the first
     epoch. The driver stops (Ray Tune's trials with it) with one line naming the server, exit 1."""
     from tests.test_resume import _checkpoints, _start, _study, _wait_for
-    from tests.test_tracking_server import _free_port
+    from tests.test_tracking_server import start_mlflow_server
 
-    port = _free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
-        "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1",
-    ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server, port = start_mlflow_server(workdir)
     try:
         uri = f"http://user:pw-never-shown@127.0.0.1:{port}"
         _wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), "the mlflow server")
