@@ -1,0 +1,146 @@
+"""A study on a real two-node Ray cluster: a head and a worker node, separate ``ray start`` processes
+with their own temp dirs on this machine, the study folder shared. The head has no CPUs, so every
+trial (search and final) must run on the worker node; the test checks they did, and that the
+study's checkpoints, test embeddings, fold ensembles and report come out as on one machine.
+
+Node addresses: the head at 127.0.0.3, the worker at 127.0.0.2 (both loopback). ``ray start`` swaps
+exactly 127.0.0.1 / localhost for the machine's routable address (``resolve_ip_for_localhost``), and
+a worker node refuses to start with the setting that stops that (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.tracking import TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
+from tests.conftest import TINY_STUDY, write_study
+from tests.test_protocol import cub_tree
+
+pytestmark = pytest.mark.slow  # a real Ray cluster and study
+
+BIN = Path(sys.executable).parent
+HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(*args: str, log: Path) -> subprocess.Popen:
+    """``ray start`` in its own process group: the daemons it leaves behind stay in that group, so the
+    teardown kills this cluster's processes only (``ray stop`` would kill every Ray on the machine)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--disable-usage-stats", *args],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    return proc
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)  # Ray's daemons outlive a SIGTERM to the group
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head (no CPUs) and a worker node (2 CPUs); yields (address, head temp dir, worker temp dir)."""
+    tag = f"{os.getpid()}"
+    head_dir, worker_dir = Path(f"/tmp/mnh{tag}"), Path(f"/tmp/mnw{tag}")  # short: Unix sockets
+    port = _free_port()
+    groups = []
+    try:
+        head = _ray_start(
+            "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--temp-dir", str(head_dir),
+            "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard", "false", log=tmp_path / "head.log",
+        )  # fmt: skip
+        groups.append(head.pid)
+        worker = _ray_start(
+            "--address", f"{HEAD_IP}:{port}", "--node-ip-address", WORKER_IP, "--temp-dir", str(worker_dir),
+            "--num-cpus", "2", "--num-gpus", "0", log=tmp_path / "worker.log",
+        )  # fmt: skip
+        groups.append(worker.pid)
+        yield f"{HEAD_IP}:{port}", head_dir, worker_dir
+    finally:
+        for pgid in reversed(groups):
+            _kill_group(pgid)
+        import shutil
+
+        time.sleep(1)
+        for folder in (head_dir, worker_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _actor_logs(temp_dir: Path) -> list[str]:
+    """The actor classes whose workers ran on the node of ``temp_dir`` (Ray marks each actor's
+    stdout file with ``:actor_name:<class>``)."""
+    names = []
+    for path in (temp_dir / "session_latest" / "logs").glob("worker-*.out"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(":actor_name:"):
+                names.append(line.removeprefix(":actor_name:"))
+    return names
+
+
+def test_a_study_on_a_head_and_a_worker_node(workdir, cluster):
+    address, head_dir, worker_dir = cluster
+    cub_tree(workdir / "data", classes=12)
+    out = workdir / "shared"  # the study folder both nodes see
+    path = write_study(
+        workdir,
+        output_dir=str(out),
+        dataset={"name": "cub200", "root": str(workdir / "data"), "folds": 3, "image_size": 20,
+                 "cache_dir": str(workdir / "cache")},
+        train={"epochs": 1, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
+        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2},
+        final={"seeds": 1, "train_on": "folds"},
+        ablations=False,
+    )  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": address}
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(BIN / "dml-study"), "run", str(path)], cwd=workdir, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )  # fmt: skip
+    print(f"study on the cluster: {time.monotonic() - started:.0f} s")
+    assert done.returncode == 0, done.stdout[-5000:]
+
+    # every trial's actor ran on the worker node; the head (no CPUs) ran none
+    on_worker, on_head = _actor_logs(worker_dir), _actor_logs(head_dir)
+    print("actors on the worker:", on_worker, "on the head:", on_head)
+    # (a worker process hosts one actor after another and names only its first: so not one name per trial)
+    assert on_worker and not on_head
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    trials = [r for r in runs if r.data.tags[TAG_ROLE] == "trial"]
+    by_stage: dict[str, list] = {}
+    for run in trials:
+        by_stage.setdefault(run.data.tags[TAG_STAGE], []).append(run)
+    assert len(by_stage["search"]) == 2 and len(by_stage["final"]) >= 3 and len(by_stage["ensemble"]) == 1
+    assert all(r.data.tags[TAG_STATE] == "COMPLETE" for r in trials), [
+        (r.data.tags[TAG_TRIAL], r.data.tags[TAG_STATE]) for r in trials
+    ]
+    study_dir = out / "tiny"
+    finals = [r for r in by_stage["final"] if r.data.tags[TAG_TRIAL].startswith("multi_similarity/")]
+    assert len(finals) == 3
+    for run in finals:  # the worker's test embeddings reached the shared folder and MLflow
+        assert "embeddings.npz" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert len(list(study_dir.glob("embeddings/multi_similarity/final/*/s1-f*.npz"))) == 3
+    assert "test_map_at_r" in by_stage["ensemble"][0].data.metrics
+    assert not (study_dir / "checkpoints").exists() or not any((study_dir / "checkpoints").rglob("*.pt"))
+    assert "one model per validation fold" in (study_dir / "results.md").read_text()
