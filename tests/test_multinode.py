@@ -1,5 +1,6 @@
 """A study on a real two-node Ray cluster: a head and a worker node, separate ``ray start`` processes
-with their own temp dirs on this machine, the study folder shared. The head has no CPUs, so every
+with their own temp dirs on this machine, the study folder shared (a local folder, or a bucket on the
+local S3 server the object-store tests use, Optuna then in a database). The head has no CPUs, so every
 trial (search and final) must run on the worker node; the test checks they did, and that the
 study's checkpoints, test embeddings, fold ensembles and report come out as on one machine.
 
@@ -19,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 from mlflow.tracking import MlflowClient
 
+from study.storage import Storage
 from study.tracking import TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
-from tests.conftest import TINY_STUDY, write_study
+from tests.conftest import S3_CREDENTIALS, TINY_STUDY, s3_server, write_study
 from tests.test_protocol import cub_tree
 
 pytestmark = pytest.mark.slow  # a real Ray cluster and study
@@ -41,7 +44,7 @@ def _free_port() -> int:
 def _ray_start(*args: str, log: Path) -> subprocess.Popen:
     """``ray start`` in its own process group: the daemons it leaves behind stay in that group, so the
     teardown kills this cluster's processes only (``ray stop`` would kill every Ray on the machine)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, **S3_CREDENTIALS, "RAY_AUTH_MODE": "disabled"}  # the workers reach the S3 server
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--disable-usage-stats", *args],
@@ -96,17 +99,39 @@ def _actor_logs(temp_dir: Path) -> list[str]:
     return names
 
 
-def test_a_study_on_a_head_and_a_worker_node(workdir, cluster):
+def _files(folder: Storage) -> list[str]:
+    """Every file under ``folder`` (a local folder or an object-store prefix), as paths relative to it."""
+    found = folder.fs.get_file_info(pafs.FileSelector(folder.root, recursive=True, allow_not_found=True))
+    return [f.path.removeprefix(folder.root).lstrip("/") for f in found if f.type == pafs.FileType.File]
+
+
+@pytest.fixture(params=["shared folder", "s3"])
+def output_dir(request, workdir, monkeypatch):
+    """The study folder both nodes see: a local folder (a shared file system's stand-in) or a bucket
+    on a local S3 server; yields (output_dir, search.optuna_storage or None)."""
+    if request.param == "shared folder":
+        yield str(workdir / "shared"), None
+        return
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    with s3_server() as options:
+        yield f"s3://studies/runs?{options}", f"sqlite:///{workdir / 'optuna.db'}"
+
+
+def test_a_study_on_a_head_and_a_worker_node(workdir, output_dir, cluster):
     address, head_dir, worker_dir = cluster
+    out, optuna_storage = output_dir
     cub_tree(workdir / "data", classes=12)
-    out = workdir / "shared"  # the study folder both nodes see
+    search = {**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2}
+    if optuna_storage:
+        search["optuna_storage"] = optuna_storage
     path = write_study(
         workdir,
-        output_dir=str(out),
+        output_dir=out,
         dataset={"name": "cub200", "root": str(workdir / "data"), "folds": 3, "image_size": 20,
                  "cache_dir": str(workdir / "cache")},
         train={"epochs": 1, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
-        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2},
+        search=search,
         final={"seeds": 1, "train_on": "folds"},
         ablations=False,
     )  # fmt: skip
@@ -135,12 +160,16 @@ def test_a_study_on_a_head_and_a_worker_node(workdir, cluster):
     assert all(r.data.tags[TAG_STATE] == "COMPLETE" for r in trials), [
         (r.data.tags[TAG_TRIAL], r.data.tags[TAG_STATE]) for r in trials
     ]
-    study_dir = out / "tiny"
+    study = Storage.at(out).child("tiny")
+    files = _files(study)
     finals = [r for r in by_stage["final"] if r.data.tags[TAG_TRIAL].startswith("multi_similarity/")]
     assert len(finals) == 3
     for run in finals:  # the worker's test embeddings reached the shared folder and MLflow
         assert "embeddings.npz" in [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert len(list(study_dir.glob("embeddings/multi_similarity/final/*/s1-f*.npz"))) == 3
+    saved = [f for f in files if f.startswith("embeddings/multi_similarity/final/") and "/s1-f" in f]
+    assert len(saved) == 3, files
     assert "test_map_at_r" in by_stage["ensemble"][0].data.metrics
-    assert not (study_dir / "checkpoints").exists() or not any((study_dir / "checkpoints").rglob("*.pt"))
-    assert "one model per validation fold" in (study_dir / "results.md").read_text()
+    assert not [f for f in files if f.startswith("checkpoints/") and f.endswith(".pt")], files
+    assert "one model per validation fold" in study.child("results.md").read_text()
+    if out.startswith("s3://"):
+        assert not (workdir / "runs").exists()  # nothing went to the local disk
