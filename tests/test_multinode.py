@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_start(*args: str, log: Path) -> subprocess.Popen:
+def _ray_start(groups: list[int], *args: str, log: Path) -> None:
     """``ray start`` in its own process group: the daemons it leaves behind stay in that group, so the
     teardown kills this cluster's processes only (``ray stop`` would kill every Ray on the machine)."""
     env = {**os.environ, **S3_CREDENTIALS, "RAY_AUTH_MODE": "disabled"}  # the workers reach the S3 server
@@ -50,8 +51,8 @@ def _ray_start(*args: str, log: Path) -> subprocess.Popen:
             [str(BIN / "ray"), "start", "--disable-usage-stats", *args],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
+    groups.append(proc.pid)  # killed at teardown even if it fails to start
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-    return proc
 
 
 def _kill_group(pgid: int) -> None:
@@ -67,22 +68,20 @@ def cluster(tmp_path):
     port = _free_port()
     groups = []
     try:
-        head = _ray_start(
+        _ray_start(
+            groups,
             "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--temp-dir", str(head_dir),
             "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard", "false", log=tmp_path / "head.log",
         )  # fmt: skip
-        groups.append(head.pid)
-        worker = _ray_start(
+        _ray_start(
+            groups,
             "--address", f"{HEAD_IP}:{port}", "--node-ip-address", WORKER_IP, "--temp-dir", str(worker_dir),
             "--num-cpus", "2", "--num-gpus", "0", log=tmp_path / "worker.log",
         )  # fmt: skip
-        groups.append(worker.pid)
         yield f"{HEAD_IP}:{port}", head_dir, worker_dir
     finally:
         for pgid in reversed(groups):
             _kill_group(pgid)
-        import shutil
-
         time.sleep(1)
         for folder in (head_dir, worker_dir):
             shutil.rmtree(folder, ignore_errors=True)
