@@ -7,12 +7,16 @@ study's checkpoints, test embeddings, fold ensembles and report come out as on o
 Node addresses: the head at 127.0.0.3, the worker at 127.0.0.2 (both loopback). ``ray start`` swaps
 exactly 127.0.0.1 / localhost for the machine's routable address (``resolve_ip_for_localhost``), and
 a worker node refuses to start with the setting that stops that (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``).
+Ray's loopback-only rule then does not hold (its services listen on every interface), so this cluster
+runs with Ray's token authentication on: a token drawn per test session, given to the nodes and the
+driver, and a client without it is refused (checked).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +38,8 @@ pytestmark = pytest.mark.slow  # a real Ray cluster and study
 
 BIN = Path(sys.executable).parent
 HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.2"
+# Ray's token authentication for this cluster's nodes and its driver (the other tests turn it off)
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def _free_port() -> int:
@@ -45,7 +51,7 @@ def _free_port() -> int:
 def _ray_start(groups: list[int], *args: str, log: Path) -> None:
     """``ray start`` in its own process group: the daemons it leaves behind stay in that group, so the
     teardown kills this cluster's processes only (``ray stop`` would kill every Ray on the machine)."""
-    env = {**os.environ, **S3_CREDENTIALS, "RAY_AUTH_MODE": "disabled"}  # the workers reach the S3 server
+    env = {**os.environ, **S3_CREDENTIALS, **AUTH}  # the workers reach the S3 server
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--disable-usage-stats", *args],
@@ -78,6 +84,18 @@ def cluster(tmp_path):
             "--address", f"{HEAD_IP}:{port}", "--node-ip-address", WORKER_IP, "--temp-dir", str(worker_dir),
             "--num-cpus", "2", "--num-gpus", "0", log=tmp_path / "worker.log",
         )  # fmt: skip
+        # its services listen beyond loopback: a client without the token must be refused
+        anonymous = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        refused = subprocess.run(
+            [str(BIN / "ray"), "status", "--address", f"{HEAD_IP}:{port}"],
+            env=anonymous, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode != 0, refused.stdout[-2000:]
+        allowed = subprocess.run(
+            [str(BIN / "ray"), "status", "--address", f"{HEAD_IP}:{port}"],
+            env={**os.environ, **AUTH}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]  # the token is what differs
         yield f"{HEAD_IP}:{port}", head_dir, worker_dir
     finally:
         for pgid in reversed(groups):
@@ -134,7 +152,7 @@ def test_a_study_on_a_head_and_a_worker_node(workdir, output_dir, cluster):
         final={"seeds": 1, "train_on": "folds"},
         ablations=False,
     )  # fmt: skip
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": address}
+    env = {**os.environ, **AUTH, "RAY_ADDRESS": address}
     started = time.monotonic()
     done = subprocess.run(
         [str(BIN / "dml-study"), "run", str(path)], cwd=workdir, env=env,
