@@ -22,6 +22,13 @@ from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file
 
 
+def error_trace(trial) -> str:
+    """The traceback Ray Tune kept for an errored ``trial`` (its error file), for the run's error.txt
+    and the terminal's failure line."""
+    path = Path(trial.error_file) if trial.error_file else None
+    return path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
+
+
 class TrackingCallback(DriverOnly, tune.Callback):
     """Logs each trial of the losses in ``spaces`` to its MLflow child run through ``tracker``
     (a :class:`~study.tracking_writer.TrackingWriter`: it queues the calls and returns at once, so a
@@ -93,9 +100,7 @@ class TrackingCallback(DriverOnly, tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = trial.config[SPEC]
         self._start(spec)  # a no-op unless the trial failed before it was reported started
-        path = Path(trial.error_file) if trial.error_file else None
-        trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
-        self._end(spec, Outcome.of(spec, trial.last_result, self.objective, error=trace))
+        self._end(spec, Outcome.of(spec, trial.last_result, self.objective, error=error_trace(trial)))
 
     def _end(self, spec: TrialSpec, outcome: Outcome) -> None:
         key, storage = spec.key, self.cfg.storage

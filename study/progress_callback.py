@@ -4,10 +4,9 @@ one the tracking callback logs and the searcher tells Optuna)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray import tune
 
+from study.callback import error_trace
 from study.progress_view import ProgressView
 from study.searcher import DriverOnly
 from study.spec import FAILED, SPEC, Outcome
@@ -31,9 +30,7 @@ class ProgressCallback(DriverOnly, tune.Callback):
         self._ended(trial, Outcome.of(trial.config[SPEC], trial.last_result, self.objective))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        path = Path(trial.error_file) if trial.error_file else None
-        trace = path.read_text() if path and path.is_file() else "the trial raised; Ray kept no trace"
-        self._ended(trial, Outcome.of(trial.config[SPEC], trial.last_result, self.objective, error=trace))
+        self._ended(trial, Outcome.of(trial.config[SPEC], trial.last_result, self.objective, error=error_trace(trial)))
 
     def _ended(self, trial, outcome: Outcome) -> None:
         spec = trial.config[SPEC]
