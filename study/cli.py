@@ -384,9 +384,10 @@ def report(
 ) -> None:
     """Rebuild a study's tables and its HTML report from MLflow alone; log them to its parent run."""
     from analysis.study_report import ARTIFACTS, write_report
+    from study.quiet import no_progress_bars
     from study.tracking import StudyNotFoundError, resolve_tracking_uri
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per download otherwise
+    no_progress_bars()
     uri = resolve_tracking_uri(None, tracking_uri)
     _check_server(uri)
     try:

@@ -28,10 +28,15 @@ import optuna
 QUIET_LOGGERS = ("mlflow", "alembic")
 
 
+def no_progress_bars() -> None:
+    """MLflow draws no "Downloading artifacts" bar (one per download) unless the environment asks for it."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def quiet_libraries() -> None:
     """Optuna and MLflow log warnings and errors only, in this process (the driver); MLflow draws no
-    progress bars (unless the environment asks for them)."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    progress bars (:func:`no_progress_bars`)."""
+    no_progress_bars()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
