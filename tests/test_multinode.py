@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from study.storage import Storage
 from study.tracking import TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
 from tests.conftest import S3_CREDENTIALS, TINY_STUDY, s3_server, write_study
 from tests.test_protocol import cub_tree
+from tests.test_tracking_server import _free_port
 
 pytestmark = pytest.mark.slow  # a real Ray cluster and study
 
@@ -40,12 +40,6 @@ BIN = Path(sys.executable).parent
 HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.2"
 # Ray's token authentication for this cluster's nodes and its driver (the other tests turn it off)
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_start(groups: list[int], *args: str, log: Path) -> None:
