@@ -1,0 +1,248 @@
+"""How well a study fills a cluster: the study's one schedule against one loss after another.
+
+Starts a local multi-node Ray cluster on this machine for each slot count: a head with no resources and two
+worker nodes, separate ``ray start`` processes with their own temp dirs (the same nodes as the multi-node
+test, ``tests/test_multinode.py``: loopback addresses, Ray's token authentication on). Each worker node
+declares ``slots / 2`` GPUs and as many CPUs: a trial asks for 1 GPU and 1 CPU, as on a GPU cluster, so
+the GPUs are the slots. Where torch sees no CUDA (this is a benchmark of the scheduling, runnable
+anywhere), the trials train on the CPU: the declared GPUs stand in for real ones.
+
+On each cluster it runs studies of 1, 3 and 9 losses (the first of ``search_spaces/all_losses.yaml``'s
+list), each loss ``--trials`` search trials plus one final run, short trials (``test_resnet`` on the
+synthetic dataset, no ASHA stop, no ablations), two ways:
+
+- **one schedule**: the study as ``dml-study run`` runs it (``study.stages.run_study``): every loss's
+  search at once, each loss's final run as soon as its search ends;
+- **one loss at a time**: a study per loss, run one after another (how the study ran before the one
+  schedule: each loss waited for the previous one, and each search's tail ran alone).
+
+The driver is this process (``run_study`` joins the cluster through ``RAY_ADDRESS``); MLflow is a SQLite
+file. For each study it prints (summed over the studies of "one loss at a time"):
+
+- **wall**: from calling ``run_study`` until it returns, everything included: joining the cluster, the
+  untrained baseline, starting the trials' actors, writing MLflow;
+- **start-up**: from calling ``run_study`` to the first trial's start;
+- **trial time**: each trial's own time, from its trainable's start (Ray Tune's first result, less its
+  ``time_this_iter_s``) to its last result, read from Ray Tune's ``result.json`` files;
+- **busy**: Σ trial time / (wall × slots), the fraction of the slots' time spent in trials;
+- **busy in span**: the same over the span from the first trial's start to the last one's end: how full the
+  schedule keeps the slots once trials run, start-up aside;
+- **gap / trial**: (wall × slots − Σ trial time) / trials, the slot time each trial costs beyond its own:
+  start-up, actor start, scheduling, the driver, slots idle while the schedule has nothing to give them;
+- **driver CPU**: this process's CPU time (Ray Tune's event loop, the searchers, the MLflow writer thread).
+
+Then, per schedule and slot count, straight lines through the loss counts: wall = fixed + per trial ×
+trials (with the largest deviation from it), and the driver's CPU time the same way; and the goals:
+busy ≥ 0.9 wherever trials ≥ 3 × slots, driver ≤ 1 s per trial (the fitted slope), wall linear in trials.
+
+Run from the repository root: ``PYTHONPATH=. .venv/bin/python benchmarks/scaling.py [--slots 2 4 8]
+[--losses 1 3 9] [--trials 3] [--epochs 10] [--schedules one sequential]``. The slot counts must be even
+(two worker nodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.test_multinode import AUTH, HEAD_IP, _kill_group, _ray_start
+from tests.test_tracking_server import _free_port
+
+os.environ.update(AUTH)  # the nodes' token, for this driver too: set before Ray reads its configuration
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import yaml  # noqa: E402
+from rich.console import Console  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from study.config import parse_study  # noqa: E402
+from study.stages import run_study  # noqa: E402
+
+ALL_LOSSES = yaml.safe_load(Path("search_spaces/all_losses.yaml").read_text())["search"]["losses"]
+WORKER_IPS = ("127.0.0.2", "127.0.0.4")
+SCHEDULES = {"one": "one schedule", "sequential": "one loss at a time"}
+
+
+@contextlib.contextmanager
+def cluster(slots: int, logs: Path) -> Iterator[str]:
+    """A head (no resources) and two worker nodes with ``slots / 2`` GPUs and CPUs each; yields the
+    head's address. The nodes' processes are killed at the end, their temp dirs removed."""
+    tag = f"{os.getpid()}-{slots}"
+    dirs = [Path(f"/tmp/sch{tag}"), *(Path(f"/tmp/sc{i}{tag}") for i in range(len(WORKER_IPS)))]  # short: sockets
+    address = f"{HEAD_IP}:{_free_port()}"
+    groups: list[int] = []
+    try:
+        _ray_start(
+            groups, "--head", "--node-ip-address", HEAD_IP, "--port", address.split(":")[1],
+            "--temp-dir", str(dirs[0]), "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard", "false",
+            log=logs / f"head-{slots}.log",
+        )  # fmt: skip
+        for ip, folder in zip(WORKER_IPS, dirs[1:], strict=True):
+            _ray_start(
+                groups, "--address", address, "--node-ip-address", ip, "--temp-dir", str(folder),
+                "--num-cpus", str(slots // 2), "--num-gpus", str(slots // 2), log=logs / f"worker-{ip}-{slots}.log",
+            )  # fmt: skip
+        yield address
+    finally:
+        ray.shutdown()
+        for pgid in reversed(groups):
+            _kill_group(pgid)
+        time.sleep(1)
+        for folder in dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def study_config(name: str, losses: list[str], trials: int, epochs: int, output_dir: Path):
+    """A study of short trials: ``trials`` search trials per loss trained to the end, one final run each."""
+    study = {
+        "name": name,
+        "output_dir": str(output_dir),
+        "dataset": {
+            "name": "synthetic",
+            "options": {"num_classes": 16, "samples_per_class": 16, "image_size": 16},
+            "val_fraction": 0.5,
+        },
+        "model": {"backbone": "test_resnet", "embedding_dim": 16},
+        "train": {"epochs": epochs, "batch_size": 16, "m_per_class": 4, "lr": 1e-3},
+        "search": {
+            "losses": losses,
+            "trials_per_loss": trials,
+            "objective": "map_at_r",
+            "max_concurrent": 4,  # the presets' TPE concurrency per loss
+            "grace_period": epochs,  # no ASHA stop: every trial is as long as the others
+        },
+        "final": {"seeds": 1},
+        "ablations": False,
+        "resources": {"cpu": 1, "gpu": 1},
+    }
+    return parse_study(yaml.safe_dump(study), name)
+
+
+def trial_spans(study_folder: Path) -> list[tuple[float, float]]:
+    """(start, end) of each trial of the study in ``study_folder`` (Unix time), from Ray Tune's result files."""
+    spans = []
+    for path in study_folder.glob("ray/*/*/result.json"):
+        results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if results:
+            spans.append((results[0]["timestamp"] - results[0]["time_this_iter_s"], results[-1]["timestamp"]))
+    return spans
+
+
+def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> dict:
+    """Run the study ``schedule``'s way and return its figures."""
+    name = f"{schedule}-{len(losses)}l-{slots}s"
+    studies = [(name, losses)] if schedule == "one" else [(f"{name}-{loss}", [loss]) for loss in losses]
+    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 — the progress view's output, discarded
+    wall = cpu = start_up = span = busy_time = 0.0
+    trials = 0
+    for study_name, study_losses in studies:
+        cfg = study_config(study_name, study_losses, args.trials, args.epochs, root / "runs")
+        cpu_before, called, started = time.process_time(), time.time(), time.monotonic()
+        run_study(cfg, console=quiet)
+        wall += time.monotonic() - started
+        cpu += time.process_time() - cpu_before
+        spans = trial_spans(root / "runs" / study_name)
+        first, last = min(s for s, _ in spans), max(e for _, e in spans)
+        start_up, span = start_up + first - called, span + last - first
+        busy_time += sum(end - start for start, end in spans)
+        trials += len(spans)
+    expected = len(losses) * (args.trials + 1)
+    if trials != expected:
+        raise RuntimeError(f"{name}: {trials} trials ran, {expected} expected")
+    return {
+        "schedule": SCHEDULES[schedule],
+        "slots": slots,
+        "losses": len(losses),
+        "trials": trials,
+        "wall s": wall,
+        "start-up s": start_up,
+        "trial s (mean)": busy_time / trials,
+        "busy": busy_time / (wall * slots),
+        "busy in span": busy_time / (span * slots),
+        "gap s / trial": (wall * slots - busy_time) / trials,
+        "driver CPU s": cpu,
+    }
+
+
+def linearity(rows: list[dict]) -> list[dict]:
+    """Per schedule and slot count, straight lines through the loss counts (least squares): wall = fixed +
+    per trial × trials, with the largest relative deviation of a measured wall from it, and the driver's CPU
+    time the same way."""
+    fits = []
+    for schedule in dict.fromkeys(r["schedule"] for r in rows):
+        for slots in dict.fromkeys(r["slots"] for r in rows):
+            group = [r for r in rows if r["schedule"] == schedule and r["slots"] == slots]
+            if len(group) < 2:
+                continue
+            n = np.array([r["trials"] for r in group], float)
+            wall, cpu = (np.array([r[key] for r in group]) for key in ("wall s", "driver CPU s"))
+            per_trial, fixed = np.polyfit(n, wall, 1)
+            deviation = np.abs(wall - (fixed + per_trial * n)) / wall
+            cpu_per_trial, cpu_fixed = np.polyfit(n, cpu, 1)
+            fits.append(
+                {"schedule": schedule, "slots": slots, "wall: fixed s": fixed, "wall: s per trial": per_trial,
+                 "largest deviation": f"{deviation.max():.0%}", "driver CPU: fixed s": cpu_fixed,
+                 "driver CPU: s per trial": cpu_per_trial}
+            )  # fmt: skip
+    return fits
+
+
+def goals(rows: list[dict], fits: list[dict]) -> list[str]:
+    """One line per goal of the one schedule: met or not, with the figures that decide it."""
+    one = [r for r in rows if r["schedule"] == SCHEDULES["one"]]
+    full = [r for r in one if r["trials"] >= 3 * r["slots"]]
+    lines = []
+    for key in ("busy", "busy in span"):
+        low = [f"{r['losses']} losses at {r['slots']} slots: {r[key]:.2f}" for r in full if r[key] < 0.9]
+        verdict = "no such study" if not full else "met" if not low else "not met: " + "; ".join(low)
+        lines.append(f"{key} >= 0.9 wherever trials >= 3 x slots ({len(full)} studies): {verdict}")
+    per_trial = [f["driver CPU: s per trial"] for f in fits if f["schedule"] == SCHEDULES["one"]]
+    if per_trial:
+        met = "met" if max(per_trial) <= 1 else "not met"
+        lines.append(f"driver CPU <= 1 s per trial (slope of the fit): {met} (largest {max(per_trial):.2f} s)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slots", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--losses", type=int, nargs="+", default=[1, 3, 9], choices=range(1, len(ALL_LOSSES) + 1))
+    parser.add_argument("--trials", type=int, default=3, help="search trials per loss (each loss adds one final run)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    args = parser.parse_args()
+    if any(s % 2 or s < 2 for s in args.slots):
+        parser.error("--slots: even numbers (two worker nodes), at least 2")
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
+        root = Path(tmp)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        for slots in args.slots:
+            with cluster(slots, root) as address:
+                os.environ["RAY_ADDRESS"] = address
+                for count in args.losses:
+                    for schedule in args.schedules:
+                        rows.append(measure(schedule, ALL_LOSSES[:count], slots, args, root))
+                        print(tabulate([rows[-1]], headers="keys", floatfmt=".2f"), flush=True)
+    print(f"\n{platform.node()}, {os.cpu_count()} CPUs; {args.trials} search trials + 1 final run per loss, "
+          f"{args.epochs} epochs each; Ray {ray.__version__}\n")  # fmt: skip
+    print(tabulate(rows, headers="keys", floatfmt=".2f"))
+    print()
+    fits = linearity(rows)
+    print(tabulate(fits, headers="keys", floatfmt=".2f"))
+    print()
+    print("\n".join(goals(rows, fits)))
+
+
+if __name__ == "__main__":
+    main()
