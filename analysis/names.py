@@ -39,6 +39,7 @@ DISPLAY_NAMES = {
     "train_loss": "training loss",
     "effective_centers": "effective centers",
     "proxy_abs_cos": "proxy |cos|",
+    "unit_score_std": "PDDM unit score std",
     "p_vs_best": "p vs best",
     "cpu_hours": "CPU-h",
     "gpu_hours": "GPU-h",

@@ -4,6 +4,7 @@ float64 plain loops and pytorch-metric-learning where the definitions coincide."
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -347,3 +348,22 @@ def test_pddm_mining_stays_in_range_on_non_finite_scores():
     torch.manual_seed(0)
     loss = create_loss("pddm", 5, DIM, hidden=8)
     assert math.isnan(loss(torch.full((len(LABELS), DIM), float("nan")), LABELS).item())
+
+
+def test_pddm_reports_the_spread_of_its_units_scores_per_epoch():
+    """unit_score_std: per batch, the std of S over the mined quadruplets' three pairs; the mean over the
+    batches since the last read, then it starts over (NaN before a batch)."""
+    torch.manual_seed(0)
+    loss = create_loss("pddm", 5, DIM, hidden=8)
+    assert math.isnan(loss.trial_metrics()["unit_score_std"])
+    batches = [_x(seed)[1].detach() for seed in (1, 2)]
+    expected = []
+    for x in batches:
+        i, j, k, m = loss.mine(x, LABELS)
+        scores = [
+            pddm_score(loss, x, *pair).item() for a, b in ((i, j), (i, k), (j, m)) for pair in zip(a, b, strict=True)
+        ]
+        expected.append(statistics.stdev(scores))
+        loss(x, LABELS)
+    assert loss.trial_metrics()["unit_score_std"] == pytest.approx(statistics.mean(expected), rel=1e-6)
+    assert math.isnan(loss.trial_metrics()["unit_score_std"])

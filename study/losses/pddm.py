@@ -32,7 +32,7 @@ _EPS = 1e-12  # N(0) = 0: identical features (u = 0) or a dead ReLU layer give a
 _CHUNK = 16384  # pairs scored at once while mining (no grad): memory ~ _CHUNK × d
 
 
-@register_loss("pddm")
+@register_loss("pddm", trial_metrics=("unit_score_std",))
 class PDDMLoss(MetricLoss):
     """PDDM unit + double-header hinge loss; the unit's weights are parameters of the loss.
 
@@ -43,6 +43,11 @@ class PDDMLoss(MetricLoss):
     scale of the batch. The mined pairs are scored again with gradients, so mining itself
     costs O(B²/m · d · hidden) without autograd. D is the Euclidean distance of the
     unit-norm embeddings; retrieval at evaluation uses the embedding, not the unit.
+
+    ``trial_metrics()`` reports ``unit_score_std``: the standard deviation of the unit's scores
+    (S_îĵ, S_îk̂, S_ĵl̂) over each batch's mined quadruplets, averaged over the batches since the last
+    call (an epoch). A unit that tells pairs apart spreads its scores; one near 0 has collapsed to a
+    constant score, so its mining is random and E_m trains nothing (docs/comparison.md, PDDM).
 
     Computed in float32 or wider with autocast off. Hyperparameters: ``alpha`` (metric
     margin, 1.0), ``beta`` (embedding margin, 0.5), ``lam`` (λ = 0.5), ``hidden`` (width of
@@ -65,6 +70,9 @@ class PDDMLoss(MetricLoss):
         self.w_v = nn.Linear(embedding_dim, self.hidden)
         self.w_c = nn.Linear(2 * self.hidden, self.hidden)
         self.w_s = nn.Linear(self.hidden, 1)
+        # Σ over the batches since trial_metrics() of the scores' std: a tensor, read once an epoch (no sync per step)
+        self._score_std: torch.Tensor | None = None
+        self._batches = 0
 
     def score(self, x: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """S(fᵢ, fⱼ) for index vectors ``i``, ``j``, in x's dtype."""
@@ -105,7 +113,18 @@ class PDDMLoss(MetricLoss):
         d_ij, d_ik, d_jl = (_distance(x[a], x[b]) for a, b in ((i, j), (i, k), (j, l_)))
         e_e = (self.beta + d_ij - d_ik).clamp_min(0) + (self.beta + d_ij - d_jl).clamp_min(0)
         total = e_m + self.lam * e_e
+        if len(total):
+            std = torch.cat([s_ij, s_ik, s_jl]).detach().std()
+            self._score_std = std if self._score_std is None else self._score_std + std
+            self._batches += 1
         return total.sum() / max(len(total), 1)
+
+    @torch.no_grad()
+    def trial_metrics(self) -> dict[str, float]:
+        """``unit_score_std`` of the batches since the last call (NaN if none had a quadruplet); starts over."""
+        value = float("nan") if self._score_std is None else self._score_std.item() / self._batches
+        self._score_std, self._batches = None, 0
+        return {"unit_score_std": value}
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, hidden={self.hidden}"
