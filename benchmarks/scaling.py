@@ -61,6 +61,7 @@ os.environ.update(AUTH)  # the nodes' token, for this driver too: set before Ray
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 from rich.console import Console  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
@@ -227,6 +228,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         root = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        MlflowClient().search_experiments()  # creates the database now, not in the first study's time
         for slots in args.slots:
             with cluster(slots, root) as address:
                 os.environ["RAY_ADDRESS"] = address
