@@ -1,16 +1,21 @@
-"""Shared fixtures: a tiny study file, an isolated MLflow store, one Ray instance per session."""
+"""Shared fixtures: a tiny study file, an isolated MLflow store, one Ray instance per session (and one
+Ray head for the session's ``dml-study`` driver subprocesses)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -105,6 +110,118 @@ def ray_instance():
     start_local_ray(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rt{os.getpid()}", logging_level="error")
     yield ray
     ray.shutdown()
+
+
+def free_ports(n: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    """Stop `ray start --block` and everything in its process group (never `ray stop`: other Ray instances)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the leader first: it drains its node while the GCS is still up
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # then whatever is left of its process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + 5
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A running ``ray start --head --block``: its process (every process of the node, the trials'
+    workers included, descends from it), its working folder (the workers'), the environment variables
+    a ``dml-study`` driver joins it with, and the drivers a test started on it."""
+
+    process: subprocess.Popen
+    cwd: Path
+    env: dict[str, str]
+    drivers: list[subprocess.Popen] = field(default_factory=list)
+
+    def trial_workers(self) -> list[psutil.Process]:
+        """The workers running a trial (Ray Tune's ``ImplicitFunc`` actor) on this node."""
+        workers = []
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if "ImplicitFunc" in " ".join(process.cmdline()):
+                    workers.append(process)
+            except psutil.Error:  # exited meanwhile (a zombie has no command line)
+                pass
+        return workers
+
+    def wait_idle(self, what: str) -> None:
+        """Wait (a minute at most) until no trial runs on this node: Ray ends a driver's trials when
+        the driver is gone, within a second or so."""
+        deadline = time.monotonic() + 60
+        while self.trial_workers():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def session_ray_head(tmp_path_factory):
+    """One Ray head for the session's ``dml-study`` driver subprocesses to join (RAY_ADDRESS), so
+    that each driver does not start a Ray of its own: 2 CPUs, auth off, in its own process group, its
+    workers with the S3 test credentials (as test_multinode's nodes). It stays on loopback as
+    :func:`~study.local_ray.start_local_ray` keeps an in-process Ray there: with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, ``ray start`` keeps node IP 127.0.0.1 instead of swapping it
+    for the machine's routable address, and so does a driver given the same setting (else it looks
+    for the head at that address). A SIGKILLed driver's job ends with it: Ray kills its trials."""
+    port, client, agent = free_ports(3)
+    cwd = tmp_path_factory.mktemp("ray_head")
+    temp_dir = f"/tmp/rh{os.getpid()}"  # short: Unix socket paths
+    loopback = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(S3_CREDENTIALS, RAY_USAGE_STATS_ENABLED="0", **loopback)
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--port", str(port), "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+        "--temp-dir", temp_dir, "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
+    ]  # fmt: skip
+    log_path = cwd / "head.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the Ray head did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield RayHead(proc, cwd, {**loopback, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    finally:
+        stop_head(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def driver_head(session_ray_head):
+    """The session's Ray head for one test's drivers. At the end, a driver the test left running (it
+    failed midway) is killed, and the test waits for its trials to end: the next test starts on an
+    idle head."""
+    yield session_ray_head
+    for driver in session_ray_head.drivers:
+        if driver.poll() is None:
+            driver.kill()
+        driver.communicate(timeout=30)
+    session_ray_head.drivers.clear()
+    session_ray_head.wait_idle("Ray to end a left-over driver's trials")
 
 
 def unit(n: int, dim: int, seed: int = 0, dtype=None):

@@ -4,8 +4,6 @@ from MLflow equal to a hand computation."""
 
 from __future__ import annotations
 
-import signal
-
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -17,7 +15,7 @@ from study.claims import BY_ID
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOSS, TAG_STAGE, TAG_STATE, TAG_TRIAL
 from study.vocab import TrialKey
 from tests.conftest import TINY_STUDY, write_study
-from tests.test_resume import _mlflow_trials, _start, _wait_for
+from tests.test_resume import _kill_driver, _mlflow_trials, _start, _wait_for
 
 pytestmark = pytest.mark.slow  # real Ray studies in driver subprocesses
 
@@ -29,17 +27,16 @@ def _ablation_checkpoints(workdir):
     return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/ablation/*/*/s*/trial.pt"))
 
 
-def test_ablations_pair_with_the_final_runs_survive_a_kill_and_decide_the_claims(workdir):
+def test_ablations_pair_with_the_final_runs_survive_a_kill_and_decide_the_claims(workdir, driver_head):
     path = write_study(
         workdir,
         search={**TINY_STUDY["search"], "losses": LOSSES, "trials_per_loss": 2},
         final={"seeds": len(SEEDS), "epochs": 4},
     )
-    driver = _start(workdir, "run", str(path))
+    driver = _start(workdir, driver_head, "run", str(path))
     _wait_for(lambda: _ablation_checkpoints(workdir), "an ablation run's first epoch", timeout=300)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
-    resumed = _start(workdir, "resume", "runs/tiny")
+    _kill_driver(driver, driver_head)
+    resumed = _start(workdir, driver_head, "resume", "runs/tiny")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "ablations multi_similarity: 2 claims × 2 seeds: mining, easy_positives" in out

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_STUDY
+from tests.conftest import REPO, TINY_STUDY, free_ports, stop_head
 
 JOBS = REPO / "jobs"
 SUBMIT = JOBS / "submit.sh"
@@ -261,38 +258,6 @@ def test_sbatch_without_a_study_exits_2(tmp_path):
 
 
 # --- a real Ray job on a real local head ------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop_head(proc: subprocess.Popen) -> None:
-    """Stop `ray start --block` and everything in its process group (never `ray stop`: other Ray instances)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # the leader first: it drains its node while the GCS is still up
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-    for sig in (signal.SIGTERM, signal.SIGKILL):  # then whatever is left of its process group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + 5
-        while group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

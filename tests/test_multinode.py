@@ -2,7 +2,8 @@
 with their own temp dirs on this machine, the study folder shared (a local folder, or a bucket on the
 local S3 server the object-store tests use, Optuna then in a database). The head has no CPUs, so every
 trial (search and final) must run on the worker node; the test checks they did, and that the
-study's checkpoints, test embeddings, fold ensembles and report come out as on one machine.
+study's checkpoints, test embeddings, fold ensembles and report come out as on one machine. Both
+variants run on one cluster (started once for the module).
 
 Node addresses: the head at 127.0.0.3, the worker at 127.0.0.2 (both loopback). ``ray start`` swaps
 exactly 127.0.0.1 / localhost for the machine's routable address (``resolve_ip_for_localhost``), and
@@ -44,12 +45,13 @@ AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 def _ray_start(groups: list[int], *args: str, log: Path) -> None:
     """``ray start`` in its own process group: the daemons it leaves behind stay in that group, so the
-    teardown kills this cluster's processes only (``ray stop`` would kill every Ray on the machine)."""
+    teardown kills this cluster's processes only (``ray stop`` would kill every Ray on the machine).
+    The node works (its workers too) in the folder of ``log``."""
     env = {**os.environ, **S3_CREDENTIALS, **AUTH}  # the workers reach the S3 server
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--disable-usage-stats", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent, start_new_session=True,
         )  # fmt: skip
     groups.append(proc.pid)  # killed at teardown even if it fails to start
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
@@ -60,9 +62,11 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)  # Ray's daemons outlive a SIGTERM to the group
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """A head (no CPUs) and a worker node (2 CPUs); yields (address, head temp dir, worker temp dir)."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head (no CPUs) and a worker node (2 CPUs); yields (address, head temp dir, worker temp dir,
+    the nodes' working folder)."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     tag = f"{os.getpid()}"
     head_dir, worker_dir = Path(f"/tmp/mnh{tag}"), Path(f"/tmp/mnw{tag}")  # short: Unix sockets
     port = _free_port()
@@ -90,7 +94,7 @@ def cluster(tmp_path):
             env={**os.environ, **AUTH}, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]  # the token is what differs
-        yield f"{HEAD_IP}:{port}", head_dir, worker_dir
+        yield f"{HEAD_IP}:{port}", head_dir, worker_dir, tmp_path
     finally:
         for pgid in reversed(groups):
             _kill_group(pgid)
@@ -99,14 +103,21 @@ def cluster(tmp_path):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _actor_logs(temp_dir: Path) -> list[str]:
-    """The actor classes whose workers ran on the node of ``temp_dir`` (Ray marks each actor's
-    stdout file with ``:actor_name:<class>``)."""
+def _worker_logs(temp_dir: Path) -> dict[Path, int]:
+    """The stdout file of each worker of the node of ``temp_dir``, and its size."""
+    return {path: path.stat().st_size for path in (temp_dir / "session_latest" / "logs").glob("worker-*.out")}
+
+
+def _actor_logs(temp_dir: Path, before: dict[Path, int]) -> list[str]:
+    """The actor classes whose workers ran on the node of ``temp_dir`` since ``before`` (its
+    :func:`_worker_logs`): Ray marks each actor's stdout file with ``:actor_name:<class>``."""
     names = []
-    for path in (temp_dir / "session_latest" / "logs").glob("worker-*.out"):
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith(":actor_name:"):
-                names.append(line.removeprefix(":actor_name:"))
+    for path in _worker_logs(temp_dir):
+        with path.open("rb") as out:
+            out.seek(before.get(path, 0))
+            for line in out.read().decode(errors="replace").splitlines():
+                if line.startswith(":actor_name:"):
+                    names.append(line.removeprefix(":actor_name:"))
     return names
 
 
@@ -130,7 +141,7 @@ def output_dir(request, workdir, monkeypatch):
 
 
 def test_a_study_on_a_head_and_a_worker_node(workdir, output_dir, cluster):
-    address, head_dir, worker_dir = cluster
+    address, head_dir, worker_dir, nodes_cwd = cluster
     out, optuna_storage = output_dir
     cub_tree(workdir / "data", classes=12)
     search = {**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2}
@@ -147,6 +158,7 @@ def test_a_study_on_a_head_and_a_worker_node(workdir, output_dir, cluster):
         ablations=False,
     )  # fmt: skip
     env = {**os.environ, **AUTH, "RAY_ADDRESS": address}
+    logs = {folder: _worker_logs(folder) for folder in (head_dir, worker_dir)}  # the other variant's actors ran before
     started = time.monotonic()
     done = subprocess.run(
         [str(BIN / "dml-study"), "run", str(path)], cwd=workdir, env=env,
@@ -156,7 +168,7 @@ def test_a_study_on_a_head_and_a_worker_node(workdir, output_dir, cluster):
     assert done.returncode == 0, done.stdout[-5000:]
 
     # every trial's actor ran on the worker node; the head (no CPUs) ran none
-    on_worker, on_head = _actor_logs(worker_dir), _actor_logs(head_dir)
+    on_worker, on_head = _actor_logs(worker_dir, logs[worker_dir]), _actor_logs(head_dir, logs[head_dir])
     print("actors on the worker:", on_worker, "on the head:", on_head)
     # (a worker process hosts one actor after another and names only its first: so not one name per trial)
     assert on_worker and not on_head
@@ -183,4 +195,5 @@ def test_a_study_on_a_head_and_a_worker_node(workdir, output_dir, cluster):
     assert not [f for f in files if f.startswith("checkpoints/") and f.endswith(".pt")], files
     assert "one model per validation fold" in study.child("results.md").read_text()
     if out.startswith("s3://"):
-        assert not (workdir / "runs").exists()  # nothing went to the local disk
+        # nothing went to the local disk: neither the driver's working folder nor the nodes'
+        assert not (workdir / "runs").exists() and not (nodes_cwd / "runs").exists()

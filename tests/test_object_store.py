@@ -4,7 +4,6 @@ through pyarrow like Ray Tune's own results; Optuna in a database, as the config
 from __future__ import annotations
 
 import io
-import signal
 import time
 
 import pandas as pd
@@ -15,7 +14,7 @@ from typer.testing import CliRunner
 from study.cli import app
 from study.storage import Storage
 from tests.conftest import S3_CREDENTIALS, s3_server, write_study
-from tests.test_resume import _check_consistent, _optuna, _start, _study, _wait_for
+from tests.test_resume import _check_consistent, _kill_driver, _optuna, _start, _study, _wait_for
 
 
 @pytest.fixture
@@ -28,22 +27,22 @@ def bucket(monkeypatch):
 
 
 @pytest.mark.slow
-def test_study_on_an_object_store_survives_a_killed_driver(workdir, bucket):
+def test_study_on_an_object_store_survives_a_killed_driver(workdir, bucket, driver_head):
     optuna_url = f"sqlite:///{workdir / 'optuna.db'}"
     path = _study(workdir, ["multi_similarity"], trials=3, optuna_storage=optuna_url)
-    driver = _start(workdir, "run", str(path), "--set", f"output_dir={bucket}")
+    driver = _start(workdir, driver_head, "run", str(path), "--set", f"output_dir={bucket}")
     study = Storage.at(bucket).child("tiny")
     _wait_for(lambda: study.child("checkpoints").exists(), "a first checkpoint in the bucket")
     time.sleep(1.0)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
+    _kill_driver(driver, driver_head)
     finished = [t for t in _optuna(workdir, "multi_similarity", optuna_url) if t.state.is_finished()]
     assert len(finished) < 3, "the kill must land mid-study"
 
-    resumed = _start(workdir, "resume", f"s3://studies/runs/tiny?{bucket.split('?', 1)[1]}")
+    resumed = _start(workdir, driver_head, "resume", f"s3://studies/runs/tiny?{bucket.split('?', 1)[1]}")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    assert not (workdir / "runs").exists()  # nothing went to the local disk
+    # nothing went to the local disk: neither the driver's working folder nor the trials' (the head's)
+    assert not (workdir / "runs").exists() and not (driver_head.cwd / "runs").exists()
     for name in ("config.yaml", "mlflow_run_id", "results.md", "results.csv"):
         assert study.child(name).exists(), name
     assert study.child("ray", "tiny").exists()  # Ray Tune wrote its results there too

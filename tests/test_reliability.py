@@ -1,5 +1,7 @@
 """Faults a user meets, for real (integration layer): Ctrl-C, a second driver on the same study, a torn
-Optuna journal. Each leaves the study resumable with nothing lost, doubled or mislabelled."""
+Optuna journal. Each leaves the study resumable with nothing lost, doubled or mislabelled. The Ctrl-C
+drivers start their own Ray, as in a terminal (the signal reaches its processes too); the others join
+the session's Ray head."""
 
 from __future__ import annotations
 
@@ -13,15 +15,17 @@ from mlflow.tracking import MlflowClient
 
 from study.tracking import TAG_STATE, TAG_TRIAL
 from study.vocab import TrialKey
-from tests.test_resume import DML_STUDY, _checkpoints, _mlflow_trials, _optuna, _study, _wait_for
+from tests.conftest import RayHead
+from tests.test_resume import DML_STUDY, _checkpoints, _kill_driver, _mlflow_trials, _optuna, _study, _wait_for
 
 pytestmark = pytest.mark.slow  # real Ray studies in driver subprocesses
 
 
-def _start_in_terminal(workdir, *args: str) -> subprocess.Popen:
-    """A driver in its own process group, as a terminal runs it: Ctrl-C signals the whole group."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen(
+def _start_in_terminal(workdir, head: RayHead | None, *args: str) -> subprocess.Popen:
+    """A driver in its own process group, as a terminal runs it: Ctrl-C signals the whole group. On
+    ``head``, else with a local Ray of its own (in that group)."""
+    env = {**os.environ, **(head.env if head else {"RAY_AUTH_MODE": "disabled"})}
+    driver = subprocess.Popen(
         [DML_STUDY, *args],
         cwd=workdir,
         env=env,
@@ -30,13 +34,16 @@ def _start_in_terminal(workdir, *args: str) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+    if head:
+        head.drivers.append(driver)
+    return driver
 
 
 def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
     text = path.read_text().replace("seeds: 0", "seeds: 1")
     path.write_text(text)
-    driver = _start_in_terminal(workdir, "run", str(path))
+    driver = _start_in_terminal(workdir, None, "run", str(path))
     _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
     os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     out, err = driver.communicate(timeout=120)
@@ -51,7 +58,7 @@ def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     assert not [t for t in trials if t.state == optuna.trial.TrialState.FAIL]  # an interrupt is not a failure
     assert any(t.state == optuna.trial.TrialState.RUNNING for t in trials)  # left for resume
 
-    resumed = _start_in_terminal(workdir, "resume", "runs/tiny")
+    resumed = _start_in_terminal(workdir, None, "resume", "runs/tiny")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out + err
     parents, children = _mlflow_trials(workdir)
@@ -68,17 +75,16 @@ def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     assert MlflowClient().get_run(parents[0].info.run_id).info.status == "FINISHED"
 
 
-def test_a_torn_journal_tail_is_repaired_on_resume(workdir):
+def test_a_torn_journal_tail_is_repaired_on_resume(workdir, driver_head):
     path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
-    driver = _start_in_terminal(workdir, "run", str(path))
+    driver = _start_in_terminal(workdir, driver_head, "run", str(path))
     _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
+    _kill_driver(driver, driver_head)
     journal = workdir / "runs" / "tiny" / "optuna.journal"
     os.truncate(journal, journal.stat().st_size - 40)  # a record torn by the kill
     outputs = []
     for _ in range(2):  # the repaired journal stays readable run after run
-        resumed = _start_in_terminal(workdir, "resume", "runs/tiny")
+        resumed = _start_in_terminal(workdir, driver_head, "resume", "runs/tiny")
         out, err = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, out + err
         outputs.append(out)

@@ -1,5 +1,6 @@
 """Crashes, for real: a study whose driver is SIGKILLed resumes with nothing lost or doubled;
-a trial whose Ray worker is killed is retried from its last epoch, or recorded as failed."""
+a trial whose Ray worker is killed is retried from its last epoch, or recorded as failed. The drivers
+join the session's Ray head (the ``driver_head`` fixture) instead of each starting a Ray of its own."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from study.cli import app
 from study.tracking import TAG_ERROR, TAG_ROLE, TAG_STATE, TAG_TRIAL
 from study.vocab import TrialKey
-from tests.conftest import TINY_STUDY, write_study
+from tests.conftest import TINY_STUDY, RayHead, write_study
 
 pytestmark = pytest.mark.slow  # real Ray studies
 
@@ -38,11 +40,14 @@ def _study(workdir: Path, losses: list[str], trials: int, **search) -> Path:
     )
 
 
-def _start(workdir: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen(
+def _start(workdir: Path, head: RayHead, *args: str) -> subprocess.Popen:
+    """``dml-study *args`` in ``workdir``, a driver on ``head``."""
+    env = {**os.environ, **head.env}
+    driver = subprocess.Popen(
         [DML_STUDY, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    head.drivers.append(driver)
+    return driver
 
 
 def _wait_for(predicate, what: str, timeout: float = 180.0) -> None:
@@ -52,6 +57,15 @@ def _wait_for(predicate, what: str, timeout: float = 180.0) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
+
+
+def _kill_driver(driver: subprocess.Popen, head: RayHead) -> None:
+    """SIGKILL ``driver``, then wait until Ray has ended its trials on ``head``: nothing of the dead
+    driver's study runs on while the test goes on."""
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert driver.returncode == -signal.SIGKILL
+    head.wait_idle("Ray to end the killed driver's trials")
 
 
 def _checkpoints(workdir: Path) -> list[Path]:
@@ -97,14 +111,12 @@ def _check_consistent(workdir: Path, losses: list[str], trials: int, optuna_stor
     return states
 
 
-def test_sigkilled_driver_resumes_with_nothing_lost_or_doubled(workdir):
+def test_sigkilled_driver_resumes_with_nothing_lost_or_doubled(workdir, driver_head):
     losses = ["multi_similarity", "normalized_softmax"]
-    driver = _start(workdir, "run", str(_study(workdir, losses, trials=3)))
+    driver = _start(workdir, driver_head, "run", str(_study(workdir, losses, trials=3)))
     _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
     time.sleep(1.0)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
-    assert driver.returncode == -signal.SIGKILL
+    _kill_driver(driver, driver_head)
     unfinished = {(loss, t.number) for loss in losses if _has_study(workdir, loss) for t in _optuna(workdir, loss)} | {
         (loss, n) for loss in losses for n in range(3)
     }
@@ -117,11 +129,10 @@ def test_sigkilled_driver_resumes_with_nothing_lost_or_doubled(workdir):
     }
     assert unfinished, "the kill must land mid-study"
 
-    again = _start(workdir, "run", str(workdir / "study.yaml"))
-    out, _ = again.communicate(timeout=300)
-    assert again.returncode == 2 and "--resume" in out  # never silently overwritten
+    again = CliRunner().invoke(app, ["run", str(workdir / "study.yaml")])  # (it stops before Ray: in-process)
+    assert again.exit_code == 2 and "--resume" in again.output  # never silently overwritten
 
-    resumed = _start(workdir, "resume", "runs/tiny")
+    resumed = _start(workdir, driver_head, "resume", "runs/tiny")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     _check_consistent(workdir, losses, trials=3)
@@ -144,11 +155,9 @@ def _has_study(workdir: Path, loss: str) -> bool:
     return True
 
 
-def _kill_a_trial_worker(driver: subprocess.Popen) -> None:
-    """SIGKILL the Ray worker running a trial: a descendant of the driver (its local Ray)."""
-    workers = [
-        p for p in psutil.Process(driver.pid).children(recursive=True) if "ImplicitFunc" in " ".join(p.cmdline())
-    ]
+def _kill_a_trial_worker(head: RayHead) -> None:
+    """SIGKILL the Ray worker running a trial on ``head``."""
+    workers = head.trial_workers()
     assert workers, "no trial worker found"
     workers[0].kill()
 
@@ -165,11 +174,11 @@ CURSOR_CODES = ("\x1b[?25l", "\x1b[2K", "\x1b[1A")  # what rich's live display d
 
 
 @pytest.mark.parametrize("retries", [1, 0])
-def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(workdir, retries):
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(workdir, driver_head, retries):
     path = _study(workdir, ["multi_similarity"], trials=2, max_concurrent=1, max_retries=retries)
-    driver = _start(workdir, "run", str(path))
+    driver = _start(workdir, driver_head, "run", str(path))
     _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
-    _kill_a_trial_worker(driver)
+    _kill_a_trial_worker(driver_head)
     out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out
     # the progress view, as plain lines (stdout is a pipe), and none of the libraries' own output
@@ -194,7 +203,7 @@ def _final_checkpoints(workdir: Path) -> list[Path]:
     return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/final/*/*/trial.pt"))
 
 
-def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
+def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir, driver_head):
     # 2 seeds × 2 folds of final runs, 6 epochs each: the kill lands while they train.
     final_epochs = 6
     path = write_study(
@@ -204,16 +213,15 @@ def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir):
         search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 1},
         final={"seeds": 2, "epochs": final_epochs, "train_on": "folds"},
     )
-    driver = _start(workdir, "run", str(path))
+    driver = _start(workdir, driver_head, "run", str(path))
     _wait_for(lambda: _final_checkpoints(workdir), "a final-stage checkpoint", timeout=300)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
+    _kill_driver(driver, driver_head)
     _, children = _mlflow_trials(workdir)
     final = {r.data.tags[TAG_TRIAL]: r for r in children if "/final/" in r.data.tags[TAG_TRIAL]}
     assert any(r.info.status == "RUNNING" for r in final.values()), "the kill must land mid-final-stage"
     before = {key: _epochs(run, "train_loss") for key, run in final.items()}
 
-    resumed = _start(workdir, "resume", "runs/tiny")
+    resumed = _start(workdir, driver_head, "resume", "runs/tiny")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
 

@@ -283,7 +283,7 @@ def test_a_failed_write_stops_the_study_with_one_line(workdir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_tracking_server_lost_mid_study_stops_it_with_one_line(workdir, monkeypatch):
+def test_a_tracking_server_lost_mid_study_stops_it_with_one_line(workdir, monkeypatch, driver_head):
     """For real: a study logging to an ``mlflow server`` whose server is killed after the first
     epoch. The driver stops (Ray Tune's trials with it) with one line naming the server, exit 1."""
     from tests.test_resume import _checkpoints, _start, _study, _wait_for
@@ -295,7 +295,8 @@ def test_a_tracking_server_lost_mid_study_stops_it_with_one_line(workdir, monkey
         _wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), "the mlflow server")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not MLflow's minutes of retries
-        driver = _start(workdir, "run", str(_study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)))
+        study = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
+        driver = _start(workdir, driver_head, "run", str(study))
         _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
     finally:
         os.killpg(server.pid, signal.SIGKILL)
