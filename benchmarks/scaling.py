@@ -53,8 +53,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.conftest import free_ports
 from tests.test_multinode import AUTH, HEAD_IP, _kill_group, _ray_start
-from tests.test_tracking_server import _free_port
 
 os.environ.update(AUTH)  # the nodes' token, for this driver too: set before Ray reads its configuration
 
@@ -79,7 +79,7 @@ def cluster(slots: int, logs: Path) -> Iterator[str]:
     head's address. The nodes' processes are killed at the end, their temp dirs removed."""
     tag = f"{os.getpid()}-{slots}"
     dirs = [Path(f"/tmp/sch{tag}"), *(Path(f"/tmp/sc{i}{tag}") for i in range(len(WORKER_IPS)))]  # short: sockets
-    address = f"{HEAD_IP}:{_free_port()}"
+    address = f"{HEAD_IP}:{free_ports(1)[0]}"
     groups: list[int] = []
     try:
         _ray_start(

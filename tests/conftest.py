@@ -113,6 +113,7 @@ def ray_instance():
 
 
 def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports free on 127.0.0.1 (held at once while drawn, so that they differ)."""
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(n)]
         for s in socks:

@@ -31,9 +31,8 @@ from mlflow.tracking import MlflowClient
 
 from study.storage import Storage
 from study.tracking import TAG_ROLE, TAG_STAGE, TAG_STATE, TAG_TRIAL
-from tests.conftest import S3_CREDENTIALS, TINY_STUDY, s3_server, write_study
+from tests.conftest import S3_CREDENTIALS, TINY_STUDY, free_ports, s3_server, write_study
 from tests.test_protocol import cub_tree
-from tests.test_tracking_server import _free_port
 
 pytestmark = pytest.mark.slow  # a real Ray cluster and study
 
@@ -69,7 +68,7 @@ def cluster(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cluster")
     tag = f"{os.getpid()}"
     head_dir, worker_dir = Path(f"/tmp/mnh{tag}"), Path(f"/tmp/mnw{tag}")  # short: Unix sockets
-    port = _free_port()
+    port = free_ports(1)[0]
     groups = []
     try:
         _ray_start(

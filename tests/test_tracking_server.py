@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,22 +18,16 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.tracking import TAG_ROLE, StudyTracker
-from tests.conftest import TINY_STUDY, write_study
+from tests.conftest import TINY_STUDY, free_ports, write_study
 
 runner = CliRunner()
 PASSWORD = "pw-9c1e-never-written"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, int]:
     """A real ``mlflow server`` on 127.0.0.1 (a free port) storing into ``folder``, in its own process
     group; the caller waits for it and stops it. Returns the process and its port."""
-    port = _free_port()
+    port = free_ports(1)[0]
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
@@ -114,7 +107,7 @@ def test_study_logs_to_a_tracking_server_and_optuna_to_an_rdb(workdir, ray_insta
 
 
 def test_unreachable_server_fails_before_anything_starts(workdir, monkeypatch):
-    uri = f"http://user:s3cret@127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://user:s3cret@127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     result = runner.invoke(app, ["run", str(write_study(workdir))])
     assert result.exit_code == 2
