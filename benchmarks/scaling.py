@@ -22,8 +22,8 @@ file. For each study it prints (summed over the studies of "one loss at a time")
 - **wall**: from calling ``run_study`` until it returns, everything included: joining the cluster, the
   untrained baseline, starting the trials' actors, writing MLflow;
 - **start-up**: from calling ``run_study`` to the first trial's start;
-- **trial time**: each trial's own time, from its trainable's start (Ray Tune's first result, less its
-  ``time_this_iter_s``) to its last result, read from Ray Tune's ``result.json`` files;
+- **trial time**: each trial's own time, its trainable's ``time_total_s`` at its last result, read from Ray
+  Tune's ``result.json`` files (with its last ``timestamp``, to the second, for the span);
 - **busy**: Σ trial time / (wall × slots), the fraction of the slots' time spent in trials;
 - **busy in span**: the same over the span from the first trial's start to the last one's end: how full the
   schedule keeps the slots once trials run, start-up aside;
@@ -128,14 +128,17 @@ def study_config(name: str, losses: list[str], trials: int, epochs: int, output_
     return parse_study(yaml.safe_dump(study), name)
 
 
-def trial_spans(study_folder: Path) -> list[tuple[float, float]]:
-    """(start, end) of each trial of the study in ``study_folder`` (Unix time), from Ray Tune's result files."""
-    spans = []
+def trial_times(study_folder: Path) -> list[tuple[float, float, float]]:
+    """(start, end, duration) of each trial of the study in ``study_folder``, from Ray Tune's result files:
+    the duration is the trainable's own time (``time_total_s``, to the microsecond); start and end are Unix
+    times to the second (Ray Tune's ``timestamp``), enough for a study's span."""
+    times = []
     for path in study_folder.glob("ray/*/*/result.json"):
         results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if results:
-            spans.append((results[0]["timestamp"] - results[0]["time_this_iter_s"], results[-1]["timestamp"]))
-    return spans
+            end, duration = results[-1]["timestamp"], results[-1]["time_total_s"]
+            times.append((end - duration, end, duration))
+    return times
 
 
 def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> dict:
@@ -151,11 +154,11 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
         run_study(cfg, console=quiet)
         wall += time.monotonic() - started
         cpu += time.process_time() - cpu_before
-        spans = trial_spans(root / "runs" / study_name)
-        first, last = min(s for s, _ in spans), max(e for _, e in spans)
+        times = trial_times(root / "runs" / study_name)
+        first, last = min(t[0] for t in times), max(t[1] for t in times)
         start_up, span = start_up + first - called, span + last - first
-        busy_time += sum(end - start for start, end in spans)
-        trials += len(spans)
+        busy_time += sum(t[2] for t in times)
+        trials += len(times)
     expected = len(losses) * (args.trials + 1)
     if trials != expected:
         raise RuntimeError(f"{name}: {trials} trials ran, {expected} expected")
