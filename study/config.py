@@ -126,6 +126,10 @@ class SearchConfig(_Strict):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_retries: int = Field(1, ge=0)  # a trial that raises restarts from its last epoch this often
+    # true: a trial starts in the worker a finished trial leaves (its imports and loaded data kept). Ray Tune
+    # then gives the next trial to that worker even while a new worker is starting for it, so trials
+    # shorter than a worker's start-up all run in one worker; false: a fresh worker per trial
+    reuse_actors: bool = True
     # Optuna's storage: None = a journal file in the study folder; or an RDB URL (sqlite:///…,
     # postgresql://…) shared by many drivers. May carry credentials: logged and saved redacted.
     optuna_storage: SecretStr | None = Field(None, json_schema_extra={"env": "DML_STUDY_OPTUNA_STORAGE"})

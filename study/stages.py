@@ -256,7 +256,7 @@ def search_and_final(
             scheduler=scheduler,
             num_samples=-1,  # until the schedule says it is finished
             max_concurrent_trials=cfg.search.max_concurrent_total,
-            reuse_actors=True,
+            reuse_actors=cfg.search.reuse_actors,
             trial_dirname_creator=lambda trial: trial.config[SPEC].key.run_name,
         ),
         run_config=tune.RunConfig(
