@@ -36,8 +36,9 @@ trials (with the largest deviation from it), and the driver's CPU time the same 
 busy ≥ 0.9 wherever trials ≥ 3 × slots, driver ≤ 1 s per trial (the fitted slope), wall linear in trials.
 
 Run from the repository root: ``PYTHONPATH=. .venv/bin/python benchmarks/scaling.py [--slots 2 4 8]
-[--losses 1 3 9] [--trials 3] [--epochs 10] [--schedules one sequential]``. The slot counts must be even
-(two worker nodes).
+[--losses 1 3 9] [--trials 3] [--epochs 10] [--schedules one sequential] [--fresh-workers]``
+(``--fresh-workers``: ``search.reuse_actors: false``, a new worker process per trial). The slot counts must
+be even (two worker nodes).
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def cluster(slots: int, logs: Path) -> Iterator[str]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def study_config(name: str, losses: list[str], trials: int, epochs: int, output_dir: Path):
-    """A study of short trials: ``trials`` search trials per loss trained to the end, one final run each."""
+def study_config(name: str, losses: list[str], args, output_dir: Path):
+    """A study of short trials: ``args.trials`` search trials per loss trained to the end, one final run each."""
     study = {
         "name": name,
         "output_dir": str(output_dir),
@@ -113,13 +114,14 @@ def study_config(name: str, losses: list[str], trials: int, epochs: int, output_
             "val_fraction": 0.5,
         },
         "model": {"backbone": "test_resnet", "embedding_dim": 16},
-        "train": {"epochs": epochs, "batch_size": 16, "m_per_class": 4, "lr": 1e-3},
+        "train": {"epochs": args.epochs, "batch_size": 16, "m_per_class": 4, "lr": 1e-3},
         "search": {
             "losses": losses,
-            "trials_per_loss": trials,
+            "trials_per_loss": args.trials,
             "objective": "map_at_r",
             "max_concurrent": 4,  # the presets' TPE concurrency per loss
-            "grace_period": epochs,  # no ASHA stop: every trial is as long as the others
+            "grace_period": args.epochs,  # no ASHA stop: every trial is as long as the others
+            "reuse_actors": not args.fresh_workers,
         },
         "final": {"seeds": 1},
         "ablations": False,
@@ -149,7 +151,7 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
     wall = cpu = start_up = span = busy_time = 0.0
     trials = 0
     for study_name, study_losses in studies:
-        cfg = study_config(study_name, study_losses, args.trials, args.epochs, root / "runs")
+        cfg = study_config(study_name, study_losses, args, root / "runs")
         cpu_before, called, started = time.process_time(), time.time(), time.monotonic()
         run_study(cfg, console=quiet)
         wall += time.monotonic() - started
@@ -223,6 +225,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3, help="search trials per loss (each loss adds one final run)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--fresh-workers", action="store_true", help="search.reuse_actors: false")
     args = parser.parse_args()
     if any(s % 2 or s < 2 for s in args.slots):
         parser.error("--slots: even numbers (two worker nodes), at least 2")
@@ -239,8 +242,9 @@ def main() -> None:
                     for schedule in args.schedules:
                         rows.append(measure(schedule, ALL_LOSSES[:count], slots, args, root))
                         print(tabulate([rows[-1]], headers="keys", floatfmt=".2f"), flush=True)
+    workers = "a fresh worker per trial" if args.fresh_workers else "workers reused"
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs; {args.trials} search trials + 1 final run per loss, "
-          f"{args.epochs} epochs each; Ray {ray.__version__}\n")  # fmt: skip
+          f"{args.epochs} epochs each; {workers}; Ray {ray.__version__}\n")  # fmt: skip
     print(tabulate(rows, headers="keys", floatfmt=".2f"))
     print()
     fits = linearity(rows)
