@@ -48,14 +48,12 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import free_ports
-from tests.test_multinode import AUTH, HEAD_IP, _kill_group, _ray_start
+from tests.test_multinode import AUTH, ray_cluster
 
 os.environ.update(AUTH)  # the nodes' token, for this driver too: set before Ray reads its configuration
 
@@ -75,32 +73,16 @@ SCHEDULES = {"one": "one schedule", "sequential": "one loss at a time"}
 
 
 @contextlib.contextmanager
-def cluster(slots: int, logs: Path) -> Iterator[str]:
-    """A head (no resources) and two worker nodes with ``slots / 2`` GPUs and CPUs each; yields the
-    head's address. The nodes' processes are killed at the end, their temp dirs removed."""
-    tag = f"{os.getpid()}-{slots}"
-    dirs = [Path(f"/tmp/sch{tag}"), *(Path(f"/tmp/sc{i}{tag}") for i in range(len(WORKER_IPS)))]  # short: sockets
-    address = f"{HEAD_IP}:{free_ports(1)[0]}"
-    groups: list[int] = []
-    try:
-        _ray_start(
-            groups, "--head", "--node-ip-address", HEAD_IP, "--port", address.split(":")[1],
-            "--temp-dir", str(dirs[0]), "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard", "false",
-            log=logs / f"head-{slots}.log",
-        )  # fmt: skip
-        for ip, folder in zip(WORKER_IPS, dirs[1:], strict=True):
-            _ray_start(
-                groups, "--address", address, "--node-ip-address", ip, "--temp-dir", str(folder),
-                "--num-cpus", str(slots // 2), "--num-gpus", str(slots // 2), log=logs / f"worker-{ip}-{slots}.log",
-            )  # fmt: skip
-        yield address
-    finally:
-        ray.shutdown()
-        for pgid in reversed(groups):
-            _kill_group(pgid)
-        time.sleep(1)
-        for folder in dirs:
-            shutil.rmtree(folder, ignore_errors=True)
+def cluster(slots: int, folder: Path) -> Iterator[str]:
+    """A head (no resources) and two worker nodes with ``slots / 2`` GPUs and CPUs each, working in ``folder``;
+    yields the head's address. This driver leaves it, then its processes are killed."""
+    folder.mkdir()
+    workers = [(ip, slots // 2, slots // 2) for ip in WORKER_IPS]
+    with ray_cluster(folder, workers, f"sc{os.getpid()}-{slots}") as (address, _, _):
+        try:
+            yield address
+        finally:
+            ray.shutdown()
 
 
 def study_config(name: str, losses: list[str], args, output_dir: Path):
@@ -236,7 +218,7 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         MlflowClient().search_experiments()  # creates the database now, not in the first study's time
         for slots in args.slots:
-            with cluster(slots, root) as address:
+            with cluster(slots, root / f"cluster-{slots}") as address:
                 os.environ["RAY_ADDRESS"] = address
                 for count in args.losses:
                     for schedule in args.schedules:

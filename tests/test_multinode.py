@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -61,45 +62,55 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)  # Ray's daemons outlive a SIGTERM to the group
 
 
+@contextlib.contextmanager
+def ray_cluster(folder: Path, workers: list[tuple[str, int, int]], tag: str) -> Iterator[tuple[str, Path, list[Path]]]:
+    """A head at HEAD_IP (no resources) and a worker node per (address, CPUs, GPUs) of ``workers``: separate
+    ``ray start`` processes, each in its own process group and temp dir (``/tmp/<tag>h``, ``/tmp/<tag>w<i>``:
+    short, for Unix sockets), working and logging in ``folder``. Yields (the head's address, its temp dir,
+    the workers' temp dirs); at the end every process of the cluster is killed and the temp dirs removed."""
+    head_dir, worker_dirs = Path(f"/tmp/{tag}h"), [Path(f"/tmp/{tag}w{i}") for i in range(len(workers))]
+    address = f"{HEAD_IP}:{free_ports(1)[0]}"
+    groups: list[int] = []
+    try:
+        _ray_start(
+            groups,
+            "--head", "--node-ip-address", HEAD_IP, "--port", address.split(":")[1], "--temp-dir", str(head_dir),
+            "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard", "false", log=folder / "head.log",
+        )  # fmt: skip
+        for (ip, cpus, gpus), temp_dir in zip(workers, worker_dirs, strict=True):
+            _ray_start(
+                groups,
+                "--address", address, "--node-ip-address", ip, "--temp-dir", str(temp_dir),
+                "--num-cpus", str(cpus), "--num-gpus", str(gpus), log=folder / f"worker-{ip}.log",
+            )  # fmt: skip
+        yield address, head_dir, worker_dirs
+    finally:
+        for pgid in reversed(groups):
+            _kill_group(pgid)
+        time.sleep(1)
+        for temp_dir in (head_dir, *worker_dirs):
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head (no CPUs) and a worker node (2 CPUs); yields (address, head temp dir, worker temp dir,
     the nodes' working folder)."""
     tmp_path = tmp_path_factory.mktemp("cluster")
-    tag = f"{os.getpid()}"
-    head_dir, worker_dir = Path(f"/tmp/mnh{tag}"), Path(f"/tmp/mnw{tag}")  # short: Unix sockets
-    port = free_ports(1)[0]
-    groups = []
-    try:
-        _ray_start(
-            groups,
-            "--head", "--node-ip-address", HEAD_IP, "--port", str(port), "--temp-dir", str(head_dir),
-            "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard", "false", log=tmp_path / "head.log",
-        )  # fmt: skip
-        _ray_start(
-            groups,
-            "--address", f"{HEAD_IP}:{port}", "--node-ip-address", WORKER_IP, "--temp-dir", str(worker_dir),
-            "--num-cpus", "2", "--num-gpus", "0", log=tmp_path / "worker.log",
-        )  # fmt: skip
+    with ray_cluster(tmp_path, [(WORKER_IP, 2, 0)], f"mn{os.getpid()}") as (address, head_dir, (worker_dir,)):
         # its services listen beyond loopback: a client without the token must be refused
         anonymous = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         refused = subprocess.run(
-            [str(BIN / "ray"), "status", "--address", f"{HEAD_IP}:{port}"],
+            [str(BIN / "ray"), "status", "--address", address],
             env=anonymous, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert refused.returncode != 0, refused.stdout[-2000:]
         allowed = subprocess.run(
-            [str(BIN / "ray"), "status", "--address", f"{HEAD_IP}:{port}"],
+            [str(BIN / "ray"), "status", "--address", address],
             env={**os.environ, **AUTH}, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]  # the token is what differs
-        yield f"{HEAD_IP}:{port}", head_dir, worker_dir, tmp_path
-    finally:
-        for pgid in reversed(groups):
-            _kill_group(pgid)
-        time.sleep(1)
-        for folder in (head_dir, worker_dir):
-            shutil.rmtree(folder, ignore_errors=True)
+        yield address, head_dir, worker_dir, tmp_path
 
 
 def _worker_logs(temp_dir: Path) -> dict[Path, int]:
