@@ -5,14 +5,15 @@ batch cannot be drawn.
 
 :func:`check_study` (before ``run`` and ``resume``): the dataset's classes against the validation split
 and the batch, the data's size against memory and disk, the output folder's permissions, the local
-machine's CPUs and GPUs. :func:`check_cluster` (right after joining a cluster, before anything is
-written): a trial's resources against the largest node. :func:`check_parent_run` (``resume``): the
+machine's CPUs and GPUs. :func:`cluster_slots` (right after joining a cluster, before anything is
+written): how many trials the cluster's nodes hold at once, and none is an error. :func:`check_parent_run` (``resume``): the
 study's MLflow run is in the tracking store.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import shutil
 from pathlib import Path
@@ -117,14 +118,22 @@ def _check_local_resources(cfg: StudyConfig) -> None:
         )
 
 
-def check_cluster(cfg: StudyConfig) -> None:
-    """After joining a cluster: some node can hold one trial (else Ray would wait forever)."""
+def trials_per_node(node: dict[str, float], cfg: StudyConfig) -> int:
+    """How many trials of ``cfg.resources`` one node's resources (Ray's names: CPU, GPU) hold at once."""
+    need = {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu}
+    # the epsilon: 0.3 GPUs / 0.1 per trial is 2.999… in floats, and holds 3 trials
+    return min(math.floor(node.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0)
+
+
+def cluster_slots(cfg: StudyConfig) -> int:
+    """After joining a cluster: how many trials its live nodes hold at once, each trial on one node. None is
+    an error (else Ray would wait forever)."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    need = {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu}
-    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-        return
+    slots = sum(trials_per_node(node, cfg) for node in nodes)
+    if slots:
+        return slots
     largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
     raise PreflightError(
         f"resources: a trial needs {cfg.resources.cpu:g} CPUs and {cfg.resources.gpu:g} GPUs on one node, but the "

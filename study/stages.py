@@ -34,7 +34,7 @@ from study.config import StudyConfig, search_spaces, without_secrets
 from study.data.images import UnreadableImageError
 from study.journal import clear_writer_lock, repair_journal
 from study.local_ray import start_local_ray
-from study.preflight import check_cluster, ray_address
+from study.preflight import cluster_slots, ray_address
 from study.progress import StudyProgress
 from study.progress_callback import ProgressCallback
 from study.progress_view import ProgressView
@@ -219,10 +219,16 @@ def plan_progress(cfg: StudyConfig, spaces: dict[str, SearchSpace], view: Progre
 
 
 def search_and_final(
-    cfg: StudyConfig, spaces: dict[str, SearchSpace], tracker: TrackingWriter, view: ProgressView, verbose: bool = False
+    cfg: StudyConfig,
+    spaces: dict[str, SearchSpace],
+    tracker: TrackingWriter,
+    view: ProgressView,
+    slots: int,
+    verbose: bool = False,
 ) -> None:
     """Every loss's search and final stage in one Ray Tune run (:mod:`study.schedule`), then the
-    fold ensembles. Ray Tune prints nothing of its own unless ``verbose``: ``view`` shows the run."""
+    fold ensembles; at most ``search.max_concurrent_total`` trials at once, default ``slots`` (what the
+    cluster holds). Ray Tune prints nothing of its own unless ``verbose``: ``view`` shows the run."""
     say = view.say
     storage = optuna_storage(cfg)
     searches = {loss: _searcher(cfg, storage, space, tracker, view) for loss, space in spaces.items()}
@@ -255,7 +261,9 @@ def search_and_final(
             search_alg=schedule,
             scheduler=scheduler,
             num_samples=-1,  # until the schedule says it is finished
-            max_concurrent_trials=cfg.search.max_concurrent_total,
+            # also how many trials Ray Tune starts workers for at once: without a limit it starts one
+            # worker at a time (one pending trial for a custom searcher), however large the cluster
+            max_concurrent_trials=cfg.search.max_concurrent_total or slots,
             reuse_actors=cfg.search.reuse_actors,
             trial_dirname_creator=lambda trial: trial.config[SPEC].key.run_name,
         ),
@@ -371,7 +379,7 @@ def _run_study(
 ) -> StudyTracker:
     say, storage = view.say, cfg.storage
     init_ray(verbose)  # before anything is written: a wrong cluster address leaves no trace
-    check_cluster(cfg)  # ... nor a trial no node can hold
+    slots = cluster_slots(cfg)  # ... nor a trial no node can hold
     uri = resolve_tracking_uri(cfg.tracking.uri)
     tracker = StudyTracker(cfg.name, uri)
     if resume:
@@ -388,7 +396,7 @@ def _run_study(
     try:
         writer.log_search_spaces({loss: space.dump() for loss, space in spaces.items()})
         baseline(cfg, writer, say)
-        search_and_final(cfg, spaces, writer, view, verbose)
+        search_and_final(cfg, spaces, writer, view, slots, verbose)
         status = "FINISHED"
     except (KeyboardInterrupt, StudyInterrupted):  # Ctrl-C in a Ray task, or during the Tune run
         status = "KILLED"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.config import load_study
-from study.preflight import PreflightError, check_cluster
+from study.preflight import PreflightError, cluster_slots, trials_per_node
 from study.tracking import StudyTracker
 from tests.conftest import TINY_STUDY, write_study
 
@@ -107,9 +107,25 @@ def test_report_and_compare_fail_in_seconds_on_an_unreachable_server(workdir, co
     )
 
 
+@pytest.mark.parametrize(
+    ("resources", "node", "trials"),
+    [
+        ({"cpu": 1, "gpu": 0}, {"CPU": 8.0, "GPU": 2.0}, 8),  # no GPU asked: CPUs alone decide
+        ({"cpu": 2, "gpu": 1}, {"CPU": 8.0, "GPU": 2.0}, 2),  # GPUs decide
+        ({"cpu": 2, "gpu": 1}, {"CPU": 5.0, "GPU": 4.0}, 2),  # CPUs decide, rounded down
+        ({"cpu": 1, "gpu": 0.25}, {"CPU": 16.0, "GPU": 1.0}, 4),  # a packed GPU
+        ({"cpu": 1, "gpu": 0.1}, {"CPU": 16.0, "GPU": 0.3}, 3),  # 0.3 / 0.1 is 2.999… in floats
+        ({"cpu": 1, "gpu": 1}, {"CPU": 16.0}, 0),  # a node without GPUs
+    ],
+)
+def test_how_many_trials_a_node_holds(workdir, resources, node, trials):
+    assert trials_per_node(node, load_study(write_study(workdir, resources=resources))) == trials
+
+
 @pytest.mark.slow
 def test_a_trial_no_node_of_the_cluster_can_hold(workdir, ray_instance):
     cfg = load_study(write_study(workdir, resources={"cpu": 1, "gpu": 4}))
     with pytest.raises(PreflightError, match=r"the cluster's largest node has 2 CPUs and 0 GPUs \(1 nodes\)"):
-        check_cluster(cfg)
-    check_cluster(load_study(write_study(workdir)))  # 1 CPU, no GPU: fits
+        cluster_slots(cfg)
+    assert cluster_slots(load_study(write_study(workdir))) == 2  # 1 CPU, no GPU: one trial per CPU
+    assert cluster_slots(load_study(write_study(workdir, resources={"cpu": 0.5}))) == 4
