@@ -24,6 +24,7 @@ import optuna
 import ray
 import yaml
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 
@@ -253,6 +254,9 @@ def search_and_final(
         # Ray Tune's output engine prints its "Configuration for experiment" box, the results folder
         # and a TensorBoard hint even at verbose=0; the legacy engine prints nothing at verbose=0.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Of Ray Tune's per-result files, only result.json (each trial's results, for a look into its folder):
+    # MLflow holds the study's record; its CSV and TensorBoard files would cost the driver at every result
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -272,7 +276,11 @@ def search_and_final(
             storage_path=cfg.storage.child(RAY_RESULTS).root,
             storage_filesystem=cfg.storage.fs,
             verbose=1 if verbose else 0,  # 1: Ray Tune's own status table every 30 s
-            callbacks=[TrackingCallback(tracker, cfg, spaces), ProgressCallback(view, cfg.search.objective)],
+            callbacks=[
+                TrackingCallback(tracker, cfg, spaces),
+                ProgressCallback(view, cfg.search.objective),
+                JsonLoggerCallback(),
+            ],
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_retries, fail_fast=False),
         ),
     )
