@@ -9,7 +9,9 @@ anywhere), the trials train on the CPU: the declared GPUs stand in for real ones
 
 On each cluster it runs studies of 1, 3 and 9 losses (the first of ``search_spaces/all_losses.yaml``'s
 list), each loss ``--trials`` search trials plus one final run, short trials (``test_resnet`` on the
-synthetic dataset, no ASHA stop, no ablations), two ways:
+synthetic dataset, no ASHA stop, no ablations; 100 epochs of 0.2 s, about 20 s a trial here: longer than a
+worker's start-up, 10–25 s here to import torch, or a worker a finished trial leaves takes every next trial
+and the new ones never start, see ``search.reuse_actors``), two ways:
 
 - **one schedule**: the study as ``dml-study run`` runs it (``study.stages.run_study``): every loss's
   search at once, each loss's final run as soon as its search ends;
@@ -29,6 +31,8 @@ file. For each study it prints (summed over the studies of "one loss at a time")
   schedule keeps the slots once trials run, start-up aside;
 - **gap / trial**: (wall × slots − Σ trial time) / trials, the slot time each trial costs beyond its own:
   start-up, actor start, scheduling, the driver, slots idle while the schedule has nothing to give them;
+- **workers**: how many worker processes ran the study's trials (a worker that finishes a trial takes the
+  next one, ``search.reuse_actors``);
 - **driver CPU**: this process's CPU time (Ray Tune's event loop, the searchers, the MLflow writer thread).
 
 Then, per schedule and slot count, straight lines through the loss counts: wall = fixed + per trial ×
@@ -36,8 +40,10 @@ trials (with the largest deviation from it), and the driver's CPU time the same 
 busy ≥ 0.9 wherever trials ≥ 3 × slots, driver ≤ 1 s per trial (the fitted slope), wall linear in trials.
 
 Run from the repository root: ``PYTHONPATH=. .venv/bin/python benchmarks/scaling.py [--slots 2 4 8]
-[--losses 1 3 9] [--trials 3] [--epochs 10] [--schedules one sequential] [--fresh-workers]``
-(``--fresh-workers``: ``search.reuse_actors: false``, a new worker process per trial). The slot counts must
+[--losses 1 3 9] [--trials 3] [--epochs 100] [--schedules one sequential] [--fresh-workers]``
+(``--fresh-workers``: ``search.reuse_actors: false``, a new worker process per trial;
+``TUNE_MAX_PENDING_TRIALS_PG=1`` in the environment: Ray Tune starts one worker at a time, as the study did
+before ``search.max_concurrent_total`` defaulted to the cluster's slots). The slot counts must
 be even (two worker nodes).
 """
 
@@ -112,16 +118,18 @@ def study_config(name: str, losses: list[str], args, output_dir: Path):
     return parse_study(yaml.safe_dump(study), name)
 
 
-def trial_times(study_folder: Path) -> list[tuple[float, float, float]]:
-    """(start, end, duration) of each trial of the study in ``study_folder``, from Ray Tune's result files:
-    the duration is the trainable's own time (``time_total_s``, to the microsecond); start and end are Unix
-    times to the second (Ray Tune's ``timestamp``), enough for a study's span."""
+def trial_times(study_folder: Path) -> list[tuple[float, float, float, str]]:
+    """(start, end, duration, worker) of each trial of the study in ``study_folder``, from Ray Tune's result
+    files: the duration is the trainable's own time (``time_total_s``, to the microsecond); start and end are
+    Unix times to the second (Ray Tune's ``timestamp``), enough for a study's span; the worker process that
+    ran it is its node and pid."""
     times = []
     for path in study_folder.glob("ray/*/*/result.json"):
         results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if results:
-            end, duration = results[-1]["timestamp"], results[-1]["time_total_s"]
-            times.append((end - duration, end, duration))
+            last = results[-1]
+            end, duration = last["timestamp"], last["time_total_s"]
+            times.append((end - duration, end, duration, f"{last['node_ip']}:{last['pid']}"))
     return times
 
 
@@ -132,6 +140,7 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 — the progress view's output, discarded
     wall = cpu = start_up = span = busy_time = 0.0
     trials = 0
+    workers = set()
     for study_name, study_losses in studies:
         cfg = study_config(study_name, study_losses, args, root / "runs")
         cpu_before, called, started = time.process_time(), time.time(), time.monotonic()
@@ -143,6 +152,7 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
         start_up, span = start_up + first - called, span + last - first
         busy_time += sum(t[2] for t in times)
         trials += len(times)
+        workers |= {t[3] for t in times}
     expected = len(losses) * (args.trials + 1)
     if trials != expected:
         raise RuntimeError(f"{name}: {trials} trials ran, {expected} expected")
@@ -157,6 +167,7 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
         "busy": busy_time / (wall * slots),
         "busy in span": busy_time / (span * slots),
         "gap s / trial": (wall * slots - busy_time) / trials,
+        "workers": len(workers),
         "driver CPU s": cpu,
     }
 
@@ -205,7 +216,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--losses", type=int, nargs="+", default=[1, 3, 9], choices=range(1, len(ALL_LOSSES) + 1))
     parser.add_argument("--trials", type=int, default=3, help="search trials per loss (each loss adds one final run)")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--fresh-workers", action="store_true", help="search.reuse_actors: false")
     args = parser.parse_args()
@@ -225,8 +236,10 @@ def main() -> None:
                         rows.append(measure(schedule, ALL_LOSSES[:count], slots, args, root))
                         print(tabulate([rows[-1]], headers="keys", floatfmt=".2f"), flush=True)
     workers = "a fresh worker per trial" if args.fresh_workers else "workers reused"
+    pending = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
+    pending = f"; TUNE_MAX_PENDING_TRIALS_PG={pending}" if pending else ""
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs; {args.trials} search trials + 1 final run per loss, "
-          f"{args.epochs} epochs each; {workers}; Ray {ray.__version__}\n")  # fmt: skip
+          f"{args.epochs} epochs each; {workers}{pending}; Ray {ray.__version__}\n")  # fmt: skip
     print(tabulate(rows, headers="keys", floatfmt=".2f"))
     print()
     fits = linearity(rows)

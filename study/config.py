@@ -120,8 +120,8 @@ class SearchConfig(_Strict):
     trials_per_loss: int = Field(6, ge=1)
     objective: Literal["map_at_r", "recall_at_1"] = "map_at_r"
     max_concurrent: int = Field(2, ge=1)  # per loss: TPE degrades with many parallel suggestions
-    # trials at once across the study (every loss's search and final runs share the cluster);
-    # None: as many as the cluster's resources fit
+    # trials at once across the study (every loss's search and final runs share the cluster), and how many
+    # get a worker started at once; None: as many as the cluster's live nodes hold when the study starts
     max_concurrent_total: int | None = Field(None, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
