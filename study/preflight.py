@@ -6,8 +6,8 @@ batch cannot be drawn.
 :func:`check_study` (before ``run`` and ``resume``): the dataset's classes against the validation split
 and the batch, the data's size against memory and disk, the output folder's permissions, the local
 machine's CPUs and GPUs. :func:`cluster_slots` (right after joining a cluster, before anything is
-written): how many trials the cluster's nodes hold at once, and none is an error. :func:`check_parent_run` (``resume``): the
-study's MLflow run is in the tracking store.
+written): how many trials the cluster's nodes hold at once; none is an error. :func:`check_parent_run`
+(``resume``): the study's MLflow run is in the tracking store.
 """
 
 from __future__ import annotations
