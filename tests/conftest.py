@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -45,10 +46,50 @@ TINY_STUDY = {
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    """Run in an empty folder with MLflow's SQLite store inside it."""
+    """Run in an empty folder with MLflow's SQLite store inside it (not yet created: a test that
+    checks that nothing is written, or that a store is created, gets it so)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """One empty MLflow SQLite store for the session, its tables created by MLflow's migrations
+    (seconds of alembic per store, more in a fresh process), for :func:`copy_mlflow_db` to copy; never
+    opened after. Without its Default experiment: MLflow adds it when a copy is first opened, with an
+    artifact folder where that process runs, as it does in a store it creates."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{path}")
+    client.search_experiments()  # creates the tables, at the schema's latest revision
+    client._tracking_client.store.engine.dispose()  # (its connections closed)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+    return path
+
+
+def copy_mlflow_db(template: Path, path: Path) -> Path:
+    """A copy of the session's migrated empty store (:func:`migrated_mlflow_db`) at ``path``: MLflow
+    opens it without creating its tables, as it opens a user's existing store."""
+    shutil.copyfile(template, path)
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, migrated_mlflow_db) -> Path:
+    """``tmp_path/mlflow.db``, a copy of the session's migrated empty store: for a test that opens an
+    MLflow store of its own (not one that checks how a store is created)."""
+    return copy_mlflow_db(migrated_mlflow_db, tmp_path / "mlflow.db")
+
+
+@pytest.fixture
+def study_workdir(workdir, migrated_mlflow_db) -> Path:
+    """:func:`workdir` with its MLflow store already created (an empty, migrated copy), for a test
+    that runs a study (or creates the store anyway) and does not check how the store comes to be."""
+    copy_mlflow_db(migrated_mlflow_db, workdir / "mlflow.db")
+    return workdir
 
 
 def write_study(folder: Path, **changes) -> Path:

@@ -27,6 +27,7 @@ def _ablation_checkpoints(workdir):
     return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/ablation/*/*/s*/trial.pt"))
 
 
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_ablations_pair_with_the_final_runs_survive_a_kill_and_decide_the_claims(workdir, driver_head):
     path = write_study(
         workdir,

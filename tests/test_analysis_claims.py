@@ -30,6 +30,7 @@ from study.tracking import (
     TAG_STATE,
     TAG_TRIAL,
 )
+from tests.conftest import copy_mlflow_db
 
 T = stats.t.ppf(0.975, 2)  # 3 seeds: 2 degrees of freedom
 
@@ -257,11 +258,11 @@ def test_results_md_has_the_controlled_claims_then_the_exploratory_trends(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, migrated_mlflow_db) -> str:
     """A study logged to MLflow by hand (no Ray): 3 search trials, final and ablation runs for seeds 1–3
     (the mining claim), and a stale final run of a superseded best. Returns the tracking URI."""
     folder = tmp_path_factory.mktemp("claims_store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = f"sqlite:///{copy_mlflow_db(migrated_mlflow_db, folder / 'mlflow.db')}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("s")
     parent = client.create_run(experiment, tags={TAG_ROLE: "study", TAG_OBJECTIVE: "map_at_r"}).info.run_id

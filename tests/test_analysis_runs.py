@@ -167,12 +167,12 @@ def _logged_study(folder, spaces: bool) -> str:
 
 
 @pytest.mark.parametrize("spaces", [True, False], ids=["search_spaces.json", "parsed"])
-def test_load_runs_types_the_parameters_as_they_were_sampled(tmp_path, spaces):
+def test_load_runs_types_the_parameters_as_they_were_sampled(tmp_path, spaces, mlflow_db):
     from matplotlib.figure import Figure
 
     from analysis.runs import load_runs
 
-    runs = load_runs("s", _logged_study(tmp_path, spaces)).set_index("trial")
+    runs = load_runs("s", _logged_study(tmp_path, spaces)).set_index("trial")  # (into mlflow_db, migrated)
     assert runs["param.alpha"].dtype == np.float64 and runs.loc["ms/1", "param.alpha"] == 2.5
     assert runs["param.k"].dtype == "Int64" and runs.loc["ms/2", "param.k"] == 10
     assert runs["param.mining"].dtype == "boolean" and runs.loc["ms/1", "param.mining"] == False  # noqa: E712

@@ -136,6 +136,7 @@ def test_run_tracking_uri_wins_over_the_environment(workdir):
     assert sorted(p.name for p in workdir.iterdir()) == ["study.yaml"]
 
 
+@pytest.mark.usefixtures("study_workdir")  # creates the MLflow store anyway: it comes migrated
 def test_resume_tracking_uri_wins_over_the_environment(workdir):
     study = write_study(workdir)
     cfg = load_study(study)
@@ -180,6 +181,7 @@ def test_no_command_shows_the_commands(args):
         assert command in result.output
 
 
+@pytest.mark.usefixtures("study_workdir")  # creates the MLflow store anyway: it comes migrated
 def test_a_finished_run_logs_its_headline_on_the_parent_run(workdir, monkeypatch):
     """``run`` end to end around a stand-in for the stages (no Ray): the tables are written, then
     each loss's mean test objective over its final runs and the best loss go to the parent run."""

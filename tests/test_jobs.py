@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_STUDY, free_ports, stop_head
+from tests.conftest import REPO, TINY_STUDY, copy_mlflow_db, free_ports, stop_head
 
 JOBS = REPO / "jobs"
 SUBMIT = JOBS / "submit.sh"
@@ -295,14 +295,14 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_runs_a_study_as_a_ray_job(tmp_path, ray_head):
+def test_submit_runs_a_study_as_a_ray_job(tmp_path, ray_head, migrated_mlflow_db):
     from mlflow import MlflowClient
 
     url, temp_dir = ray_head
     study = {**TINY_STUDY, "search": {**TINY_STUDY["search"], "trials_per_loss": 2}}
     study_file = tmp_path / "study.yaml"  # outside the repository: passed by its absolute path
     study_file.write_text(yaml.safe_dump(study))
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = f"sqlite:///{copy_mlflow_db(migrated_mlflow_db, tmp_path / 'mlflow.db')}"  # created, empty
     env = clean_env(
         PATH=f"{BIN}:{os.environ['PATH']}",
         RAY_ADDRESS=url,

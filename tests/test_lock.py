@@ -214,6 +214,7 @@ def test_the_holder_file_is_json_with_its_fields(tmp_path):
 # -- the command line: a second driver on a live study is refused before it touches anything
 
 
+@pytest.mark.usefixtures("study_workdir")  # creates the MLflow store anyway: it comes migrated
 def test_a_second_run_or_resume_on_a_live_study_exits_2_naming_the_holder(workdir):
     from typer.testing import CliRunner
 

@@ -150,6 +150,7 @@ def output_dir(request, workdir, monkeypatch):
         yield f"s3://studies/runs?{options}", f"sqlite:///{workdir / 'optuna.db'}"
 
 
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_a_study_on_a_head_and_a_worker_node(workdir, output_dir, cluster):
     address, head_dir, worker_dir, nodes_cwd = cluster
     out, optuna_storage = output_dir

@@ -27,6 +27,7 @@ def bucket(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_study_on_an_object_store_survives_a_killed_driver(workdir, bucket, driver_head):
     optuna_url = f"sqlite:///{workdir / 'optuna.db'}"
     path = _study(workdir, ["multi_similarity"], trials=3, optuna_storage=optuna_url)

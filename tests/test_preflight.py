@@ -15,7 +15,7 @@ from study.cli import app
 from study.config import load_study
 from study.preflight import PreflightError, cluster_slots, trials_per_node
 from study.tracking import StudyTracker
-from tests.conftest import TINY_STUDY, write_study
+from tests.conftest import TINY_STUDY, copy_mlflow_db, write_study
 
 runner = CliRunner()
 
@@ -76,7 +76,8 @@ def test_a_read_only_output_folder(workdir):
     _refused(workdir, "is not a writable folder", output_dir=str(workdir / "ro"))
 
 
-def test_resume_without_the_studys_mlflow_store(workdir):
+def test_resume_without_the_studys_mlflow_store(study_workdir, migrated_mlflow_db):
+    workdir = study_workdir  # its store and the other one are created anyway: they come migrated
     study = write_study(workdir)
     cfg = load_study(study)
     folder = workdir / "runs" / "tiny"
@@ -90,7 +91,7 @@ def test_resume_without_the_studys_mlflow_store(workdir):
     assert f"its MLflow store {os.environ['MLFLOW_TRACKING_URI']} does not exist" in result.output
     assert not (workdir / "mlflow.db").exists()  # not replaced by an empty store
 
-    other = workdir / "other.db"
+    other = copy_mlflow_db(migrated_mlflow_db, workdir / "other.db")
     StudyTracker("elsewhere", f"sqlite:///{other}")  # a store without the study's run
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{other}"
     result = runner.invoke(app, ["resume", "runs/tiny"])

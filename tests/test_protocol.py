@@ -58,6 +58,7 @@ def _run_folds_study(workdir, epochs: int, trials: int, final: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_folds_final_stage_and_ensemble(workdir, ray_instance):
     _run_folds_study(workdir, epochs=2, trials=2, final={"seeds": 2, "train_on": "folds"})
     assert len(list((workdir / "cache").glob("*.npy"))) == 1  # decoded once for every trial
@@ -114,6 +115,7 @@ def test_folds_final_stage_and_ensemble(workdir, ray_instance):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_the_final_stage_trains_each_seed_on_every_training_class_by_default(workdir, ray_instance):
     """final.train_on: all (the papers' protocol): with validation folds for the search, each final run
     still trains on all 6 training classes — one run per seed, no fold, no ensemble."""
@@ -131,6 +133,7 @@ def test_the_final_stage_trains_each_seed_on_every_training_class_by_default(wor
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_an_unreadable_image_stops_the_study_naming_it(workdir, ray_instance):
     cub_tree(workdir / "data", classes=8, per_class=4)
     broken = workdir / "data" / "CUB_200_2011" / "images" / "102.class" / "1.jpg"

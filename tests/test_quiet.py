@@ -30,9 +30,9 @@ def test_optuna_and_mlflow_keep_warnings_only(restore_levels):
     assert not logging.getLogger("alembic.runtime.migration").isEnabledFor(logging.INFO)
 
 
-def test_mlflow_draws_no_download_progress_bar(restore_levels, monkeypatch, tmp_path, capfd):
+def test_mlflow_draws_no_download_progress_bar(restore_levels, monkeypatch, tmp_path, capfd, mlflow_db):
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
     run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     client.log_text(run, "{}", "search_spaces.json")
     capfd.readouterr()

@@ -39,6 +39,7 @@ def _start_in_terminal(workdir, head: RayHead | None, *args: str) -> subprocess.
     return driver
 
 
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
     text = path.read_text().replace("seeds: 0", "seeds: 1")
@@ -75,6 +76,7 @@ def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     assert MlflowClient().get_run(parents[0].info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_a_torn_journal_tail_is_repaired_on_resume(workdir, driver_head):
     path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
     driver = _start_in_terminal(workdir, driver_head, "run", str(path))

@@ -111,6 +111,7 @@ def _check_consistent(workdir: Path, losses: list[str], trials: int, optuna_stor
     return states
 
 
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_sigkilled_driver_resumes_with_nothing_lost_or_doubled(workdir, driver_head):
     losses = ["multi_similarity", "normalized_softmax"]
     driver = _start(workdir, driver_head, "run", str(_study(workdir, losses, trials=3)))
@@ -174,7 +175,9 @@ CURSOR_CODES = ("\x1b[?25l", "\x1b[2K", "\x1b[1A")  # what rich's live display d
 
 
 @pytest.mark.parametrize("retries", [1, 0])
-def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(workdir, driver_head, retries):
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_failed(workdir, driver_head, retries, request):
+    if retries:  # a migrated store; the other driver creates its own, and MLflow's lines on it stay off (NOISE)
+        request.getfixturevalue("study_workdir")
     path = _study(workdir, ["multi_similarity"], trials=2, max_concurrent=1, max_retries=retries)
     driver = _start(workdir, driver_head, "run", str(path))
     _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
@@ -203,6 +206,7 @@ def _final_checkpoints(workdir: Path) -> list[Path]:
     return list((workdir / "runs" / "tiny" / "checkpoints").glob("*/final/*/*/trial.pt"))
 
 
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_sigkilled_driver_during_the_final_stage_resumes_each_run_once(workdir, driver_head):
     # 2 seeds × 2 folds of final runs, 6 epochs each: the kill lands while they train.
     final_epochs = 6

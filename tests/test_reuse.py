@@ -53,9 +53,9 @@ def _test_images(cfg, embedder) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["features", "images"])
-def test_the_kept_network_embeds_the_test_images_as_its_final_run_did(tmp_path, monkeypatch, mode):
+def test_the_kept_network_embeds_the_test_images_as_its_final_run_did(mlflow_db, tmp_path, monkeypatch, mode):
     cfg = _study(tmp_path, mode)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{mlflow_db}"
     tracker = StudyTracker(cfg.name, uri)
     tracker.start(cfg.public_dump(), "map_at_r")
     callback = TrackingCallback(tracker, cfg, search_spaces(cfg))

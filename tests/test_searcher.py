@@ -181,10 +181,10 @@ def test_callback_attaches_a_final_runs_embeddings_and_keeps_a_raised_trials_tra
     assert tracker.calls[0][1][2] == Stage.FINAL and tracker.calls[0][1][3]["seed"] == 1
 
 
-def test_a_trial_run_logs_every_setting_as_dotted_params_beside_its_sampled_ones(cfg, spaces, tmp_path):
+def test_a_trial_run_logs_every_setting_as_dotted_params_beside_its_sampled_ones(mlflow_db, cfg, spaces, tmp_path):
     """The naming rule: sampled hyperparameters (the loss's and the shared ``lr``) and a final run's seed
     under their own dot-free names, every setting as ``<section>.<key>``; secrets never logged."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{mlflow_db}"
     secret = "postgresql://user:hunter2@db:5432/optuna"
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": SecretStr(secret)})})
     tracker = StudyTracker("settings", uri)
@@ -218,8 +218,8 @@ def test_a_trial_run_logs_every_setting_as_dotted_params_beside_its_sampled_ones
     assert params["seed"] == "1" and "trial.fold" not in params
 
 
-def test_resume_repair_closes_runs_a_killed_driver_left_running(cfg, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_resume_repair_closes_runs_a_killed_driver_left_running(mlflow_db, cfg, tmp_path):
+    uri = f"sqlite:///{mlflow_db}"
     tracker = StudyTracker("repair", uri)
     parent = tracker.start({}, "map_at_r")
     key = TrialKey.search("multi_similarity", 0)

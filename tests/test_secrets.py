@@ -204,11 +204,11 @@ def test_resume_with_the_study_file_uses_its_secrets(workdir, monkeypatch, ran):
     assert "s3cr3t" not in result.output
 
 
-def test_the_parent_run_logs_no_secret(tmp_path):
+def test_the_parent_run_logs_no_secret(tmp_path, mlflow_db):
     cfg = _secret_study(tmp_path)
-    tracker = StudyTracker(cfg.name, "sqlite:///" + str(tmp_path / "m.db"))
+    tracker = StudyTracker(cfg.name, "sqlite:///" + str(mlflow_db))
     run_id = tracker.start(cfg.public_dump(), "map_at_r")
-    client = MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "m.db"))
+    client = MlflowClient(tracking_uri="sqlite:///" + str(mlflow_db))
     run = client.get_run(run_id)
     config = Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text()
     logged = json.dumps([run.data.params, run.data.tags]) + config

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from tests.chromium import PRINT_WIDTH, ensure_chromium, render
-from tests.conftest import REPO, TINY_STUDY, write_study
+from tests.conftest import REPO, TINY_STUDY, copy_mlflow_db, write_study
 
 pytestmark = pytest.mark.slow  # real Ray studies
 
@@ -26,10 +26,10 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, ray_instance):
+def study(tmp_path_factory, ray_instance, migrated_mlflow_db):
     """A tiny study with a final stage (2 seeds), run once for the tests of this module."""
     folder = tmp_path_factory.mktemp("report")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = f"sqlite:///{copy_mlflow_db(migrated_mlflow_db, folder / 'mlflow.db')}"
     old = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
     os.chdir(folder)
     os.environ["MLFLOW_TRACKING_URI"] = uri

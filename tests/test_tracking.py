@@ -32,8 +32,8 @@ def test_uri_precedence(monkeypatch):
     assert resolve_tracking_uri("sqlite:///a.db", None) == "sqlite:///env.db"
 
 
-def test_one_run_per_trial_with_params_metrics_and_states(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_one_run_per_trial_with_params_metrics_and_states(mlflow_db, tmp_path):
+    uri = f"sqlite:///{mlflow_db}"
     tracker = StudyTracker("s1", uri)
     parent = tracker.start({"seed": 0, "train": {"epochs": 2}}, "map_at_r")
     first = tracker.start_trial("ms/1", "multi_similarity", "search", {"alpha": 2.0}, "ms-1")
@@ -75,7 +75,7 @@ def _parent_tags(uri: str, name: str) -> dict[str, str]:
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_parent_run_names_the_commit_user_version_dataset_and_backbone(tmp_path, monkeypatch):
+def test_parent_run_names_the_commit_user_version_dataset_and_backbone(mlflow_db, tmp_path, monkeypatch):
     repo = tmp_path / "checkout"
     repo.mkdir()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
@@ -83,7 +83,7 @@ def test_parent_run_names_the_commit_user_version_dataset_and_backbone(tmp_path,
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "first"], cwd=repo, check=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True)
     monkeypatch.chdir(repo)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{mlflow_db}"
     StudyTracker("s2", uri).start(CONFIG, "map_at_r")
     tags = _parent_tags(uri, "s2")
     assert tags["mlflow.source.git.commit"] == head.stdout.strip()
@@ -92,10 +92,10 @@ def test_parent_run_names_the_commit_user_version_dataset_and_backbone(tmp_path,
     assert (tags[tracking.TAG_DATASET], tags[tracking.TAG_BACKBONE]) == ("synthetic", "resnet10t")
 
 
-def test_parent_run_without_git_skips_the_commit_quietly(tmp_path, monkeypatch):
+def test_parent_run_without_git_skips_the_commit_quietly(mlflow_db, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no git to run
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{mlflow_db}"
     StudyTracker("s3", uri).start({"seed": 0}, "map_at_r")  # a config without dataset or model: no such tags
     tags = _parent_tags(uri, "s3")
     assert "mlflow.source.git.commit" not in tags
@@ -103,8 +103,8 @@ def test_parent_run_without_git_skips_the_commit_quietly(tmp_path, monkeypatch):
     assert tags[tracking.TAG_VERSION] == metadata.version("dml-study")
 
 
-def test_log_headline_puts_each_losss_test_objective_and_the_best_on_the_parent(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_log_headline_puts_each_losss_test_objective_and_the_best_on_the_parent(mlflow_db, tmp_path):
+    uri = f"sqlite:///{mlflow_db}"
     tracker = StudyTracker("s4", uri)
     parent = tracker.start(CONFIG, "map_at_r")
     assert tracker.log_headline("map_at_r", {}) is None
@@ -114,8 +114,8 @@ def test_log_headline_puts_each_losss_test_objective_and_the_best_on_the_parent(
     assert run.data.tags[tracking.TAG_BEST_LOSS] == "ns"
 
 
-def test_trial_runs_log_their_settings_as_dotted_params_and_a_found_run_only_what_it_lacks(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_trial_runs_log_their_settings_as_dotted_params_and_a_found_run_only_what_it_lacks(mlflow_db, tmp_path):
+    uri = f"sqlite:///{mlflow_db}"
     tracker = StudyTracker("s5", uri)
     tracker.start(CONFIG, "map_at_r")
     many = {f"k{i:03d}": i for i in range(150)}  # more than one log_batch call may carry
@@ -145,8 +145,8 @@ def test_trial_runs_log_their_settings_as_dotted_params_and_a_found_run_only_wha
         tracker.start_trial("ms/2", "multi_similarity", "search", {"train.lr": 0.1}, "ms-2")
 
 
-def test_search_spaces_go_to_the_parent_run_once_and_again_only_when_they_change(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_search_spaces_go_to_the_parent_run_once_and_again_only_when_they_change(mlflow_db, tmp_path):
+    uri = f"sqlite:///{mlflow_db}"
     tracker = StudyTracker("s6", uri)
     parent = tracker.start(CONFIG, "map_at_r")
     spaces = {"ms": {"alpha": {"type": "float", "low": 1.0, "high": 4.0, "log": True, "default": 2.0}}}

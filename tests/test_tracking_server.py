@@ -18,16 +18,19 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.tracking import TAG_ROLE, StudyTracker
-from tests.conftest import TINY_STUDY, free_ports, write_study
+from tests.conftest import TINY_STUDY, copy_mlflow_db, free_ports, write_study
 
 runner = CliRunner()
 PASSWORD = "pw-9c1e-never-written"
 
 
-def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, int]:
+def start_mlflow_server(folder: Path, store: Path | None = None) -> tuple[subprocess.Popen, int]:
     """A real ``mlflow server`` on 127.0.0.1 (a free port) storing into ``folder``, in its own process
-    group; the caller waits for it and stops it. Returns the process and its port."""
+    group; the caller waits for it and stops it. With ``store`` (the session's migrated empty store),
+    its database starts as a copy of it instead of being created. Returns the process and its port."""
     port = free_ports(1)[0]
+    if store is not None:
+        copy_mlflow_db(store, folder / "server.db")
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
@@ -38,8 +41,8 @@ def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, int]:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    server, port = start_mlflow_server(tmp_path)
+def mlflow_server(tmp_path, migrated_mlflow_db):
+    server, port = start_mlflow_server(tmp_path, migrated_mlflow_db)
     uri = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

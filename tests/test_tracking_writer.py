@@ -34,8 +34,8 @@ def cfg(tmp_path):
 
 
 @pytest.fixture
-def uri(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def uri(mlflow_db):
+    return f"sqlite:///{mlflow_db}"
 
 
 class SlowClient:
@@ -255,6 +255,7 @@ def test_a_failure_is_one_line_with_the_innermost_cause(message, reason):
     assert text == f"MLflow tracking at http://u:***@127.0.0.1:9 failed (MlflowException: {reason})"
 
 
+@pytest.mark.usefixtures("study_workdir")  # creates the MLflow store anyway: it comes migrated
 def test_a_failed_write_stops_the_study_with_one_line(workdir, monkeypatch):
     """``run`` around a stand-in for the stages (no Ray) that logs through the writer as the real
     ones do, the server gone mid-study: one line naming the tracking URI (redacted) and how to go on,
@@ -276,20 +277,20 @@ def test_a_failed_write_stops_the_study_with_one_line(workdir, monkeypatch):
     result = CliRunner().invoke(app, ["run", str(write_study(workdir))])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "pw-never-shown" not in result.output
-    assert result.output.splitlines()[-1] == (  # after MLflow's log lines creating the database
+    assert result.output.splitlines()[-1] == (  # the last line, after any log line of MLflow's
         "dml-study: MLflow tracking at http://user:***@127.0.0.1:9 failed (MlflowException: [Errno 111] Connection "
         "refused); the study stopped; fix it, then: dml-study resume runs/tiny"
     )
 
 
 @pytest.mark.slow
-def test_a_tracking_server_lost_mid_study_stops_it_with_one_line(workdir, monkeypatch, driver_head):
+def test_a_tracking_server_lost_mid_study_stops_it_with_one_line(workdir, monkeypatch, driver_head, migrated_mlflow_db):
     """For real: a study logging to an ``mlflow server`` whose server is killed after the first
     epoch. The driver stops (Ray Tune's trials with it) with one line naming the server, exit 1."""
     from tests.test_resume import _checkpoints, _start, _study, _wait_for
     from tests.test_tracking_server import start_mlflow_server
 
-    server, port = start_mlflow_server(workdir)
+    server, port = start_mlflow_server(workdir, migrated_mlflow_db)
     try:
         uri = f"http://user:pw-never-shown@127.0.0.1:{port}"
         _wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), "the mlflow server")

@@ -21,6 +21,7 @@ OPTUNA_TO_MLFLOW = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_study_end_to_end(workdir, ray_instance):
     # normalized_softmax's class weights get an absurd lr multiplier in its space: its trials diverge
     # to a non-finite loss, must be FAIL in Optuna and FAILED in MLflow, and the study goes on.
