@@ -252,18 +252,22 @@ def session_ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def driver_head(session_ray_head):
-    """The session's Ray head for one test's drivers. At the end, a driver the test left running (it
-    failed midway) is killed, and the test waits for its trials to end: the next test starts on an
-    idle head."""
-    yield session_ray_head
-    for driver in session_ray_head.drivers:
+def end_drivers(head: RayHead) -> None:
+    """Kill the drivers started on ``head`` that still run (their test failed midway), and wait for
+    their trials to end: the next test starts on an idle head."""
+    for driver in head.drivers:
         if driver.poll() is None:
             driver.kill()
         driver.communicate(timeout=30)
-    session_ray_head.drivers.clear()
-    session_ray_head.wait_idle("Ray to end a left-over driver's trials")
+    head.drivers.clear()
+    head.wait_idle("Ray to end a left-over driver's trials")
+
+
+@pytest.fixture
+def driver_head(session_ray_head):
+    """The session's Ray head for one test's drivers; at the end, :func:`end_drivers`."""
+    yield session_ray_head
+    end_drivers(session_ray_head)
 
 
 def unit(n: int, dim: int, seed: int = 0, dtype=None):

@@ -1,7 +1,7 @@
-"""Faults a user meets, for real (integration layer): Ctrl-C, a second driver on the same study, a torn
-Optuna journal. Each leaves the study resumable with nothing lost, doubled or mislabelled. The Ctrl-C
-drivers start their own Ray, as in a terminal (the signal reaches its processes too); the others join
-the session's Ray head."""
+"""Faults a user meets, for real (integration layer): Ctrl-C stops a study, which then resumes with
+nothing lost, doubled or mislabelled. The Ctrl-C drivers start their own Ray, as in a terminal (the
+signal reaches its processes too). (A second driver on the same study: tests/test_lock.py; a torn
+Optuna journal: tests/test_resume.py's killed study.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from study.tracking import TAG_STATE, TAG_TRIAL
 from study.vocab import TrialKey
 from tests.conftest import RayHead
-from tests.test_resume import DML_STUDY, _checkpoints, _kill_driver, _mlflow_trials, _optuna, _study, _wait_for
+from tests.test_resume import DML_STUDY, _checkpoints, _mlflow_trials, _optuna, _study, _wait_for
 
 pytestmark = pytest.mark.slow  # real Ray studies in driver subprocesses
 
@@ -74,26 +74,3 @@ def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     assert [(k.number, k.seed) for k in finals] == [(best.number, 1)]  # the best trial's point, retrained
     assert all(state == "COMPLETE" for key, state in states.items() if "/final/" in key)
     assert MlflowClient().get_run(parents[0].info.run_id).info.status == "FINISHED"
-
-
-@pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
-def test_a_torn_journal_tail_is_repaired_on_resume(workdir, driver_head):
-    path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
-    driver = _start_in_terminal(workdir, driver_head, "run", str(path))
-    _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
-    _kill_driver(driver, driver_head)
-    journal = workdir / "runs" / "tiny" / "optuna.journal"
-    os.truncate(journal, journal.stat().st_size - 40)  # a record torn by the kill
-    outputs = []
-    for _ in range(2):  # the repaired journal stays readable run after run
-        resumed = _start_in_terminal(workdir, driver_head, "resume", "runs/tiny")
-        out, err = resumed.communicate(timeout=600)
-        assert resumed.returncode == 0, out + err
-        outputs.append(out)
-    assert "optuna.journal: cut a torn last record (" in outputs[0]
-    parents, children = _mlflow_trials(workdir)
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    trials = _optuna(workdir, "multi_similarity")
-    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
-    states = {r.data.tags[TAG_TRIAL]: r.data.tags[TAG_STATE] for r in children}
-    assert states == {f"multi_similarity/{t.number}": t.state.name for t in trials}
