@@ -6,21 +6,23 @@ folder and drives :class:`~study.callback.TrackingCallback` → :class:`~study.t
 caller can deliver them: trials in waves of ``--concurrent`` (as many as a cluster runs at once), each
 wave started, then its results epoch by epoch, trial by trial, then ended — the order Ray Tune
 delivers them. Each trial is a real child run (a search for its tag, the run, its params and
-``config.json``; per result one ``log_batch``; at its end its state tag and status). Nothing is mocked.
+``config.json``; its results, one ``log_batch`` per run for those the writer holds together; at its end its
+state tag and status). Nothing is mocked.
 
 It prints one table:
 
 - **callback per result**: the time ``on_trial_result`` takes in the caller, i.e. how long Ray Tune's event
   loop is held per result (mean, p99, max), and how many results found the queue full and waited;
-- **writer**: the time each MLflow step takes in the writer thread (per result, per trial start and end),
+- **writer**: the time each MLflow step takes in the writer thread (per result: the writes of results over
+  how many results they carried, and how many a write carried on average; per trial start and end),
   the sustained rate it writes results at (trial starts and ends included), and the time to drain the queue
   after the last result;
 - **arrival rates** of realistic clusters (trials running at once / seconds per epoch) against that
   sustained rate: below it the queue stays empty, above it the queue grows (until ``MAX_QUEUED`` calls wait,
   then the caller waits at the server's pace).
 
-Without the writer (before it) the caller waited for every MLflow call itself: "writer per result" is what
-each result held the event loop for.
+Without the writer (before it) the caller waited for every MLflow call itself, one ``log_batch`` per result:
+see RESULTS.md for what each result held the event loop for then.
 
 Run from the repository root: ``PYTHONPATH=. .venv/bin/python benchmarks/tracking.py [--trials 1000]
 [--epochs 40] [--concurrent 64] [--max-queued 10000]`` (the defaults are the issue's study: 1,000 trials ×
@@ -123,7 +125,7 @@ def drive(uri: str, folder: Path, trials: int, epochs: int, concurrent: int, max
     tracker = StudyTracker(cfg.name, uri)
     tracker.start(cfg.public_dump(), cfg.search.objective)
     writer_times: dict[str, list[float]] = defaultdict(list)
-    for name in ("start_trial", "log_metrics", "end_trial"):  # instance attributes: what the writer calls
+    for name in ("start_trial", "log_results", "end_trial"):  # instance attributes: what the writer calls
         setattr(tracker, name, timed(getattr(tracker, name), writer_times[name]))
     writer = TrackingWriter(tracker, uri, max_queued=max_queued)
     callback = TrackingCallback(writer, cfg, spaces, lambda line: None)
@@ -183,7 +185,8 @@ def table(measured: dict, trials: int, epochs: int, max_queued: int) -> str:
         (f"results that found the queue full ({max_queued:,} calls) and waited", f"{measured['waited']:,}"),
         ("results delivered in", f"{measured['arrival_s']:.1f} s ({results / measured['arrival_s']:,.0f} results/s)"),
         ("queue length at most", f"{measured['peak']:,} calls"),
-        ("writer per result (log_batch)", ms("log_metrics")),
+        ("writer per result (results written together)", f"{writer['log_results'].sum() / results * 1e3:.1f} ms "
+         f"({results / len(writer['log_results']):.1f} results per write on average)"),
         ("writer per trial start (search, run, params, config.json)", ms("start_trial")),
         ("writer per trial start: first / last tenth of the trials", f"{tenth(writer['start_trial'], 0):.1f} / "
          f"{tenth(writer['start_trial'], -1):.1f} ms (how a start grows with the runs)"),

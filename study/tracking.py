@@ -21,7 +21,7 @@ import requests
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_USER
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from pydantic import SecretStr
 
 from study import package_version
@@ -250,13 +250,25 @@ class StudyTracker:
         for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def log_metrics(self, key: str, values: dict, step: int) -> None:
-        if step <= self._last_step.get(key, -1):
-            return
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self._runs[key], metrics=batch)
-        self._last_step[key] = step
+    def log_metrics(self, key: str, values: dict, step: int, timestamp: int | None = None) -> None:
+        """Log trial ``key``'s numbers of epoch ``step`` (``timestamp``: Unix milliseconds, default now)."""
+        self.log_results([(key, values, step, timestamp or int(time.time() * 1000))])
+
+    def log_results(self, results: list[tuple[str, dict, int, int]]) -> None:
+        """Log ``(key, values, step, timestamp)`` results of one or more trials with one ``log_batch``
+        per run (split at MLflow's limit of metrics per batch): one database commit for several of a
+        run's epochs. An epoch MLflow already holds (a resumed trial re-reports its checkpoint's) is
+        skipped."""
+        batches: dict[str, list[Metric]] = {}
+        for key, values, step, timestamp in results:
+            if step <= self._last_step.get(key, -1):
+                continue
+            batch = batches.setdefault(key, [])
+            batch += [Metric(k, float(v), timestamp, step) for k, v in values.items() if isinstance(v, (int, float))]
+            self._last_step[key] = step
+        for key, metrics in batches.items():
+            for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self._runs[key], metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
     def set_tag(self, key: str, name: str, value: str) -> None:
         self.client.set_tag(self._runs[key], name, value)

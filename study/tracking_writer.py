@@ -25,6 +25,13 @@ the queue against a :class:`~study.tracking.StudyTracker`.
   those MLflow lacks; a trial's checkpoint is deleted only once its run has ended in MLflow
   (:meth:`after_logged`), so a finished trial's epochs can be recovered until then.
 
+**Results written together.** A result waits up to :data:`LINGER_S` in the writer for others
+(at most :data:`MAX_HELD`), and then they are logged with one ``log_batch`` per run
+(:meth:`StudyTracker.log_results <study.tracking.StudyTracker.log_results>`): each ``log_batch`` is
+a request to the tracking server, and with a SQLite store a committed transaction, whose cost hardly
+depends on how many metrics it carries. Any other call writes the held results first, so the order
+above holds; each metric keeps the time its result reached the writer's queue.
+
 **A bounded queue** (:data:`MAX_QUEUED` calls). Unbounded, a server slower than the results arrive
 would grow the driver's memory without limit and widen what a killed driver loses. Bounded, once
 it is full the caller waits for a free slot: the driver falls back to today's pace (the server's)
@@ -39,6 +46,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -47,7 +55,10 @@ from study.redaction import redact, redact_text
 from study.tracking import StudyTracker
 
 MAX_QUEUED = 10_000  # calls waiting for the writer; see the module's docstring
+LINGER_S = 1.0  # how long a result waits in the writer for others to be written with
+MAX_HELD = 256  # results held at most, then written
 _STOP = object()  # the writer thread's last item
+_RESULT = object()  # marks a queued result: (_RESULT, (key, values, step, timestamp), {}, None)
 
 
 class TrackingError(RuntimeError):
@@ -75,7 +86,7 @@ class TrackingWriter:
         self._submit(self.tracker.start_trial, args, kwargs)
 
     def log_metrics(self, key: str, values: dict, step: int) -> None:
-        self._submit(self.tracker.log_metrics, (key, values), {"step": step})
+        self._submit(_RESULT, (key, values, step, int(time.time() * 1000)), {})
 
     def log_file(self, key: str, name: str, data: bytes) -> None:
         self._submit(self.tracker.log_file, (key, name, data), {})
@@ -106,17 +117,17 @@ class TrackingWriter:
         return self._call(self.tracker.supersede, loss, best)
 
     def flush(self) -> None:
-        """Wait until every queued call has been executed; TrackingError if one failed."""
-        self._queue.join()
-        self._raise_failure()
+        """Wait until every queued call has been executed (held results too); TrackingError if one
+        failed."""
+        self._call(_nothing)
 
     def close(self) -> None:
         """Flush, then stop the writer thread; later calls are refused. A failed write is raised
         (the thread, idle, ends with the process)."""
         if self._closed:
             return self._raise_failure()
-        self._closed = True
         self.flush()
+        self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
 
@@ -135,30 +146,50 @@ class TrackingWriter:
 
     def _raise_failure(self) -> None:
         if self._error is not None:
-            raise TrackingError(failure_text(self._uri, self._error)) from self._error
+            raise self._failure()
+
+    def _failure(self) -> TrackingError:
+        failure = TrackingError(failure_text(self._uri, self._error))
+        failure.__cause__ = self._error
+        return failure
 
     def _write(self) -> None:
+        held: list[tuple] = []  # results taken from the queue, to be written together
+        deadline = 0.0
         while True:
-            item = self._queue.get()
             try:
-                if item is _STOP:
-                    return
-                function, args, kwargs, answer = item
-                if self._error is not None:  # after a failed write nothing more is written
-                    if answer is not None:
-                        answer.set_exception(TrackingError(failure_text(self._uri, self._error)))
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0) if held else None)
+            except queue.Empty:  # the held results have waited long enough
+                item = None
+            if item is not None and item is not _STOP and item[0] is _RESULT:
+                deadline = deadline if held else time.monotonic() + LINGER_S
+                held.append(item[1])
+                if len(held) < MAX_HELD:
                     continue
-                try:
-                    value = function(*args, **kwargs)
-                except Exception as exc:  # kept for the driver: raised at its next call or flush
-                    self._error = exc
-                    if answer is not None:
-                        answer.set_exception(TrackingError(failure_text(self._uri, exc)))
-                    continue
+            if held:  # before any other call: the order of the calls holds
+                self._execute(self.tracker.log_results, (held,), {}, None)
+                held = []
+            if item is _STOP:
+                return
+            if item is not None and item[0] is not _RESULT:
+                self._execute(*item)
+
+    def _execute(self, function: Callable, args: tuple, kwargs: dict, answer: Future | None) -> None:
+        if self._error is None:  # after a failed write nothing more is written
+            try:
+                value = function(*args, **kwargs)
+            except Exception as exc:  # kept for the driver: raised at its next call or flush
+                self._error = exc
+            else:
                 if answer is not None:
                     answer.set_result(value)
-            finally:
-                self._queue.task_done()
+                return
+        if answer is not None:
+            answer.set_exception(self._failure())
+
+
+def _nothing() -> None:
+    """What :meth:`TrackingWriter.flush` queues: done once everything before it is."""
 
 
 def failure_text(uri: str | None, error: Exception) -> str:

@@ -64,6 +64,30 @@ def test_one_run_per_trial_with_params_metrics_and_states(mlflow_db, tmp_path):
     assert trace.startswith("Traceback") and trace.rstrip().endswith("ValueError: boom")
 
 
+def test_results_of_several_trials_go_in_one_log_batch_per_run_within_mlflows_limit(mlflow_db):
+    """``log_results``: one trial's 100 epochs of 12 metrics (1,200, over MLflow's 1,000 per batch) and
+    another's 2 epochs go in as 3 ``log_batch`` calls, each metric with its result's own time; an
+    epoch MLflow already holds (a resumed trial re-reporting it) is skipped."""
+    uri = f"sqlite:///{mlflow_db}"
+    tracker = StudyTracker("s1", uri)
+    tracker.start({}, "map_at_r")
+    runs = {key: tracker.start_trial(key, "multi_similarity", "search", {}, key) for key in ("ms/0", "ms/1")}
+    tracker.log_metrics("ms/1", {"map_at_r": 0.0}, step=1)
+    values = lambda epoch: {f"m{i}": epoch + i / 100 for i in range(12)}  # noqa: E731
+    results = [("ms/0", values(epoch), epoch, 1_000 + epoch) for epoch in range(1, 101)]
+    results += [("ms/1", values(epoch), epoch, 2_000 + epoch) for epoch in (1, 2)]
+    batches = []
+    log_batch = tracker.client.log_batch
+    tracker.client.log_batch = lambda run_id, **kw: batches.append(len(kw["metrics"])) or log_batch(run_id, **kw)
+    tracker.log_results(results)
+    assert batches == [1_000, 200, 12]
+    client = MlflowClient(uri)
+    history = client.get_metric_history(runs["ms/0"], "m11")
+    assert [(m.step, m.value, m.timestamp) for m in history] == [(e, e + 0.11, 1_000 + e) for e in range(1, 101)]
+    assert [(m.step, m.timestamp) for m in client.get_metric_history(runs["ms/1"], "m0")] == [(2, 2_002)]
+    assert [m.step for m in client.get_metric_history(runs["ms/1"], "map_at_r")] == [1]
+
+
 CONFIG = {"dataset": {"name": "synthetic"}, "model": {"backbone": "resnet10t"}, "seed": 0}
 
 
