@@ -2,8 +2,12 @@
 
 A single Ray Tune run holds the study. :class:`StudySchedule` (its searcher) interleaves the losses'
 searches — each loss's TPE bounded by its own ``search.max_concurrent``, since many parallel
-suggestions degrade TPE — and suggests a loss's final runs as soon as that loss's search has ended,
-ahead of further search trials; no loss or stage waits for another. :class:`PerLossASHA` (its
+suggestions degrade TPE — and suggests a loss's final runs once that loss's search has ended,
+whenever a slot has no search trial to take; no loss or stage waits for another. Search trials go
+first because a loss's final runs wait for them, and nothing waits for a final run: the longest
+chain of work left goes first (Hu's highest-level-first rule), so the study does not end with one
+loss's last search trial and then its final runs alone on an idle cluster, and the final runs left
+for the end are many and independent, to fill its last slots. :class:`PerLossASHA` (its
 scheduler) stops weak search trials with one ASHA per loss, never comparing losses, and lets final
 runs train to the end. The cluster stays as full as ``search.max_concurrent_total`` (default: as
 many trials as its resources fit) allows.
@@ -24,7 +28,8 @@ from study.vocab import Stage
 class StudySchedule(StatelessSearcher):
     """Suggests search trials of every loss in ``searches`` (loss → its searcher and how many trials
     it still has to run), round-robin, at most ``max_concurrent`` per loss at a time; once a loss's
-    search has ended, ``finals(loss)`` gives its final runs, which go first."""
+    search has ended, ``finals(loss)`` gives its final runs, which take the slots no search trial
+    can."""
 
     def __init__(
         self,
@@ -47,11 +52,8 @@ class StudySchedule(StatelessSearcher):
             if not self._left[loss] and not self._running[loss]:
                 self._awaiting_final.remove(loss)
                 self._queue += self._finals(loss)
-        if self._queue:
-            self._owner[trial_id] = None
-            return {SPEC: self._queue.pop(0)}
         losses = list(self._left)
-        for i in range(len(losses)):
+        for i in range(len(losses)):  # a search trial first: its loss's final runs still wait for it
             loss = losses[(self._next + i) % len(losses)]
             if self._left[loss] and self._running[loss] < self._max_concurrent:
                 self._next = (self._next + i + 1) % len(losses)
@@ -59,6 +61,9 @@ class StudySchedule(StatelessSearcher):
                 self._running[loss] += 1
                 self._owner[trial_id] = loss
                 return self._searchers[loss].suggest(trial_id)
+        if self._queue:  # final runs: nothing waits for them
+            self._owner[trial_id] = None
+            return {SPEC: self._queue.pop(0)}
         return Searcher.FINISHED if self.finished else None
 
     @property

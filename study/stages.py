@@ -3,10 +3,11 @@ search and final stage in one Ray Tune run, then the fold ensembles.
 
 The Tune run's searcher is :class:`~study.schedule.StudySchedule`: each loss's Optuna TPE
 (:class:`~study.searcher.StudySearcher`, the paper defaults first) side by side, and a loss's final
-runs (its best point, new seeds) as soon as its search has ended; :class:`~study.schedule.PerLossASHA`
-stops weak search trials within each loss; :class:`~study.callback.TrackingCallback` logs to MLflow
-and :func:`study.worker.run_spec` trains. Work that needs the data otherwise (baseline, ensembles)
-runs as a Ray task with a trial's resources; the driver only schedules and logs.
+runs (its best point, new seeds) once its search has ended, behind the search trials left;
+:class:`~study.schedule.PerLossASHA` stops weak search trials within each loss;
+:class:`~study.callback.TrackingCallback` logs to MLflow and :func:`study.worker.run_spec` trains.
+Work that needs the data otherwise (baseline, ensembles) runs as a Ray task with a trial's
+resources; the driver only schedules and logs.
 
 Resume: a study continued in its folder keeps its finished trials, hands the trials its dead driver
 left RUNNING in Optuna to Ray again (they continue from their last epoch), skips final runs already

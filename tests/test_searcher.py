@@ -240,7 +240,7 @@ def test_resume_repair_closes_runs_a_killed_driver_left_running(mlflow_db, cfg, 
     assert "time_this_iter_s" not in run.data.metrics
 
 
-def test_the_study_schedule_interleaves_losses_and_starts_a_final_stage_when_its_search_ends(cfg, spaces):
+def test_the_study_schedule_interleaves_losses_and_runs_search_trials_ahead_of_final_runs(cfg, spaces):
     from ray.tune.search import Searcher
 
     from study.schedule import StudySchedule
@@ -266,15 +266,17 @@ def test_the_study_schedule_interleaves_losses_and_starts_a_final_stage_when_its
     assert key(schedule.suggest("c")) == "multi_similarity/1"
     schedule.on_trial_complete("c", {"map_at_r": 0.2, "epoch": 1})
     assert finals_asked == []  # nothing final before its search ended
-    # multi_similarity's search has ended: its final runs go first, while proxy_anchor's search goes on
-    assert [key(schedule.suggest(t)) for t in "de"] == ["multi_similarity/final/0/s1", "multi_similarity/final/0/s2"]
+    # multi_similarity's search has ended; proxy_anchor's is at its limit: the final runs take the slot
+    assert key(schedule.suggest("d")) == "multi_similarity/final/0/s1"
     assert finals_asked == ["multi_similarity"]
     schedule.on_trial_complete("b", {"map_at_r": 0.1, "epoch": 2})
-    assert key(schedule.suggest("f")) == "proxy_anchor/1"
-    schedule.on_trial_complete("f", {"map_at_r": 0.1, "epoch": 2})
+    # proxy_anchor's last search trial goes ahead of the final run left: its own final runs wait for it
+    assert [key(schedule.suggest(t)) for t in "ef"] == ["proxy_anchor/1", "multi_similarity/final/0/s2"]
+    assert schedule.suggest("g") is None  # proxy_anchor's search has not ended
+    schedule.on_trial_complete("e", {"map_at_r": 0.1, "epoch": 2})
     assert [key(schedule.suggest(t)) for t in "gh"] == ["proxy_anchor/final/0/s1", "proxy_anchor/final/0/s2"]
     assert schedule.suggest("i") is None and not schedule.finished  # final runs still in flight
-    for trial_id in "degh":
+    for trial_id in "dfgh":
         schedule.on_trial_complete(trial_id, {"map_at_r": 0.1, "epoch": 2})
     assert schedule.suggest("i") == Searcher.FINISHED and schedule.finished
     states = {t.number: t.state.name for t in schedule._searchers["multi_similarity"].study.trials}
