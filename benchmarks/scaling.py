@@ -14,7 +14,7 @@ worker's start-up, 10–25 s here to import torch, or a worker a finished trial 
 and the new ones never start, see ``search.reuse_actors``), two ways:
 
 - **one schedule**: the study as ``dml-study run`` runs it (``study.stages.run_study``): every loss's
-  search at once, each loss's final run as soon as its search ends;
+  search at once, search trials first, each loss's final run once its search has ended;
 - **one loss at a time**: a study per loss, run one after another (how the study ran before the one
   schedule: each loss waited for the previous one, and each search's tail ran alone).
 
