@@ -128,7 +128,7 @@ def drive(uri: str, folder: Path, trials: int, epochs: int, concurrent: int, max
     for name in ("start_trial", "log_results", "end_trial"):  # instance attributes: what the writer calls
         setattr(tracker, name, timed(getattr(tracker, name), writer_times[name]))
     writer = TrackingWriter(tracker, uri, max_queued=max_queued)
-    callback = TrackingCallback(writer, cfg, spaces, lambda line: None)
+    callback = TrackingCallback(writer, cfg, spaces)
     point = space.defaults()
     caller, waited, peak = [], 0, 0
     rng = np.random.default_rng(0)
