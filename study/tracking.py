@@ -252,7 +252,7 @@ class StudyTracker:
 
     def log_metrics(self, key: str, values: dict, step: int, timestamp: int | None = None) -> None:
         """Log trial ``key``'s numbers of epoch ``step`` (``timestamp``: Unix milliseconds, default now)."""
-        self.log_results([(key, values, step, timestamp or int(time.time() * 1000))])
+        self.log_results([(key, values, step, int(time.time() * 1000) if timestamp is None else timestamp)])
 
     def log_results(self, results: list[tuple[str, dict, int, int]]) -> None:
         """Log ``(key, values, step, timestamp)`` results of one or more trials with one ``log_batch``

@@ -20,7 +20,7 @@ from study.cli import app
 from study.config import parse_study, search_spaces
 from study.spec import SPEC, search_spec
 from study.tracking import TAG_STATE, StudyTracker
-from study.tracking_writer import TrackingError, TrackingWriter, failure_text
+from study.tracking_writer import LINGER_S, TrackingError, TrackingWriter, failure_text
 from study.vocab import CONFIG_FILE, PARENT_RUN_FILE, checkpoint_dir
 from tests.conftest import TINY_STUDY, write_study
 
@@ -161,6 +161,23 @@ def test_a_slow_tracking_server_does_not_hold_up_the_caller(cfg, uri):
     (run,) = MlflowClient(uri).search_runs([tracker.experiment_id], filter_string="tags.`dml_study.role` = 'trial'")
     for metric in METRICS:
         assert _history(uri, run.info.run_id, metric) == list(range(1, n + 1))
+    writer.close()
+
+
+def test_held_results_reach_mlflow_without_a_flush(uri):
+    """A result waits in the writer at most ``LINGER_S`` for others: with no call after it, it is
+    written all the same, not left for the next flush."""
+    tracker = StudyTracker("held", uri)
+    tracker.start({}, "map_at_r")
+    writer = TrackingWriter(tracker, uri)
+    writer.start_trial("ms/0", "multi_similarity", "search", {}, "ms-0")
+    run_id = writer.find_trial("ms/0").info.run_id
+    for epoch in (1, 2, 3):
+        writer.log_metrics("ms/0", {"map_at_r": epoch / 10}, step=epoch)
+    deadline = time.monotonic() + 10 * LINGER_S
+    while _history(uri, run_id) != [1, 2, 3]:
+        assert time.monotonic() < deadline, _history(uri, run_id)
+        time.sleep(0.1)
     writer.close()
 
 
