@@ -250,9 +250,9 @@ class StudyTracker:
         for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def log_metrics(self, key: str, values: dict, step: int, timestamp: int | None = None) -> None:
-        """Log trial ``key``'s numbers of epoch ``step`` (``timestamp``: Unix milliseconds, default now)."""
-        self.log_results([(key, values, step, int(time.time() * 1000) if timestamp is None else timestamp)])
+    def log_metrics(self, key: str, values: dict, step: int) -> None:
+        """Log trial ``key``'s numbers of epoch ``step``, timed now."""
+        self.log_results([(key, values, step, int(time.time() * 1000))])
 
     def log_results(self, results: list[tuple[str, dict, int, int]]) -> None:
         """Log ``(key, values, step, timestamp)`` results of one or more trials with one ``log_batch``
