@@ -46,7 +46,6 @@ from study.searcher import StudySearcher
 from study.spec import SPEC, TrialSpec, ablation_spec, final_seeds, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.tracking_writer import TrackingWriter
-from study.train import load_state
 from study.vocab import (
     CONFIG_FILE,
     OPTUNA_JOURNAL,
@@ -341,6 +340,8 @@ def close_finished_runs(
         if run is None or run.info.status != "RUNNING":
             continue
         tracker.start_trial(str(key), loss, Stage.SEARCH, {}, run.info.run_name)
+        from study.train import load_state  # torch.load; the rest of study.train stays off the driver (study.worker)
+
         state = load_state(checkpoint_dir(cfg.storage, key))
         for result in state["history"] if state else []:
             tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))

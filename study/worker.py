@@ -3,34 +3,27 @@
 The driver may have no GPU and no dataset nearby; everything that touches the data or a model runs
 here, with a trial's resources. Results travel back through ``tune.report`` (trials) or as a task's
 return value (baseline, ensemble); test embeddings through the study folder.
+
+The driver imports this module to hand its functions to Ray, so the training side (:mod:`study.train`,
+:mod:`study.metrics`, :mod:`study.models`, with faiss and scikit-learn: seconds of imports at every
+driver start) is imported by the functions that use it, on the worker; tests/test_cli.py checks that
+the driver never imports it.
 """
 
 from __future__ import annotations
 
 import math
 import traceback
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ray import tune
 
-from study import metrics
 from study.config import StudyConfig
 from study.losses import loss_hyperparameters
 from study.machine import RESULT_KEY, machine_json
-from study.models.embedder import embedder_bytes
 from study.spec import FAILED, SPEC, TrialSpec
 from study.storage import Storage
-from study.train import (
-    NonFiniteLossError,
-    PreparedData,
-    build_model,
-    evaluate_untrained,
-    load_data,
-    load_state,
-    run_final,
-    run_trial,
-    set_threads,
-)
 from study.vocab import (
     Stage,
     TrialKey,
@@ -42,6 +35,9 @@ from study.vocab import (
     read_embeddings,
 )
 
+if TYPE_CHECKING:
+    from study import train
+
 # Errors a trial's code raises the same way on every attempt (a bug, a setting the data cannot
 # satisfy); anything else (a lost worker, out of memory, I/O) may pass and is retried by Ray Tune.
 DETERMINISTIC = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, NotImplementedError)
@@ -52,17 +48,19 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
     also leaves its test embeddings in the study folder ``storage`` (resolved on the driver: a worker
     runs in its trial's folder). A non-finite loss or a deterministic error ends it at once (a retry
     would fail again) with a result that names the reason."""
+    from study import train
+
     spec = config[SPEC]
-    set_threads(cfg.resources.cpu)
-    data = load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
+    train.set_threads(cfg.resources.cpu)
+    data = train.load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
     folder = checkpoint_dir(storage, spec.key)
     model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
     report = _with_machine(tune.report)
     try:
         if spec.key.stage is Stage.SEARCH:
-            run_trial(model, loss, kwargs, spec.train, data, seed=spec.seed, report=report, checkpoint_dir=folder)
+            train.run_trial(model, loss, kwargs, spec.train, data, seed=spec.seed, report=report, checkpoint_dir=folder)
             return
-        _, saved = run_final(
+        _, saved = train.run_final(
             model,
             loss,
             kwargs,
@@ -76,21 +74,24 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
         embeddings_file(storage, spec.key).write_bytes(embeddings_bytes(saved))
         if spec.keep_model:  # one final run per loss: its network, for reuse (study.reuse.load_embedder)
             model_file(storage, spec.key).write_bytes(export_model(cfg, spec, data, folder))
-    except NonFiniteLossError as exc:
+    except train.NonFiniteLossError as exc:
         tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
     except DETERMINISTIC:  # the same spec would raise again: fail now, with the trace, instead of retrying
         tune.report({FAILED: traceback.format_exc()})
 
 
-def export_model(cfg: StudyConfig, spec: TrialSpec, data: PreparedData, folder: Storage) -> bytes:
+def export_model(cfg: StudyConfig, spec: TrialSpec, data: train.PreparedData, folder: Storage) -> bytes:
     """Final run ``spec``'s trained network and loss, read from its last checkpoint in ``folder``, as a
     model file (:mod:`study.models.embedder`): what embeds new images as the run embedded its test images."""
-    learner = load_state(folder)["learners"][0]
+    from study import train
+    from study.models.embedder import embedder_bytes
+
+    learner = train.load_state(folder)["learners"][0]
     weights = learner["model"]
     if data.features:
         # The head trained on the features of the trunk the data was prepared with (the study's seed draws it
         # when not pretrained: train.prepare_data), not on the learner's own trunk, which never ran.
-        trunk = build_model(cfg.model, cfg.seed).trunk.state_dict()
+        trunk = train.build_model(cfg.model, cfg.seed).trunk.state_dict()
         weights = weights | {f"trunk.{name}": value for name, value in trunk.items()}
     fit = data.trainval if spec.fold is None else data.folds[spec.fold][0]
     preprocessing = {
@@ -126,8 +127,11 @@ def _with_machine(report):
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:
     """The untrained network's validation metrics (mean over folds) and test metrics (not yet renamed
     ``test_<metric>``: the caller logs both on one run)."""
-    set_threads(cfg.resources.cpu)
-    return evaluate_untrained(cfg.model, cfg.train, load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed), cfg.seed)
+    from study import train
+
+    train.set_threads(cfg.resources.cpu)
+    data = train.load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
+    return train.evaluate_untrained(cfg.model, cfg.train, data, cfg.seed)
 
 
 def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[int]) -> dict[str, float] | str:
@@ -135,6 +139,8 @@ def ensemble(storage: Storage, loss: str, number: int, seed: int, folds: list[in
     test embeddings concatenated (each block unit-norm, the whole scaled back to unit norm), evaluated
     like one model's. Returns the test metrics (``test_<metric>``), or why there are none (a fold's run
     left no embeddings)."""
+    from study import metrics
+
     parts = []
     for fold in folds:
         path = embeddings_file(storage, TrialKey.final(loss, number, seed, fold))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import time
 from importlib import metadata
 
@@ -216,3 +218,45 @@ def test_a_finished_run_logs_its_headline_on_the_parent_run(workdir, monkeypatch
     expected = {"test_map_at_r.multi_similarity": 0.6, "test_map_at_r.normalized_softmax": 0.3, "test_map_at_r": 0.6}
     assert metrics == expected
     assert parent.data.tags[TAG_BEST_LOSS] == "multi_similarity"
+
+
+EXIT_PROBE = """
+import atexit, sys, threading, time
+import study.cli
+
+atexit.register(lambda: print("atexit ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread joined"))).start()
+sys.stdout.write("buffered, ")  # nothing here flushes stdout (a pipe): the exit must
+sys.argv = ["dml-study", *sys.argv[1:]]
+study.cli.main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"), [(["--version"], 0), (["check", "no-such.yaml"], 2), (["no-such-command"], 2)]
+)
+def test_the_command_exits_with_its_status_after_threads_atexit_and_flushing(args, code, tmp_path):
+    """``main`` skips the interpreter's teardown (os._exit) but nothing else that ``sys.exit`` does."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as in a pipe
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == code, done.stderr
+    assert done.stdout.startswith("buffered, ") and done.stdout.index("thread joined") < done.stdout.index("atexit ran")
+    if code:
+        assert done.stderr.strip(), "the reason goes to stderr"
+    else:
+        assert f"dml-study {metadata.version('dml-study')}" in done.stdout
+
+
+def test_the_driver_imports_no_training_code(tmp_path):
+    """What a driver imports to load a study and run it (study.stages, study.cli): not the workers' side
+    (study.train, study.metrics, study.models: faiss, scikit-learn), seconds of imports at every start."""
+    write_study(tmp_path)
+    code = (
+        "import sys, study.cli, study.stages; from study.config import load_study; load_study('study.yaml'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'sklearn') "
+        "or m.startswith(('study.train', 'study.metrics', 'study.models'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert done.stdout.strip() == "[]"

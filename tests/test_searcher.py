@@ -318,7 +318,7 @@ def test_a_deterministic_error_fails_the_trial_with_its_trace_and_anything_else_
 ):
     import dataclasses
 
-    from study import worker
+    from study import train, worker
 
     reported = []
     monkeypatch.setattr(worker.tune, "report", reported.append)
@@ -331,7 +331,7 @@ def test_a_deterministic_error_fails_the_trial_with_its_trace_and_anything_else_
     def lost(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access")  # may pass on another worker
 
-    monkeypatch.setattr(worker, "run_trial", lost)
+    monkeypatch.setattr(train, "run_trial", lost)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         worker.run_spec({SPEC: spec}, cfg=cfg, storage=cfg.storage)
 

@@ -11,7 +11,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.utils import download_url
 
 from study.data.images import DatasetLayoutError, ImageIndex
 from study.data.layout import check_listed, dataset_folder, read_rows, require
@@ -22,6 +21,14 @@ MD5 = "97eceeb196236b17998738112f37df78"
 TOP = "CUB_200_2011"
 EXPECTED = f"{TOP}/ with images.txt, image_class_labels.txt and images/"
 TRAIN_CLASSES = 100
+
+
+def download_url(url: str, root: str, filename: str, md5: str) -> None:
+    """torchvision's ``download_url``, imported when a download starts: torchvision takes seconds to
+    import, and every process that reads a study file imports this module."""
+    from torchvision.datasets.utils import download_url as download
+
+    download(url, root, filename=filename, md5=md5)
 
 
 def index_cub200(root: Path, *, download: bool = False) -> ImageIndex:
