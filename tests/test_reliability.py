@@ -1,7 +1,7 @@
 """Faults a user meets, for real (integration layer): Ctrl-C stops a study, which then resumes with
-nothing lost, doubled or mislabelled. The Ctrl-C drivers start their own Ray, as in a terminal (the
-signal reaches its processes too). (A second driver on the same study: tests/test_lock.py; a torn
-Optuna journal: tests/test_resume.py's killed study.)"""
+nothing lost, doubled or mislabelled. The interrupted driver starts its own Ray, as in a terminal
+(the signal reaches its processes too); the resume joins the session's Ray head. (A second driver on
+the same study: tests/test_lock.py; a torn Optuna journal: tests/test_resume.py's killed study.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from study.tracking import TAG_STATE, TAG_TRIAL
@@ -40,10 +41,12 @@ def _start_in_terminal(workdir, head: RayHead | None, *args: str) -> subprocess.
 
 
 @pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
-def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
+def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir, driver_head):
     path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
-    text = path.read_text().replace("seeds: 0", "seeds: 1")
-    path.write_text(text)
+    study = yaml.safe_load(path.read_text())
+    path.write_text(
+        yaml.safe_dump(study | {"final": {"seeds": 1}, "ablations": False})
+    )  # (ablations: tests/test_ablation.py)
     driver = _start_in_terminal(workdir, None, "run", str(path))
     _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
     os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -59,7 +62,7 @@ def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir):
     assert not [t for t in trials if t.state == optuna.trial.TrialState.FAIL]  # an interrupt is not a failure
     assert any(t.state == optuna.trial.TrialState.RUNNING for t in trials)  # left for resume
 
-    resumed = _start_in_terminal(workdir, None, "resume", "runs/tiny")
+    resumed = _start_in_terminal(workdir, driver_head, "resume", "runs/tiny")  # (any Ray will do: the session's)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out + err
     parents, children = _mlflow_trials(workdir)
