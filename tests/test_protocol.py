@@ -52,6 +52,7 @@ def _run_folds_study(workdir, epochs: int, trials: int, final: dict) -> None:
         train={"epochs": epochs, "batch_size": 8, "m_per_class": 2, "lr": 1e-3, "crop_size": 16},
         search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": trials},
         final=final,
+        ablations=False,  # (tests/test_ablation.py)
     )  # fmt: skip
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output

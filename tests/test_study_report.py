@@ -167,6 +167,7 @@ def two_studies(study):
             search={**TINY_STUDY["search"], "trials_per_loss": 2},
             train={**TINY_STUDY["train"], "mode": "features"},
             final={"seeds": 2},
+            ablations=False,  # what is compared: the search and final tables
         )
         result = runner.invoke(app, ["run", str(path)], env={"MLFLOW_TRACKING_URI": uri})
         assert result.exit_code == 0, result.output
