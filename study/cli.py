@@ -435,13 +435,13 @@ def main() -> None:
 
 
 def _exit(code: int | str | None) -> NoReturn:
-    """Exit as ``sys.exit(code)`` would: other threads joined, the ``atexit`` handlers run (Ray's
-    shutdown, logging's flush, ...), stdout and stderr flushed. But not the interpreter's teardown that
-    follows, which frees every object of every module one by one: 3–5 s with torch, timm, MLflow and
-    pydantic loaded (benchmarks/RESULTS.md), for nothing, the process's memory being returned whole."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    """Exit as ``sys.exit(code)`` would, in the order the interpreter's own exit goes: threading's
+    shutdown (its exit hooks, such as the one that ends idle thread pools, then the non-daemon threads
+    joined), the ``atexit`` handlers (Ray's shutdown, logging's flush, ...), stdout and stderr flushed.
+    But not the teardown that follows, which frees every object of every module one by one: 3–5 s with
+    torch, timm, MLflow and pydantic loaded (benchmarks/RESULTS.md), for nothing, the process's memory
+    being returned whole."""
+    threading._shutdown()  # what Py_FinalizeEx calls first (joining threads alone would wait on idle pools forever)
     atexit._run_exitfuncs()
     if code is None or isinstance(code, int):
         status = code or 0

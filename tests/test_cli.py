@@ -221,11 +221,13 @@ def test_a_finished_run_logs_its_headline_on_the_parent_run(workdir, monkeypatch
 
 
 EXIT_PROBE = """
-import atexit, sys, threading, time
+import atexit, concurrent.futures, sys, threading, time
 import study.cli
 
 atexit.register(lambda: print("atexit ran"))
 threading.Thread(target=lambda: (time.sleep(0.5), print("thread joined"))).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)  # left open: its idle thread ends with threading's exit hook
+pool.submit(int).result()
 sys.stdout.write("buffered, ")  # nothing here flushes stdout (a pipe): the exit must
 sys.argv = ["dml-study", *sys.argv[1:]]
 study.cli.main()
@@ -239,7 +241,7 @@ def test_the_command_exits_with_its_status_after_threads_atexit_and_flushing(arg
     """``main`` skips the interpreter's teardown (os._exit) but nothing else that ``sys.exit`` does."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as in a pipe
     done = subprocess.run(
-        [sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path, env=env
+        [sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
     )
     assert done.returncode == code, done.stderr
     assert done.stdout.startswith("buffered, ") and done.stdout.index("thread joined") < done.stdout.index("atexit ran")
