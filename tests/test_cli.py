@@ -20,7 +20,7 @@ from study.cli import _headline, app
 from study.config import load_study
 from study.tracking import TAG_BEST_LOSS, StudyTracker
 from study.vocab import CONFIG_FILE, PARENT_RUN_FILE, Stage, TrialKey, as_test_name
-from tests.conftest import TINY_STUDY, write_study
+from tests.conftest import REPO, TINY_STUDY, write_study
 
 runner = CliRunner()
 
@@ -251,14 +251,13 @@ def test_the_command_exits_with_its_status_after_threads_atexit_and_flushing(arg
         assert f"dml-study {metadata.version('dml-study')}" in done.stdout
 
 
-def test_the_driver_imports_no_training_code(tmp_path):
-    """What a driver imports to load a study and run it (study.stages, study.cli): not the workers' side
-    (study.train, study.metrics, study.models: faiss, scikit-learn), seconds of imports at every start."""
-    write_study(tmp_path)
+def test_the_driver_imports_no_training_code():
+    """What a driver imports (study.cli, study.stages): not the workers' side (study.train, study.metrics,
+    study.models: faiss, scikit-learn), seconds of imports at every start."""
     code = (
-        "import sys, study.cli, study.stages; from study.config import load_study; load_study('study.yaml'); "
+        "import sys, study.cli, study.stages; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'sklearn') "
         "or m.startswith(('study.train', 'study.metrics', 'study.models'))))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.strip() == "[]"
