@@ -438,7 +438,7 @@ def _exit(code: int | str | None) -> NoReturn:
     """Exit as ``sys.exit(code)`` would, in the order the interpreter's own exit goes: threading's
     shutdown (its exit hooks, such as the one that ends idle thread pools, then the non-daemon threads
     joined), the ``atexit`` handlers (Ray's shutdown, logging's flush, ...), stdout and stderr flushed.
-    But not the teardown that follows, which frees every object of every module one by one: 3–5 s with
+    But not the teardown that follows, which frees every object of every module one by one: 2.6–5.5 s with
     torch, timm, MLflow and pydantic loaded (benchmarks/RESULTS.md), for nothing, the process's memory
     being returned whole."""
     threading._shutdown()  # what Py_FinalizeEx calls first (joining threads alone would wait on idle pools forever)

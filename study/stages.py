@@ -340,7 +340,7 @@ def close_finished_runs(
         if run is None or run.info.status != "RUNNING":
             continue
         tracker.start_trial(str(key), loss, Stage.SEARCH, {}, run.info.run_name)
-        from study.train import load_state  # torch.load; the rest of study.train stays off the driver (study.worker)
+        from study.train import load_state  # only here: the training code stays off the driver (study.worker)
 
         state = load_state(checkpoint_dir(cfg.storage, key))
         for result in state["history"] if state else []:
