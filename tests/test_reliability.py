@@ -44,9 +44,8 @@ def _start_in_terminal(workdir, head: RayHead | None, *args: str) -> subprocess.
 def test_ctrl_c_stops_the_study_and_resume_finishes_it(workdir, driver_head):
     path = _study(workdir, ["multi_similarity"], trials=3, max_concurrent=1)
     study = yaml.safe_load(path.read_text())
-    path.write_text(
-        yaml.safe_dump(study | {"final": {"seeds": 1}, "ablations": False})
-    )  # (ablations: tests/test_ablation.py)
+    # one final run, no ablation runs (tests/test_ablation.py kills and resumes those)
+    path.write_text(yaml.safe_dump(study | {"final": {"seeds": 1}, "ablations": False}))
     driver = _start_in_terminal(workdir, None, "run", str(path))
     _wait_for(lambda: _checkpoints(workdir), "a first epoch checkpoint")
     os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
