@@ -17,7 +17,7 @@ from study.losses import declared_trial_metrics, has_parameters, loss_hyperparam
 from study.machine import RESULT_KEY as MACHINE
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly
-from study.spec import FAILED, SPEC, Outcome, TrialSpec, result_metrics
+from study.spec import SPEC, Outcome, TrialSpec, is_last_word, result_metrics
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_MACHINE, TAG_TRIAL_METRICS
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file
 
@@ -86,7 +86,7 @@ class TrackingCallback(DriverOnly, tune.Callback):
         self._start(trial.config[SPEC])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if FAILED in result:  # the trial's last word; logged when it completes
+        if is_last_word(result):
             return
         key = trial.config[SPEC].key
         if MACHINE in result:  # the worker's machine, sent with a trial's first result
@@ -103,6 +103,8 @@ class TrackingCallback(DriverOnly, tune.Callback):
         self._end(spec, Outcome.of(spec, trial.last_result, self.objective, error=error_trace(trial)))
 
     def _end(self, spec: TrialSpec, outcome: Outcome) -> None:
+        if outcome.state is State.RUNNING:  # never trained (an unreadable image): its run goes on at resume
+            return
         key, storage = spec.key, self.cfg.storage
         embeddings = embeddings_file(storage, key)
         if key.stage is Stage.FINAL and embeddings.exists():  # for the report's projection of test embeddings

@@ -9,7 +9,8 @@ from ray import tune
 from study.callback import error_trace
 from study.progress_view import ProgressView
 from study.searcher import DriverOnly
-from study.spec import FAILED, SPEC, Outcome
+from study.spec import SPEC, Outcome, is_last_word
+from study.vocab import State
 
 
 class ProgressCallback(DriverOnly, tune.Callback):
@@ -23,7 +24,7 @@ class ProgressCallback(DriverOnly, tune.Callback):
         self.view.started(spec.key, spec.params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if FAILED not in result:  # the trial's last word, not an epoch: shown when it completes
+        if not is_last_word(result):
             self.view.result(trial.config[SPEC].key, result.get("epoch"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -33,5 +34,7 @@ class ProgressCallback(DriverOnly, tune.Callback):
         self._ended(trial, Outcome.of(trial.config[SPEC], trial.last_result, self.objective, error=error_trace(trial)))
 
     def _ended(self, trial, outcome: Outcome) -> None:
+        if outcome.state is State.RUNNING:  # never trained (an unreadable image): the study's error names it
+            return
         spec = trial.config[SPEC]
         self.view.ended(spec.key, outcome.state, outcome.value, spec.params, outcome.error)

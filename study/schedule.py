@@ -19,9 +19,11 @@ from collections.abc import Callable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
+from ray.tune.stopper import Stopper
 
+from study.data.images import UnreadableImageError
 from study.searcher import DriverOnly, StatelessSearcher, StudySearcher
-from study.spec import SPEC, TrialSpec
+from study.spec import SPEC, UNREADABLE, TrialSpec
 from study.vocab import Stage
 
 
@@ -46,8 +48,16 @@ class StudySchedule(StatelessSearcher):
         self._queue: list[TrialSpec] = []
         self._owner: dict[str, str | None] = {}  # Ray trial id in flight → its loss (search), None (final)
         self._next = 0  # round-robin position among the losses
+        self.error: Exception | None = None  # what stopped the study (see stop)
+
+    def stop(self, error: Exception) -> None:
+        """End the study with ``error`` (an unreadable image, a failed baseline): nothing more is
+        suggested and :class:`StopOnError` stops the trials in flight, unfinished, for resume."""
+        self.error = self.error or error
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self.error is not None:
+            return Searcher.FINISHED
         for loss in list(self._awaiting_final):  # searches that have ended release their final runs
             if not self._left[loss] and not self._running[loss]:
                 self._awaiting_final.remove(loss)
@@ -69,14 +79,34 @@ class StudySchedule(StatelessSearcher):
     @property
     def finished(self) -> bool:
         """Every trial of the study has been suggested and has ended. False after ``Tuner.fit``
-        returned means the run was interrupted (Ctrl-C), with trials left unfinished."""
-        return not (self._queue or self._awaiting_final or any(self._left.values()) or self._owner)
+        returned means the run was interrupted (Ctrl-C) or stopped (``error``), with trials left
+        unfinished."""
+        return self.error is None and not (
+            self._queue or self._awaiting_final or any(self._left.values()) or self._owner
+        )
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and UNREADABLE in result:  # every trial would meet it: fix it, then resume
+            self.stop(UnreadableImageError(result[UNREADABLE]))
         loss = self._owner.pop(trial_id, None)
         if loss is not None:
             self._running[loss] -= 1
             self._searchers[loss].on_trial_complete(trial_id, result, error)
+
+
+class StopOnError(DriverOnly, Stopper):
+    """Stops the Tune run once ``schedule`` has stopped the study (:meth:`StudySchedule.stop`). Ray Tune
+    stops the trials in flight without telling the searcher or the callbacks, as at Ctrl-C: Optuna
+    keeps them RUNNING and their MLflow runs stay open, and resume runs them again."""
+
+    def __init__(self, schedule: StudySchedule):
+        self.schedule = schedule
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.schedule.error is not None
 
 
 class PerLossASHA(DriverOnly, FIFOScheduler):

@@ -81,6 +81,8 @@ class StudySearcher(StatelessSearcher):
         if spec is None:  # told already
             return
         outcome = Outcome.of(spec, result, self.metric, error="the trial raised" if error else None)
+        if outcome.state is State.RUNNING:  # never trained (an unreadable image): Optuna hands it out on resume
+            return
         if outcome.state is State.COMPLETE:
             self.study.tell(spec.key.number, outcome.value)
         else:

@@ -24,8 +24,17 @@ SPEC = "spec"  # the one key of a trial's Ray config
 # result key of a trial that ended itself with an error no retry can fix (a non-finite loss, a
 # deterministic exception: see study.worker.DETERMINISTIC): the reason, as text
 FAILED = "failed"
+# result key of a trial that found an image it cannot read before training (the message, naming the
+# file): the study stops, and the trial is left unfinished (RUNNING), to run again on resume
+UNREADABLE = "unreadable_image"
 # What Ray adds to every result; everything else a trial reports is a metric of the trial.
-NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag", FAILED}
+NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag", FAILED, UNREADABLE}
+
+
+def is_last_word(result: dict) -> bool:
+    """A trial's result that ends it (``FAILED``, ``UNREADABLE``), not an epoch's: shown and logged
+    when the trial completes."""
+    return FAILED in result or UNREADABLE in result
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,11 @@ class Outcome:
     def of(cls, spec: TrialSpec, result: dict | None, objective: str, error: str | None = None) -> Outcome:
         """COMPLETE (every epoch ran, the objective is finite), PRUNED (stopped early by the
         scheduler) or FAIL (raised: ``error``; diverged; or no finite objective). The study's
-        ``objective`` is read as the stage logs it (:func:`study.vocab.objective_name`)."""
+        ``objective`` is read as the stage logs it (:func:`study.vocab.objective_name`). RUNNING: it
+        never trained, stopped by an unreadable image (``UNREADABLE``), and runs again on resume."""
         result = result or {}
+        if error is None and UNREADABLE in result:
+            return cls(State.RUNNING, error=result[UNREADABLE])
         if error is not None or FAILED in result:
             return cls(State.FAIL, error=error or result[FAILED])
         name = objective_name(spec.key.stage, objective)  # a final run's is test_<objective>

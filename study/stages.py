@@ -1,5 +1,5 @@
-"""The study's stages, orchestrated from the driver: the untrained baseline, then every loss's
-search and final stage in one Ray Tune run, then the fold ensembles.
+"""The study's stages, orchestrated from the driver: every loss's search and final stage in one Ray
+Tune run, the untrained baseline alongside it, then the fold ensembles.
 
 The Tune run's searcher is :class:`~study.schedule.StudySchedule`: each loss's Optuna TPE
 (:class:`~study.searcher.StudySearcher`, the paper defaults first) side by side, and a loss's final
@@ -40,9 +40,9 @@ from study.preflight import cluster_slots, ray_address
 from study.progress import StudyProgress
 from study.progress_callback import ProgressCallback
 from study.progress_view import ProgressView
-from study.schedule import PerLossASHA, StudySchedule
+from study.schedule import PerLossASHA, StopOnError, StudySchedule
 from study.search_space import SearchSpace
-from study.searcher import StudySearcher
+from study.searcher import DriverOnly, StudySearcher
 from study.spec import SPEC, TrialSpec, ablation_spec, final_seeds, final_spec, result_metrics, search_spec
 from study.tracking import TAG_STATE, StudyTracker, resolve_tracking_uri
 from study.tracking_writer import TrackingWriter
@@ -257,6 +257,7 @@ def search_and_final(
     # Of Ray Tune's per-result files, only result.json (each trial's results, for a look into its folder):
     # MLflow holds the study's record; its CSV and TensorBoard files would cost the driver at every result
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    baseline = Baseline(cfg, tracker, say, schedule)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -276,7 +277,9 @@ def search_and_final(
             storage_path=cfg.storage.child(RAY_RESULTS).root,
             storage_filesystem=cfg.storage.fs,
             verbose=1 if verbose else 0,  # 1: Ray Tune's own status table every 30 s
+            stop=StopOnError(schedule),
             callbacks=[
+                baseline,
                 TrackingCallback(tracker, cfg, spaces),
                 ProgressCallback(view, cfg.search.objective),
                 JsonLoggerCallback(),
@@ -286,6 +289,11 @@ def search_and_final(
     )
     tuner.fit()  # Ctrl-C: Ray Tune stops its trials (each keeps its last epoch's checkpoint) and returns
     tracker.flush()  # the callback's queued writes (and checkpoint deletions) are done before going on
+    if schedule.finished:
+        baseline.wait()  # a study of a few short trials may end first
+    baseline.cancel()
+    if schedule.error is not None:
+        raise schedule.error
     if not schedule.finished:
         raise StudyInterrupted
     for loss in spaces:
@@ -305,11 +313,9 @@ def state_of(tracker: Tracker, key: TrialKey) -> str | None:
     return None if run is None else run.data.tags.get(TAG_STATE)
 
 
-def _remote(cfg: StudyConfig, function, *args):
-    """``function(*args)`` as a Ray task with a trial's resources (the driver may have no GPU)."""
-    task = ray.remote(function).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
-    args = [without_secrets(a) if isinstance(a, StudyConfig) else a for a in args]
-    return ray.get(task.remote(*args))
+def _task(cfg: StudyConfig, function):
+    """``function`` as a Ray task with a trial's resources (the driver may have no GPU)."""
+    return ray.remote(function).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
 
 
 def ensemble(cfg: StudyConfig, loss: str, number: int, seed: int, folds: list[int], tracker: Tracker, say: Say) -> None:
@@ -318,7 +324,7 @@ def ensemble(cfg: StudyConfig, loss: str, number: int, seed: int, folds: list[in
     key = TrialKey.ensemble(loss, number, seed)
     if state_of(tracker, key) == State.COMPLETE:
         return
-    result = _remote(cfg, worker.ensemble, cfg.storage, loss, number, seed, folds)
+    result = ray.get(_task(cfg, worker.ensemble).remote(cfg.storage, loss, number, seed, folds))
     if isinstance(result, str):
         say(f"  {key}: {result}, no ensemble")
         return
@@ -348,24 +354,46 @@ def close_finished_runs(
         tracker.end_trial(str(key), State(trial.state.name))
 
 
-def baseline(cfg: StudyConfig, tracker: Tracker, say: Say) -> None:
-    """The untrained network's validation metrics (mean over folds) and test metrics (``test_<metric>``)."""
-    key = TrialKey.baseline()
-    if state_of(tracker, key) == State.COMPLETE:
-        return
-    try:  # the first to read the images: an unreadable one stops the study, named, before any trial
-        val, test = _remote(cfg, worker.untrained, cfg)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, UnreadableImageError):
-            raise exc.cause from None
-        raise
-    public = cfg.public_dump()  # what shaped the untrained network's numbers, credentials redacted
-    settings = {section: public[section] for section in ("train", "model", "dataset", "resources")}
-    settings["trial"] = {"seed": cfg.seed}
-    tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained", settings=settings)
-    tracker.log_metrics(str(key), val | as_test(test), step=0)
-    tracker.end_trial(str(key), State.COMPLETE)
-    say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
+class Baseline(DriverOnly, tune.Callback):
+    """The untrained network's validation metrics (mean over folds) and test metrics (``test_<metric>``),
+    a Ray task with a trial's resources started alongside the Tune run (its worker starts while the
+    trials' workers do) and logged once it returns, looked at each step of Ray Tune's loop. It is the
+    first to read every image; its failure stops the study through ``schedule`` (an unreadable image
+    is raised as :class:`UnreadableImageError`, naming it)."""
+
+    def __init__(self, cfg: StudyConfig, tracker: Tracker, say: Say, schedule: StudySchedule):
+        self.cfg, self.tracker, self.say, self.schedule = cfg, tracker, say, schedule
+        done = state_of(tracker, TrialKey.baseline()) == State.COMPLETE
+        self.task = None if done else _task(cfg, worker.untrained).remote(without_secrets(cfg))
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.task is not None and ray.wait([self.task], timeout=0)[0]:
+            self.wait()
+
+    def wait(self) -> None:
+        """Log the baseline once its task has returned (waiting for it); a failure stops the study."""
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        try:
+            val, test = ray.get(task)
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None)
+            self.schedule.stop(cause if isinstance(cause, UnreadableImageError) else exc)
+            return
+        cfg, key = self.cfg, TrialKey.baseline()
+        public = cfg.public_dump()  # what shaped the untrained network's numbers, credentials redacted
+        settings = {section: public[section] for section in ("train", "model", "dataset", "resources")}
+        settings["trial"] = {"seed": cfg.seed}
+        self.tracker.start_trial(str(key), "untrained", Stage.BASELINE, {}, "untrained", settings=settings)
+        self.tracker.log_metrics(str(key), val | as_test(test), step=0)
+        self.tracker.end_trial(str(key), State.COMPLETE)
+        self.say(f"untrained baseline: {cfg.search.objective}={val[cfg.search.objective]:.4f}")
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            ray.cancel(self.task)
+            self.task = None
 
 
 def run_study(
@@ -405,7 +433,6 @@ def _run_study(
     status = "FAILED"
     try:
         writer.log_search_spaces({loss: space.dump() for loss, space in spaces.items()})
-        baseline(cfg, writer, say)
         search_and_final(cfg, spaces, writer, view, slots, verbose)
         status = "FINISHED"
     except (KeyboardInterrupt, StudyInterrupted):  # Ctrl-C in a Ray task, or during the Tune run

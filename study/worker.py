@@ -20,9 +20,10 @@ import numpy as np
 from ray import tune
 
 from study.config import StudyConfig
+from study.data.images import UnreadableImageError
 from study.losses import loss_hyperparameters
 from study.machine import RESULT_KEY, machine_json
-from study.spec import FAILED, SPEC, TrialSpec
+from study.spec import FAILED, SPEC, UNREADABLE, TrialSpec
 from study.storage import Storage
 from study.vocab import (
     Stage,
@@ -47,12 +48,17 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
     """Ray Tune's trainable: the trial ``config[SPEC]`` — a search trial, or a final-stage run that
     also leaves its test embeddings in the study folder ``storage`` (resolved on the driver: a worker
     runs in its trial's folder). A non-finite loss or a deterministic error ends it at once (a retry
-    would fail again) with a result that names the reason."""
+    would fail again) with a result that names the reason; an unreadable image, with a result that
+    names it (``UNREADABLE``: the driver stops the study and leaves the trial unfinished)."""
     from study import train
 
     spec = config[SPEC]
     train.set_threads(cfg.resources.cpu)
-    data = train.load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
+    try:
+        data = train.load_data(cfg.dataset, cfg.model, cfg.train, cfg.seed)
+    except UnreadableImageError as exc:  # the study stops, naming it; this trial runs again on resume
+        tune.report({UNREADABLE: str(exc)})
+        return
     folder = checkpoint_dir(storage, spec.key)
     model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
     report = _with_machine(tune.report)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.tracking import TAG_STAGE, TAG_STATE, TAG_TRIAL
-from study.vocab import TrialKey
+from study.vocab import OPTUNA_JOURNAL, TrialKey
 from tests.conftest import TINY_STUDY, write_study
 
 runner = CliRunner()
@@ -135,15 +136,20 @@ def test_the_final_stage_trains_each_seed_on_every_training_class_by_default(wor
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
-def test_an_unreadable_image_stops_the_study_naming_it(workdir, ray_instance):
+def test_an_unreadable_image_stops_the_study_naming_it_and_resume_runs_every_trial_once(workdir, ray_instance):
+    """The baseline and the first trials read the images side by side: whichever meets the broken one
+    stops the study, naming it, and no trial is told to Optuna or ended in MLflow; once the image is
+    fixed, resume runs the study's trials (those left unfinished under their own numbers) and the baseline."""
     cub_tree(workdir / "data", classes=8, per_class=4)
     broken = workdir / "data" / "CUB_200_2011" / "images" / "102.class" / "1.jpg"
+    good = broken.read_bytes()
     broken.write_bytes(b"not a jpeg")
     path = write_study(
         workdir,
         dataset={"name": "cub200", "root": str(workdir / "data"), "val_fraction": 0.5, "image_size": 16,
                  "cache_dir": str(workdir / "cache")},
         train={"epochs": 1, "batch_size": 4, "m_per_class": 2},
+        search={**TINY_STUDY["search"], "losses": ["multi_similarity"], "trials_per_loss": 2},
     )  # fmt: skip
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 2
@@ -151,8 +157,26 @@ def test_an_unreadable_image_stops_the_study_naming_it(workdir, ray_instance):
     assert message.startswith(f"dml-study: {broken}: cannot read image") and "--resume" in message
     assert "Traceback" not in result.output
     assert not list((workdir / "cache").glob("*.npy"))  # nothing half-written
-    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tiny").experiment_id])
-    assert [r.data.tags["dml_study.role"] for r in runs] == ["study"]  # no trial started, none lost
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    runs = client.search_runs([experiment])
+    assert [r.data.tags["dml_study.role"] for r in runs if r.info.status != "RUNNING"] == ["study"]  # none ended
+    assert not [r for r in runs if r.data.tags.get(TAG_STAGE) == "baseline"] and not any(r.data.metrics for r in runs)
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(workdir / "runs" / "tiny" / OPTUNA_JOURNAL))
+    )
+    left = optuna.load_study(study_name="tiny.multi_similarity", storage=journal).get_trials()
+    assert {t.state for t in left} <= {optuna.trial.TrialState.RUNNING}  # none told FAIL: it was not theirs
+
+    broken.write_bytes(good)
+    result = runner.invoke(app, ["run", str(path), "--resume"])
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="tiny.multi_similarity", storage=journal).get_trials()
+    assert [t.number for t in trials] == [0, 1] and all(t.state.is_finished() for t in trials)
+    assert [t.params for t in trials[: len(left)]] == [t.params for t in left]  # run again, not replaced
+    runs = client.search_runs([experiment], "tags.`dml_study.role` = 'trial'")
+    assert sorted(r.data.tags[TAG_TRIAL] for r in runs) == ["baseline", "multi_similarity/0", "multi_similarity/1"]
+    assert all(r.info.status == "FINISHED" and r.data.tags[TAG_STATE] != "RUNNING" for r in runs)
 
 
 def test_a_wrong_dataset_folder_fails_before_anything_starts(workdir):

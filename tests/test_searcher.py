@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from study.callback import TrackingCallback
 from study.config import parse_study, search_spaces
 from study.searcher import StudySearcher
-from study.spec import FAILED, SPEC, Outcome, final_spec, search_spec
+from study.spec import FAILED, SPEC, UNREADABLE, Outcome, final_spec, search_spec
 from study.stages import close_finished_runs
 from study.tracking import TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_STATE, TAG_TRIAL_METRICS, StudyTracker
 from study.train import save_state
@@ -281,6 +281,37 @@ def test_the_study_schedule_interleaves_losses_and_runs_search_trials_ahead_of_f
     assert schedule.suggest("i") == Searcher.FINISHED and schedule.finished
     states = {t.number: t.state.name for t in schedule._searchers["multi_similarity"].study.trials}
     assert states == {0: "COMPLETE", 1: "PRUNED"}  # each told to its own loss's Optuna study
+
+
+def test_an_unreadable_image_stops_the_schedule_and_leaves_every_trial_unfinished(cfg, spaces):
+    """A trial that met an unreadable image ends the study: nothing more is suggested, Ray Tune is told
+    to stop the rest (StopOnError), and neither Optuna nor MLflow nor the terminal hears of its end."""
+    from ray.tune.search import Searcher
+
+    from study.data.images import UnreadableImageError
+    from study.progress import StudyProgress
+    from study.progress_callback import ProgressCallback
+    from study.progress_view import ProgressView
+    from study.schedule import StopOnError, StudySchedule
+
+    study = optuna.create_study(direction="maximize")
+    schedule = StudySchedule({"multi_similarity": (_searcher(cfg, spaces["multi_similarity"], study), 3)}, list, 2)
+    stopper = StopOnError(schedule)
+    a, _ = schedule.suggest("a"), schedule.suggest("b")
+    assert not stopper.stop_all()
+    unreadable = {UNREADABLE: "/data/102.class/1.jpg: cannot read image (not a jpeg)"}
+    tracker, lines = FakeTracker(), []
+    view = ProgressView(StudyProgress("map_at_r", ["multi_similarity"]), console=None)
+    view.say = lines.append
+    for callback in (TrackingCallback(tracker, cfg, spaces), ProgressCallback(view, "map_at_r")):
+        trial = _trial(a[SPEC], unreadable)
+        callback.on_trial_result(0, [], trial, unreadable)
+        callback.on_trial_complete(0, [], trial)
+    schedule.on_trial_complete("a", unreadable)
+    assert tracker.calls == [] and lines == []  # its run stays open, and nothing says it ended
+    assert isinstance(schedule.error, UnreadableImageError) and str(schedule.error) == unreadable[UNREADABLE]
+    assert stopper.stop_all() and schedule.suggest("c") == Searcher.FINISHED and not schedule.finished
+    assert [t.state.name for t in study.trials] == ["RUNNING", "RUNNING"]  # both run again on resume
 
 
 def test_per_loss_asha_never_compares_losses_and_never_stops_a_final_run(cfg, spaces):
