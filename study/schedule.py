@@ -7,7 +7,9 @@ whenever a slot has no search trial to take; no loss or stage waits for another.
 first because a loss's final runs wait for them, and nothing waits for a final run: the longest
 chain of work left goes first (Hu's highest-level-first rule), so the study does not end with one
 loss's last search trial and then its final runs alone on an idle cluster, and the final runs left
-for the end are many and independent, to fill its last slots. :class:`PerLossASHA` (its
+for the end are many and independent, to fill its last slots. Waiting final runs go longest first
+(LPT: a run's epochs × its loss's seconds per epoch in its search trials), so that the last slots
+busy are not held by one long run started last. :class:`PerLossASHA` (its
 scheduler) stops weak search trials with one ASHA per loss, never comparing losses, and lets final
 runs train to the end. The cluster stays as full as ``search.max_concurrent_total`` (default: as
 many trials as its resources fit) allows.
@@ -49,6 +51,7 @@ class StudySchedule(StatelessSearcher):
         self._owner: dict[str, str | None] = {}  # Ray trial id in flight → its loss (search), None (final)
         self._next = 0  # round-robin position among the losses
         self.error: Exception | None = None  # what stopped the study (see stop)
+        self._epoch_s: dict[str, list[float]] = {loss: [] for loss in searches}  # each search trial's s / epoch
 
     def stop(self, error: Exception) -> None:
         """End the study with ``error`` (an unreadable image, a failed baseline): nothing more is
@@ -62,6 +65,7 @@ class StudySchedule(StatelessSearcher):
             if not self._left[loss] and not self._running[loss]:
                 self._awaiting_final.remove(loss)
                 self._queue += self._finals(loss)
+                self._queue.sort(key=self._expected_s, reverse=True)  # stable: ties keep their order
         losses = list(self._left)
         for i in range(len(losses)):  # a search trial first: its loss's final runs still wait for it
             loss = losses[(self._next + i) % len(losses)]
@@ -75,6 +79,12 @@ class StudySchedule(StatelessSearcher):
             self._owner[trial_id] = None
             return {SPEC: self._queue.pop(0)}
         return Searcher.FINISHED if self.finished else None
+
+    def _expected_s(self, spec: TrialSpec) -> float:
+        """How long run ``spec`` is expected to train: its epochs × the mean seconds per epoch of its
+        loss's search trials (of every loss's, where its own are unknown: searched by an earlier driver)."""
+        own = self._epoch_s.get(spec.loss) or [s for times in self._epoch_s.values() for s in times]
+        return spec.train.epochs * (sum(own) / len(own) if own else 0.0)
 
     @property
     def finished(self) -> bool:
@@ -91,6 +101,8 @@ class StudySchedule(StatelessSearcher):
         loss = self._owner.pop(trial_id, None)
         if loss is not None:
             self._running[loss] -= 1
+            if result and result.get("epoch") and result.get("time_total_s"):  # (Ray Tune's own timing)
+                self._epoch_s[loss].append(result["time_total_s"] / result["epoch"])
             self._searchers[loss].on_trial_complete(trial_id, result, error)
 
 

@@ -283,6 +283,31 @@ def test_the_study_schedule_interleaves_losses_and_runs_search_trials_ahead_of_f
     assert states == {0: "COMPLETE", 1: "PRUNED"}  # each told to its own loss's Optuna study
 
 
+def test_waiting_final_runs_go_longest_first_by_their_losss_search_epochs(cfg, spaces):
+    """LPT: final runs released together go in order of epochs × their loss's seconds per search epoch,
+    whatever order their searches ended in; a loss searched by an earlier driver counts as the mean."""
+    from study.schedule import StudySchedule
+
+    def searcher(loss):
+        return _searcher(cfg, spaces[loss], optuna.create_study(direction="maximize")), 1
+
+    finals = lambda loss: [final_spec(cfg, spaces[loss], 0, {}, seed=s, fold=None) for s in (1, 2)]  # noqa: E731
+    schedule = StudySchedule(
+        {"multi_similarity": searcher("multi_similarity"), "proxy_anchor": searcher("proxy_anchor")}, finals, 1
+    )
+    key = lambda suggestion: str(suggestion[SPEC].key)  # noqa: E731
+    assert [key(schedule.suggest(t)) for t in "ab"] == ["multi_similarity/0", "proxy_anchor/0"]
+    schedule.on_trial_complete("a", {"map_at_r": 0.3, "epoch": 2, "time_total_s": 2.0})  # 1 s per epoch
+    schedule.on_trial_complete("b", {"map_at_r": 0.3, "epoch": 1, "time_total_s": 3.0})  # pruned: 3 s per epoch
+    order = [key(schedule.suggest(t)) for t in "cdef"]
+    assert order == [f"proxy_anchor/final/0/s{s}" for s in (1, 2)] + [f"multi_similarity/final/0/s{s}" for s in (1, 2)]
+
+    resumed = StudySchedule({"multi_similarity": (None, 0), "proxy_anchor": searcher("proxy_anchor")}, finals, 1)
+    resumed.suggest("a")
+    resumed.on_trial_complete("a", {"map_at_r": 0.3, "epoch": 2, "time_total_s": 4.0})
+    assert resumed._expected_s(finals("multi_similarity")[0]) == resumed._expected_s(finals("proxy_anchor")[0]) > 0
+
+
 def test_an_unreadable_image_stops_the_schedule_and_leaves_every_trial_unfinished(cfg, spaces):
     """A trial that met an unreadable image ends the study: nothing more is suggested, Ray Tune is told
     to stop the rest (StopOnError), and neither Optuna nor MLflow nor the terminal hears of its end."""
