@@ -8,8 +8,8 @@ first because a loss's final runs wait for them, and nothing waits for a final r
 chain of work left goes first (Hu's highest-level-first rule), so the study does not end with one
 loss's last search trial and then its final runs alone on an idle cluster, and the final runs left
 for the end are many and independent, to fill its last slots. Waiting final runs go longest first
-(LPT: a run's epochs × its loss's seconds per epoch in its search trials), so that the last slots
-busy are not held by one long run started last. :class:`PerLossASHA` (its
+(LPT: a run's epochs × its loss's seconds per epoch in its search trials), so that the study does not
+end with one long run, started last, alone on the cluster. :class:`PerLossASHA` (its
 scheduler) stops weak search trials with one ASHA per loss, never comparing losses, and lets final
 runs train to the end. The cluster stays as full as ``search.max_concurrent_total`` (default: as
 many trials as its resources fit) allows.

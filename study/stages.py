@@ -357,9 +357,9 @@ def close_finished_runs(
 class Baseline(DriverOnly, tune.Callback):
     """The untrained network's validation metrics (mean over folds) and test metrics (``test_<metric>``),
     a Ray task with a trial's resources started alongside the Tune run (its worker starts while the
-    trials' workers do) and logged once it returns, looked at each step of Ray Tune's loop. It is the
-    first to read every image; its failure stops the study through ``schedule`` (an unreadable image
-    is raised as :class:`UnreadableImageError`, naming it)."""
+    trials' workers do) and logged once it returns, looked at each step of Ray Tune's loop. Its failure
+    stops the study through ``schedule``: an unreadable image as :class:`UnreadableImageError`, naming it
+    (a trial that meets it first stops the study the same way: :func:`study.worker.run_spec`)."""
 
     def __init__(self, cfg: StudyConfig, tracker: Tracker, say: Say, schedule: StudySchedule):
         self.cfg, self.tracker, self.say, self.schedule = cfg, tracker, say, schedule
