@@ -83,7 +83,7 @@ class StudySchedule(StatelessSearcher):
     def _expected_s(self, spec: TrialSpec) -> float:
         """How long run ``spec`` is expected to train: its epochs × the mean seconds per epoch of its
         loss's search trials (of every loss's, where its own are unknown: searched by an earlier driver)."""
-        own = self._epoch_s.get(spec.loss) or [s for times in self._epoch_s.values() for s in times]
+        own = self._epoch_s[spec.loss] or [s for times in self._epoch_s.values() for s in times]
         return spec.train.epochs * (sum(own) / len(own) if own else 0.0)
 
     @property
