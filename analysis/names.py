@@ -4,7 +4,8 @@ In a run, a metric measured on the validation classes keeps its own name (``map_
 trials, the baseline's validation score) and the same metric on the test classes is ``test_<name>``
 (``test_map_at_r``: final, ablation and ensemble runs, the baseline's test score, the parent run's
 headline). What a loss reports about its own parameters (``effective_centers``, ``proxy_abs_cos``) and
-what every epoch reports (``train_loss``, ``epoch_seconds``) keep their names on every run.
+what every epoch reports (``train_loss``, ``epoch_seconds``, ``driver_wait_seconds``) keep their names on
+every run.
 
 :func:`display_name` is the one map from a metric's name to what a table header or an axis shows
 (``recall_at_1`` → ``R@1``), shared by the LaTeX tables, the report and the figures.

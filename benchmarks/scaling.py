@@ -34,6 +34,9 @@ file. For each study it prints (summed over the studies of "one loss at a time")
   with few trials per slot leaves slots idle whatever the schedule (3 losses at 4 slots: at most 0.75);
 - **gap / trial**: (wall × slots − Σ trial time) / trials, the slot time each trial costs beyond its own:
   start-up, actor start, scheduling, the driver, slots idle while the schedule has nothing to give them;
+- **driver wait / trial**: of that gap, the seconds a trial's training waited for the driver to take its
+  results (Ray Tune holds a trial at each result until the driver asks for the next one; the trial's
+  ``driver_wait_seconds``);
 - **workers**: how many worker processes ran the study's trials (a worker that finishes a trial takes the
   next one, ``search.reuse_actors``);
 - **driver CPU**: this process's CPU time (Ray Tune's event loop, the searchers, the MLflow writer thread).
@@ -62,6 +65,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from tests.test_multinode import AUTH, ray_cluster
 
@@ -77,6 +81,7 @@ from tabulate import tabulate  # noqa: E402
 from benchmarks.shape import best_busy  # noqa: E402
 from study.config import parse_study  # noqa: E402
 from study.stages import run_study  # noqa: E402
+from study.worker import DRIVER_WAIT  # noqa: E402
 
 ALL_LOSSES = yaml.safe_load(Path("search_spaces/all_losses.yaml").read_text())["search"]["losses"]
 WORKER_IPS = ("127.0.0.2", "127.0.0.4")
@@ -125,18 +130,30 @@ def study_config(name: str, losses: list[str], args, output_dir: Path):
     return parse_study(yaml.safe_dump(study), name)
 
 
-def trial_times(study_folder: Path) -> list[tuple[float, float, float, str]]:
-    """(start, end, duration, worker) of each trial of the study in ``study_folder``, from Ray Tune's result
-    files: the duration is the trainable's own time (``time_total_s``, to the microsecond); start and end are
-    Unix times to the second (Ray Tune's ``timestamp``), enough for a study's span; the worker process that
-    ran it is its node and pid."""
+class Trial(NamedTuple):
+    """A trial's times, from its Ray Tune result file: ``duration``, the trainable's own time
+    (``time_total_s``, to the microsecond); ``start`` and ``end``, Unix times to the second (Ray Tune's
+    ``timestamp``), enough for a study's span; ``wait``, the seconds its training waited for the driver to
+    take its results (``DRIVER_WAIT`` of its last result: time Ray Tune leaves out of ``time_total_s``);
+    ``worker``, the node and pid of the process that ran it."""
+
+    start: float
+    end: float
+    duration: float
+    wait: float
+    worker: str
+
+
+def trial_times(study_folder: Path) -> list[Trial]:
+    """Each trial of the study in ``study_folder``."""
     times = []
     for path in study_folder.glob("ray/*/*/result.json"):
         results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if results:
             last = results[-1]
             end, duration = last["timestamp"], last["time_total_s"]
-            times.append((end - duration, end, duration, f"{last['node_ip']}:{last['pid']}"))
+            worker = f"{last['node_ip']}:{last['pid']}"
+            times.append(Trial(end - duration, end, duration, last[DRIVER_WAIT], worker))
     return times
 
 
@@ -145,7 +162,7 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
     name = f"{schedule}-{len(losses)}l-{slots}s"
     studies = [(name, losses)] if schedule == "one" else [(f"{name}-{loss}", [loss]) for loss in losses]
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 — the progress view's output, discarded
-    wall = cpu = start_up = span = busy_time = 0.0
+    wall = cpu = start_up = span = busy_time = wait = 0.0
     trials = 0
     workers = set()
     for study_name, study_losses in studies:
@@ -155,11 +172,12 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
         wall += time.monotonic() - started
         cpu += time.process_time() - cpu_before
         times = trial_times(root / "runs" / study_name)
-        first, last = min(t[0] for t in times), max(t[1] for t in times)
+        first, last = min(t.start for t in times), max(t.end for t in times)
         start_up, span = start_up + first - called, span + last - first
-        busy_time += sum(t[2] for t in times)
+        busy_time += sum(t.duration for t in times)
+        wait += sum(t.wait for t in times)
         trials += len(times)
-        workers |= {t[3] for t in times}
+        workers |= {t.worker for t in times}
     expected = len(losses) * (args.trials + 1)
     if trials != expected:
         raise RuntimeError(f"{name}: {trials} trials ran, {expected} expected")
@@ -176,6 +194,7 @@ def measure(schedule: str, losses: list[str], slots: int, args, root: Path) -> d
         "busy in span": busy_time / (span * slots),
         BEST: best,
         "gap s / trial": (wall * slots - busy_time) / trials,
+        "driver wait s / trial": wait / trials,
         "workers": len(workers),
         "driver CPU s": cpu,
     }

@@ -39,7 +39,8 @@ class Stage(StrEnum):
 # classes (final, ablation and ensemble runs, the baseline's test score, the parent run's headline) as
 # ``test_<name>`` (``test_map_at_r``). What a loss reports about its own parameters (``trial_metrics()``:
 # effective centers, proxy correlation) is about the model, not about a set of classes, and what every
-# epoch reports (``train_loss``, ``epoch_seconds``) about the training: both keep their names.
+# epoch reports (``train_loss``, ``epoch_seconds``, ``driver_wait_seconds``) about the training: both keep
+# their names.
 TEST_PREFIX = "test_"
 
 

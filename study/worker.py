@@ -13,6 +13,7 @@ the driver never imports it.
 from __future__ import annotations
 
 import math
+import time
 import traceback
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,10 @@ from study.vocab import (
 if TYPE_CHECKING:
     from study import train
 
+# in every result of a trial: the seconds its training has so far spent paused in ``tune.report``, waiting
+# for the driver to take its previous result (see _reporter); a retried or resumed trial counts from 0 again
+DRIVER_WAIT = "driver_wait_seconds"
+
 # Errors a trial's code raises the same way on every attempt (a bug, a setting the data cannot
 # satisfy); anything else (a lost worker, out of memory, I/O) may pass and is retried by Ray Tune.
 DETERMINISTIC = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, NotImplementedError)
@@ -61,7 +66,7 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
         return
     folder = checkpoint_dir(storage, spec.key)
     model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
-    report = _with_machine(tune.report)
+    report = _reporter(tune.report)
     try:
         if spec.key.stage is Stage.SEARCH:
             train.run_trial(model, loss, kwargs, spec.train, data, seed=spec.seed, report=report, checkpoint_dir=folder)
@@ -116,18 +121,22 @@ def export_model(cfg: StudyConfig, spec: TrialSpec, data: train.PreparedData, fo
     return embedder_bytes(model, weights, preprocessing, loss, trial=str(spec.key), dataset=cfg.dataset.name)
 
 
-def _with_machine(report):
+def _reporter(report):
     """``report`` that adds this worker's machine (:func:`study.machine.machine_json`) to the first
-    result it sends, for the driver to tag the trial's run with."""
-    sent = False
+    result it sends, for the driver to tag the trial's run with, and ``DRIVER_WAIT`` to every result: the
+    seconds spent in ``report`` before it. Ray Tune runs a function trainable until its next result and
+    then holds it there until the driver has taken that result and asks for the next one, so this is the
+    training time a trial loses to the driver, and it grows when the driver falls behind."""
+    waited, first = 0.0, True
 
-    def first_with_machine(metrics: dict, **kwargs):
-        nonlocal sent
-        if not sent:
-            metrics, sent = {**metrics, RESULT_KEY: machine_json()}, True
-        return report(metrics, **kwargs)
+    def timed(metrics: dict, **kwargs):
+        nonlocal waited, first
+        metrics = {**metrics, DRIVER_WAIT: waited} | ({RESULT_KEY: machine_json()} if first else {})
+        first, start = False, time.perf_counter()
+        report(metrics, **kwargs)
+        waited += time.perf_counter() - start
 
-    return first_with_machine
+    return timed
 
 
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:

@@ -29,15 +29,24 @@ def test_describe_machine_names_this_process_s_cpus_gpus_and_versions():
     assert json.loads(machine.machine_json()) == info
 
 
-def test_only_the_first_result_carries_the_machine():
-    sent = []
-    report = worker._with_machine(lambda metrics, **kwargs: sent.append((metrics, kwargs)))
+def test_only_the_first_result_carries_the_machine_and_each_the_time_spent_in_report_before_it(monkeypatch):
+    sent, clock = [], [100.0]
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: clock[0])
+
+    def report(metrics, **kwargs):  # blocks as Ray Tune's does until the driver asks for the next result
+        sent.append((metrics, kwargs))
+        clock[0] += 0.25 * len(sent)
+
+    report = worker._reporter(report)
     report({"epoch": 1, "map_at_r": 0.1}, checkpoint="c1")
     report({"epoch": 2, "map_at_r": 0.2})
-    first, second = sent
+    report({"epoch": 3, "map_at_r": 0.3})
+    first, second, third = sent
     assert json.loads(first[0][machine.RESULT_KEY])["host"] == socket.gethostname()
     assert first[0]["map_at_r"] == 0.1 and first[1] == {"checkpoint": "c1"}
-    assert machine.RESULT_KEY not in second[0]
+    assert machine.RESULT_KEY not in second[0] and machine.RESULT_KEY not in third[0]
+    waits = [metrics[worker.DRIVER_WAIT] for metrics, _ in sent]
+    assert waits == [0, 0.25, 0.75]  # the first report's wait, then the first two's
 
 
 class _Tracker:
