@@ -17,7 +17,7 @@ from study.losses import declared_trial_metrics, has_parameters, loss_hyperparam
 from study.machine import RESULT_KEY as MACHINE
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly
-from study.spec import SPEC, Outcome, TrialSpec, is_last_word, result_metrics
+from study.spec import SPEC, Outcome, TrialSpec, epoch_results, is_last_word, result_metrics
 from study.tracking import TAG_ARM, TAG_CLAIM, TAG_LOG_PARAMS, TAG_LOSS_LR, TAG_LR, TAG_MACHINE, TAG_TRIAL_METRICS
 from study.vocab import EMBEDDINGS_ARTIFACT, Stage, State, checkpoint_dir, embeddings_file, model_file
 
@@ -91,7 +91,8 @@ class TrackingCallback(DriverOnly, tune.Callback):
         key = trial.config[SPEC].key
         if MACHINE in result:  # the worker's machine, sent with a trial's first result
             self.tracker.set_tag(str(key), TAG_MACHINE, result[MACHINE])
-        self.tracker.log_metrics(str(key), result_metrics(result), step=int(result["epoch"]))
+        for epoch in epoch_results(result):  # the epochs its worker held back, then its own
+            self.tracker.log_metrics(str(key), result_metrics(epoch), step=int(epoch["epoch"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         spec = trial.config[SPEC]

@@ -89,16 +89,18 @@ class StudyProgress:
         return f"▶ {key} {'retried' if again else 'started'}: {format_params(params)}"
 
     def epoch(self, key: TrialKey, epoch: int | None = None) -> None:
-        """Run ``key`` trained one more epoch, ``epoch`` (default: the one after its last); a run
-        resumed from a checkpoint goes on from that checkpoint's epoch."""
+        """Run ``key`` trained up to ``epoch`` (default: one more epoch; a result may carry several, see
+        :class:`study.worker.Reporter`); a run resumed from a checkpoint goes on from that checkpoint's
+        epoch."""
         tally, name = self._tally(key), str(key)
         if name not in tally.running:  # a result without a start (cannot happen in Ray Tune): count it from now
             self.start(key, {})
         now = self.clock()
         self._epoch_seconds += now - self._last_at[name]
-        self._epochs_seen += 1
         self._last_at[name] = now
-        tally.running[name] = tally.running[name] + 1 if epoch is None else epoch
+        previous = tally.running[name]
+        tally.running[name] = previous + 1 if epoch is None else epoch
+        self._epochs_seen += max(tally.running[name] - previous, 1)
 
     def end(
         self, key: TrialKey, state: State, value: float | None, params: Mapping[str, Any], error: str | None = None

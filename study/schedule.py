@@ -29,6 +29,31 @@ from study.spec import SPEC, UNREADABLE, TrialSpec
 from study.vocab import Stage
 
 
+def cluster_line(slots: int, limit: int, width: int, max_concurrent: int) -> str:
+    """What a study says of its cluster when its trials start: ``slots`` (what the cluster holds), ``limit``
+    trials at once (``search.max_concurrent_total``), and, when its searches (``width`` trials at once at
+    most: :attr:`StudySchedule.search_width`) cannot fill them, how many slots wait for final runs and why."""
+    line = f"cluster: {slots} slots, up to {limit} trials at once"
+    if 0 < width < limit:
+        line += (
+            f"; the searches can run only {width} (search.max_concurrent={max_concurrent} per loss), so {limit - width}"
+            " wait for final runs: raise search.max_concurrent (TPE's suggestions weaken as more run at once) or"
+            " give them to another study"
+        )
+    return line
+
+
+def rung_epochs(grace_period: int, reduction_factor: int, max_t: int) -> set[int]:
+    """The epochs at which a loss's ASHA (as :class:`PerLossASHA` builds it) may stop a search trial: its
+    rungs, ``grace_period × reduction_factor^k`` up to ``max_t``. A worker sends these epochs' results at
+    once (:class:`study.worker.Reporter`), so that ASHA decides on each as if every epoch were sent."""
+    rungs, epoch = set(), grace_period
+    while epoch <= max_t:
+        rungs.add(epoch)
+        epoch *= reduction_factor
+    return rungs
+
+
 class StudySchedule(StatelessSearcher):
     """Suggests search trials of every loss in ``searches`` (loss → its searcher and how many trials
     it still has to run), round-robin, at most ``max_concurrent`` per loss at a time; once a loss's
@@ -52,6 +77,12 @@ class StudySchedule(StatelessSearcher):
         self._next = 0  # round-robin position among the losses
         self.error: Exception | None = None  # what stopped the study (see stop)
         self._epoch_s: dict[str, list[float]] = {loss: [] for loss in searches}  # each search trial's s / epoch
+
+    @property
+    def search_width(self) -> int:
+        """The most search trials it can have in flight at once: ``max_concurrent`` per loss, or as many as
+        the loss has left."""
+        return sum(min(self._max_concurrent, left) for left in self._left.values())
 
     def stop(self, error: Exception) -> None:
         """End the study with ``error`` (an unreadable image, a failed baseline): nothing more is

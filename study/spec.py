@@ -27,8 +27,17 @@ FAILED = "failed"
 # result key of a trial that found an image it cannot read before training (the message, naming the
 # file): the study stops, and the trial is left unfinished (RUNNING), to run again on resume
 UNREADABLE = "unreadable_image"
+# result key of a trial's epochs held back by its worker (see study.worker.Reporter) and sent with the next
+# result: the earlier epochs' results, oldest first, each as the trial's own result would have been
+EARLIER = "earlier_epochs"
 # What Ray adds to every result; everything else a trial reports is a metric of the trial.
-NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag", FAILED, UNREADABLE}
+NOT_METRICS = {*AUTO_RESULT_KEYS, "done", "epoch", "trial_id", "experiment_tag", FAILED, UNREADABLE, EARLIER}
+
+
+def epoch_results(result: dict) -> list[dict]:
+    """Every epoch's result a trial's ``result`` carries, oldest first: those its worker held back
+    (``EARLIER``), then its own."""
+    return [*result.get(EARLIER, []), result]
 
 
 def is_last_word(result: dict) -> bool:

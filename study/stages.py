@@ -40,7 +40,7 @@ from study.preflight import cluster_slots, ray_address
 from study.progress import StudyProgress
 from study.progress_callback import ProgressCallback
 from study.progress_view import ProgressView
-from study.schedule import PerLossASHA, StopOnError, StudySchedule
+from study.schedule import PerLossASHA, StopOnError, StudySchedule, cluster_line
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly, StudySearcher
 from study.spec import SPEC, TrialSpec, ablation_spec, final_seeds, final_spec, result_metrics, search_spec
@@ -236,6 +236,8 @@ def search_and_final(
     schedule = StudySchedule(
         searches, lambda loss: final_specs(cfg, storage, spaces[loss], tracker, view), cfg.search.max_concurrent
     )
+    limit = cfg.search.max_concurrent_total or slots
+    say(cluster_line(slots, limit, schedule.search_width, cfg.search.max_concurrent))
     scheduler = PerLossASHA(
         lambda: ASHAScheduler(
             time_attr="epoch",
@@ -268,7 +270,7 @@ def search_and_final(
             num_samples=-1,  # until the schedule says it is finished
             # also how many trials Ray Tune starts workers for at once: without a limit it starts one
             # worker at a time (one pending trial for a custom searcher), however large the cluster
-            max_concurrent_trials=cfg.search.max_concurrent_total or slots,
+            max_concurrent_trials=limit,
             reuse_actors=cfg.search.reuse_actors,
             trial_dirname_creator=lambda trial: trial.config[SPEC].key.run_name,
         ),

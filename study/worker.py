@@ -24,7 +24,8 @@ from study.config import StudyConfig
 from study.data.images import UnreadableImageError
 from study.losses import loss_hyperparameters
 from study.machine import RESULT_KEY, machine_json
-from study.spec import FAILED, SPEC, UNREADABLE, TrialSpec
+from study.schedule import rung_epochs
+from study.spec import EARLIER, FAILED, SPEC, UNREADABLE, TrialSpec
 from study.storage import Storage
 from study.vocab import (
     Stage,
@@ -41,8 +42,9 @@ if TYPE_CHECKING:
     from study import train
 
 # in every result of a trial: the seconds its training has so far spent paused in ``tune.report``, waiting
-# for the driver to take its previous result (see _reporter); a retried or resumed trial counts from 0 again
+# for the driver to take its previous result (see Reporter); a retried or resumed trial counts from 0 again
 DRIVER_WAIT = "driver_wait_seconds"
+REPORT_EVERY_S = 1.0  # a trial's epochs reach the driver in one result at most this often (see Reporter)
 
 # Errors a trial's code raises the same way on every attempt (a bug, a setting the data cannot
 # satisfy); anything else (a lost worker, out of memory, I/O) may pass and is retried by Ray Tune.
@@ -66,7 +68,10 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
         return
     folder = checkpoint_dir(storage, spec.key)
     model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
-    report = _reporter(tune.report)
+    due = {spec.train.epochs}  # the last epoch, and the epochs its ASHA decides at
+    if spec.key.stage is Stage.SEARCH:
+        due |= rung_epochs(cfg.search.grace_period, cfg.search.reduction_factor, cfg.train.epochs)
+    report = Reporter(tune.report, due)
     try:
         if spec.key.stage is Stage.SEARCH:
             train.run_trial(model, loss, kwargs, spec.train, data, seed=spec.seed, report=report, checkpoint_dir=folder)
@@ -86,8 +91,10 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
         if spec.keep_model:  # one final run per loss: its network, for reuse (study.reuse.load_embedder)
             model_file(storage, spec.key).write_bytes(export_model(cfg, spec, data, folder))
     except train.NonFiniteLossError as exc:
+        report.flush()
         tune.report({FAILED: f"{type(exc).__name__}: {exc}"})
     except DETERMINISTIC:  # the same spec would raise again: fail now, with the trace, instead of retrying
+        report.flush()
         tune.report({FAILED: traceback.format_exc()})
 
 
@@ -121,22 +128,47 @@ def export_model(cfg: StudyConfig, spec: TrialSpec, data: train.PreparedData, fo
     return embedder_bytes(model, weights, preprocessing, loss, trial=str(spec.key), dataset=cfg.dataset.name)
 
 
-def _reporter(report):
-    """``report`` that adds this worker's machine (:func:`study.machine.machine_json`) to the first
-    result it sends, for the driver to tag the trial's run with, and ``DRIVER_WAIT`` to every result: the
-    seconds spent in ``report`` before it. Ray Tune runs a function trainable until its next result and
-    then holds it there until the driver has taken that result and asks for the next one, so this is the
-    training time a trial loses to the driver, and it grows when the driver falls behind."""
-    waited, first = 0.0, True
+class Reporter:
+    """A trial's ``report`` for its epochs' results, sending them through ``report`` (``tune.report``).
 
-    def timed(metrics: dict, **kwargs):
-        nonlocal waited, first
-        metrics = {**metrics, DRIVER_WAIT: waited} | ({RESULT_KEY: machine_json()} if first else {})
-        first, start = False, time.perf_counter()
-        report(metrics, **kwargs)
-        waited += time.perf_counter() - start
+    Ray Tune runs a function trainable until its next result and then holds it there until the driver has
+    taken that result and asks for the next one: a round trip through the driver at every result, a few
+    milliseconds on an idle driver and more on a busy one, during which the trial does not train. So an
+    epoch's result goes at most every ``REPORT_EVERY_S``; the epochs in between are held and go with the
+    next result (``EARLIER``), each logged under its own epoch. The first epoch, and every epoch in ``due``
+    (the last, and a search trial's ASHA rungs: ASHA decides on the same epochs as if every one were sent),
+    go at once. ``flush`` sends what is held (before a trial ends itself with an error).
 
-    return timed
+    The first result also carries this worker's machine (:func:`study.machine.machine_json`), for the
+    driver to tag the trial's run with, and every result ``DRIVER_WAIT``: the seconds the trial has spent
+    in ``report`` before it, the training time it lost to the driver (it grows when the driver falls
+    behind)."""
+
+    def __init__(self, report, due: set[int]):
+        self._report, self._due = report, due
+        self._held: list[dict] = []
+        self._waited, self._sent_at, self._first = 0.0, -math.inf, True
+
+    def __call__(self, result: dict) -> None:
+        if self._first or result["epoch"] in self._due or time.perf_counter() - self._sent_at >= REPORT_EVERY_S:
+            self._send(result)
+        else:
+            self._held.append(result)
+
+    def flush(self) -> None:
+        if self._held:
+            self._send(self._held.pop())
+
+    def _send(self, result: dict) -> None:
+        result = {**result, DRIVER_WAIT: self._waited}
+        if self._held:
+            result[EARLIER], self._held = self._held, []
+        if self._first:
+            result[RESULT_KEY], self._first = machine_json(), False
+        start = time.perf_counter()
+        self._report(result)
+        self._sent_at = time.perf_counter()
+        self._waited += self._sent_at - start
 
 
 def untrained(cfg: StudyConfig) -> tuple[dict, dict]:

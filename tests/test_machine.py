@@ -12,7 +12,7 @@ import torch
 from study import machine, worker
 from study.callback import TrackingCallback
 from study.config import parse_study, search_spaces
-from study.spec import SPEC, search_spec
+from study.spec import EARLIER, SPEC, epoch_results, search_spec
 from study.tracking import TAG_MACHINE
 from tests.conftest import TINY_STUDY
 
@@ -29,24 +29,30 @@ def test_describe_machine_names_this_process_s_cpus_gpus_and_versions():
     assert json.loads(machine.machine_json()) == info
 
 
-def test_only_the_first_result_carries_the_machine_and_each_the_time_spent_in_report_before_it(monkeypatch):
+def test_the_reporter_sends_the_first_and_due_epochs_at_once_and_the_others_together_at_most_each_second(
+    monkeypatch,
+):
+    """Every epoch reaches the driver once, in order: the first and the due ones (ASHA's rungs, the last)
+    at once, the others held until a second has passed or the next is sent; the machine rides on the
+    first result, and each result carries the time spent in ``report`` before it."""
     sent, clock = [], [100.0]
     monkeypatch.setattr(worker.time, "perf_counter", lambda: clock[0])
 
-    def report(metrics, **kwargs):  # blocks as Ray Tune's does until the driver asks for the next result
-        sent.append((metrics, kwargs))
-        clock[0] += 0.25 * len(sent)
+    def report(result):  # blocks as Ray Tune's does until the driver asks for the next result
+        sent.append(result)
+        clock[0] += 0.25
 
-    report = worker._reporter(report)
-    report({"epoch": 1, "map_at_r": 0.1}, checkpoint="c1")
-    report({"epoch": 2, "map_at_r": 0.2})
-    report({"epoch": 3, "map_at_r": 0.3})
-    first, second, third = sent
-    assert json.loads(first[0][machine.RESULT_KEY])["host"] == socket.gethostname()
-    assert first[0]["map_at_r"] == 0.1 and first[1] == {"checkpoint": "c1"}
-    assert machine.RESULT_KEY not in second[0] and machine.RESULT_KEY not in third[0]
-    waits = [metrics[worker.DRIVER_WAIT] for metrics, _ in sent]
-    assert waits == [0, 0.25, 0.75]  # the first report's wait, then the first two's
+    reporter = worker.Reporter(report, due={4})
+    for epoch in range(1, 9):
+        reporter({"epoch": epoch, "map_at_r": epoch / 10})
+        clock[0] += 0.4  # the epoch's training
+    reporter.flush()
+    assert [result["epoch"] for result in sent] == [1, 4, 7, 8]  # first; due; 1.2 s after the last; flushed
+    assert [[r["epoch"] for r in result.get(EARLIER, [])] for result in sent] == [[], [2, 3], [5, 6], []]
+    assert [r["map_at_r"] for result in sent for r in epoch_results(result)] == [e / 10 for e in range(1, 9)]
+    assert json.loads(sent[0][machine.RESULT_KEY])["host"] == socket.gethostname()
+    assert all(machine.RESULT_KEY not in result for result in sent[1:])
+    assert [result[worker.DRIVER_WAIT] for result in sent] == [0, 0.25, 0.5, 0.75]
 
 
 class _Tracker:
@@ -54,10 +60,10 @@ class _Tracker:
         self.calls = []
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: self.calls.append((name, args))
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
 
 
-def test_the_callback_tags_the_run_with_the_machine_and_logs_no_metric_of_it(tmp_path):
+def test_the_callback_tags_the_run_with_the_machine_and_logs_each_epoch_a_result_carries_at_its_step(tmp_path):
     import yaml
 
     cfg = parse_study(yaml.safe_dump({**TINY_STUDY, "output_dir": str(tmp_path)}), "study.yaml")
@@ -69,7 +75,9 @@ def test_the_callback_tags_the_run_with_the_machine_and_logs_no_metric_of_it(tmp
     described = machine.machine_json()
     callback.on_trial_result(0, [], trial, {"epoch": 1, "map_at_r": 0.3, machine.RESULT_KEY: described})
     callback.on_trial_result(0, [], trial, {"epoch": 2, "map_at_r": 0.4})
-    tags = [args for name, args in tracker.calls if name == "set_tag"]
+    held = [{"epoch": 3, "map_at_r": 0.5}, {"epoch": 4, "map_at_r": 0.6}]
+    callback.on_trial_result(0, [], trial, {"epoch": 5, "map_at_r": 0.7, EARLIER: held})
+    tags = [args for name, args, _ in tracker.calls if name == "set_tag"]
     assert tags == [(str(spec.key), TAG_MACHINE, described)]  # once, from the first result
-    logged = [args[1] for name, args in tracker.calls if name == "log_metrics"]
-    assert logged == [{"map_at_r": 0.3}, {"map_at_r": 0.4}]
+    logged = [(args[1], kwargs["step"]) for name, args, kwargs in tracker.calls if name == "log_metrics"]
+    assert logged == [({"map_at_r": value / 10}, epoch) for epoch, value in enumerate(range(3, 8), start=1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import optuna
@@ -238,6 +239,39 @@ def test_resume_repair_closes_runs_a_killed_driver_left_running(mlflow_db, cfg, 
     assert run.data.tags[TAG_STATE] == "COMPLETE" and run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "map_at_r")] == [(1, 0.1), (2, 0.2)]
     assert "time_this_iter_s" not in run.data.metrics
+
+
+def test_a_search_trials_worker_sends_at_once_every_epoch_its_asha_decides_at():
+    """``rung_epochs`` (the epochs a worker's Reporter sends at once) holds every rung of the ASHA that
+    PerLossASHA builds, read from Ray's own scheduler, so ASHA sees each rung's result as it would if every
+    epoch were sent (Ray computes its rung count in floats and may drop the last one: 243 = 3^5)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from study.schedule import rung_epochs
+
+    for grace, factor, max_t in itertools.product((1, 2, 3), (2, 3, 4), (1, 5, 8, 9, 27, 100, 243)):
+        if grace <= max_t:
+            asha = ASHAScheduler(
+                time_attr="epoch", metric="m", mode="max", max_t=max_t, grace_period=grace, reduction_factor=factor
+            )
+            assert {milestone for milestone, _ in asha._brackets[0]._rungs} <= rung_epochs(grace, factor, max_t)
+    assert rung_epochs(1, 2, 20) == {1, 2, 4, 8, 16} and rung_epochs(3, 3, 100) == {3, 9, 27, 81}
+
+
+def test_the_cluster_line_says_how_many_slots_the_searches_leave_waiting(cfg, spaces):
+    from study.schedule import StudySchedule, cluster_line
+
+    study = optuna.create_study(direction="maximize")
+    searches = {"multi_similarity": 6, "proxy_anchor": 1, "soft_triple": 0}  # trials left: 4 + 1 + 0 at once
+    schedule = StudySchedule(
+        {loss: (_searcher(cfg, spaces["multi_similarity"], study), left) for loss, left in searches.items()}, list, 4
+    )
+    assert schedule.search_width == 5
+    line = cluster_line(64, 64, schedule.search_width, 4)
+    assert line.startswith("cluster: 64 slots, up to 64 trials at once; the searches can run only 5")
+    assert "so 59 wait for final runs" in line and "search.max_concurrent=4" in line
+    assert cluster_line(8, 4, 5, 4) == "cluster: 8 slots, up to 4 trials at once"  # the searches fill the limit
+    assert cluster_line(8, 8, 0, 4) == "cluster: 8 slots, up to 8 trials at once"  # resumed: no search left
 
 
 def test_the_study_schedule_interleaves_losses_and_runs_search_trials_ahead_of_final_runs(cfg, spaces):
