@@ -29,9 +29,11 @@ file. For each study it prints (summed over the studies of "one loss at a time")
 - **busy**: Σ trial time / (wall × slots), the fraction of the slots' time spent in trials;
 - **busy in span**: the same over the span from the first trial's start to the last one's end: how full the
   schedule keeps the slots once trials run, start-up aside;
-- **shape's best**: the most busy any schedule could reach for the study's shape (trials of equal length,
-  no time lost; ``benchmarks/shape.py``): a loss's final run waits for its last search trial, so a study
-  with few trials per slot leaves slots idle whatever the schedule (3 losses at 4 slots: at most 0.75);
+- **shape's best**: the most busy any schedule could reach for the study's shape with trials of equal
+  length and no time lost (``benchmarks/shape.py``): a loss's final run waits for its last search trial, so
+  a study with few trials per slot leaves slots idle whatever the schedule (3 losses at 4 slots: 0.75).
+  Here trials are not of equal length: more slots than cores slow each trial down by how many run beside
+  it, so the first, crowded trials are longer than the last ones, and a study can pass this figure;
 - **gap / trial**: (wall × slots − Σ trial time) / trials, the slot time each trial costs beyond its own:
   start-up, actor start, scheduling, the driver, slots idle while the schedule has nothing to give them;
 - **driver wait / trial**: of that gap, the seconds a trial's training waited for the driver to take its
@@ -230,8 +232,7 @@ def goals(rows: list[dict], fits: list[dict]) -> list[str]:
     lines = []
     for key in ("busy", "busy in span"):
         low = [
-            f"{r['losses']} losses at {r['slots']} slots: {r[key]:.2f}"
-            + (f" (its shape allows at most {r[BEST]:.2f})" if r[BEST] < 0.9 else "")
+            f"{r['losses']} losses at {r['slots']} slots: {r[key]:.2f} (shape's best {r[BEST]:.2f})"
             for r in full
             if r[key] < 0.9
         ]
