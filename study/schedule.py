@@ -23,6 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
+from study.config import StudyConfig
 from study.data.images import UnreadableImageError
 from study.searcher import DriverOnly, StatelessSearcher, StudySearcher
 from study.spec import SPEC, UNREADABLE, TrialSpec
@@ -43,14 +44,27 @@ def cluster_line(slots: int, limit: int, width: int, max_concurrent: int) -> str
     return line
 
 
-def rung_epochs(grace_period: int, reduction_factor: int, max_t: int) -> set[int]:
-    """The epochs at which a loss's ASHA (as :class:`PerLossASHA` builds it) may stop a search trial: its
-    rungs, ``grace_period × reduction_factor^k`` up to ``max_t``. A worker sends these epochs' results at
-    once (:class:`study.worker.Reporter`), so that ASHA decides on each as if every epoch were sent."""
-    rungs, epoch = set(), grace_period
-    while epoch <= max_t:
+def loss_asha(cfg: StudyConfig) -> ASHAScheduler:
+    """One loss's ASHA over its search trials' epochs (:class:`PerLossASHA` builds one per loss)."""
+    search = cfg.search
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=search.objective,
+        mode="max",
+        max_t=cfg.train.epochs,
+        grace_period=search.grace_period,
+        reduction_factor=search.reduction_factor,
+    )
+
+
+def rung_epochs(cfg: StudyConfig) -> set[int]:
+    """The epochs at which :func:`loss_asha` may stop a search trial: its rungs, ``grace_period ×
+    reduction_factor^k`` up to ``train.epochs``. A worker sends these epochs' results at once
+    (:class:`study.worker.Reporter`), so that ASHA decides on each as if every epoch were sent."""
+    rungs, epoch = set(), cfg.search.grace_period
+    while epoch <= cfg.train.epochs:
         rungs.add(epoch)
-        epoch *= reduction_factor
+        epoch *= cfg.search.reduction_factor
     return rungs
 
 

@@ -26,7 +26,6 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler
 from rich.console import Console
 
 from study import worker
@@ -40,7 +39,7 @@ from study.preflight import cluster_slots, ray_address
 from study.progress import StudyProgress
 from study.progress_callback import ProgressCallback
 from study.progress_view import ProgressView
-from study.schedule import PerLossASHA, StopOnError, StudySchedule, cluster_line
+from study.schedule import PerLossASHA, StopOnError, StudySchedule, cluster_line, loss_asha
 from study.search_space import SearchSpace
 from study.searcher import DriverOnly, StudySearcher
 from study.spec import SPEC, TrialSpec, ablation_spec, final_seeds, final_spec, result_metrics, search_spec
@@ -238,16 +237,7 @@ def search_and_final(
     )
     limit = cfg.search.max_concurrent_total or slots
     say(cluster_line(slots, limit, schedule.search_width, cfg.search.max_concurrent))
-    scheduler = PerLossASHA(
-        lambda: ASHAScheduler(
-            time_attr="epoch",
-            metric=cfg.search.objective,
-            mode="max",
-            max_t=cfg.train.epochs,
-            grace_period=cfg.search.grace_period,
-            reduction_factor=cfg.search.reduction_factor,
-        )
-    )
+    scheduler = PerLossASHA(lambda: loss_asha(cfg))
     trainable = tune.with_resources(
         tune.with_parameters(worker.run_spec, cfg=without_secrets(cfg), storage=cfg.storage),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},

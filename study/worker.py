@@ -70,7 +70,7 @@ def run_spec(config: dict, *, cfg: StudyConfig, storage: Storage) -> None:
     model, loss, kwargs = cfg.model, spec.loss, spec.loss_kwargs
     due = {spec.train.epochs}  # the last epoch, and the epochs its ASHA decides at
     if spec.key.stage is Stage.SEARCH:
-        due |= rung_epochs(cfg.search.grace_period, cfg.search.reduction_factor, cfg.train.epochs)
+        due |= rung_epochs(cfg)
     report = Reporter(tune.report, due)
     try:
         if spec.key.stage is Stage.SEARCH:

@@ -241,21 +241,22 @@ def test_resume_repair_closes_runs_a_killed_driver_left_running(mlflow_db, cfg, 
     assert "time_this_iter_s" not in run.data.metrics
 
 
-def test_a_search_trials_worker_sends_at_once_every_epoch_its_asha_decides_at():
+def test_a_search_trials_worker_sends_at_once_every_epoch_its_asha_decides_at(cfg):
     """``rung_epochs`` (the epochs a worker's Reporter sends at once) holds every rung of the ASHA that
-    PerLossASHA builds, read from Ray's own scheduler, so ASHA sees each rung's result as it would if every
-    epoch were sent (Ray computes its rung count in floats and may drop the last one: 243 = 3^5)."""
-    from ray.tune.schedulers import ASHAScheduler
+    PerLossASHA builds (``loss_asha``), read from Ray's own scheduler, so ASHA sees each rung's result as it
+    would if every epoch were sent (Ray computes its rung count in floats and may drop the last one: 243 =
+    3^5)."""
+    from study.schedule import loss_asha, rung_epochs
 
-    from study.schedule import rung_epochs
+    def study(grace, factor, max_t):
+        search = cfg.search.model_copy(update={"grace_period": grace, "reduction_factor": factor})
+        return cfg.model_copy(update={"search": search, "train": cfg.train.model_copy(update={"epochs": max_t})})
 
     for grace, factor, max_t in itertools.product((1, 2, 3), (2, 3, 4), (1, 5, 8, 9, 27, 100, 243)):
         if grace <= max_t:
-            asha = ASHAScheduler(
-                time_attr="epoch", metric="m", mode="max", max_t=max_t, grace_period=grace, reduction_factor=factor
-            )
-            assert {milestone for milestone, _ in asha._brackets[0]._rungs} <= rung_epochs(grace, factor, max_t)
-    assert rung_epochs(1, 2, 20) == {1, 2, 4, 8, 16} and rung_epochs(3, 3, 100) == {3, 9, 27, 81}
+            shape = study(grace, factor, max_t)
+            assert {milestone for milestone, _ in loss_asha(shape)._brackets[0]._rungs} <= rung_epochs(shape)
+    assert rung_epochs(study(1, 2, 20)) == {1, 2, 4, 8, 16} and rung_epochs(study(3, 3, 100)) == {3, 9, 27, 81}
 
 
 def test_the_cluster_line_says_how_many_slots_the_searches_leave_waiting(cfg, spaces):
