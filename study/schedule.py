@@ -91,6 +91,9 @@ class StudySchedule(StatelessSearcher):
         self._next = 0  # round-robin position among the losses
         self.error: Exception | None = None  # what stopped the study (see stop)
         self._epoch_s: dict[str, list[float]] = {loss: [] for loss in searches}  # each search trial's s / epoch
+        # True once Ray Tune had a free slot and no trial to give it: work nothing waits for (the untrained
+        # baseline, stages.Baseline) takes such a slot rather than one a trial could use
+        self.left_a_slot_idle = False
 
     @property
     def search_width(self) -> int:
@@ -123,7 +126,12 @@ class StudySchedule(StatelessSearcher):
         if self._queue:  # final runs: nothing waits for them
             self._owner[trial_id] = None
             return {SPEC: self._queue.pop(0)}
-        return Searcher.FINISHED if self.finished else None
+        self.left_a_slot_idle = True  # (Ray Tune asks only while it has fewer trials than slots)
+        if self._awaiting_final or any(self._left.values()):
+            return None  # more to come once trials in flight end
+        # Nothing more to suggest: Ray Tune then also stops the worker it keeps for a next trial (it keeps
+        # one while more may come), freeing its slot; it still waits for the trials in flight
+        return Searcher.FINISHED
 
     def _expected_s(self, spec: TrialSpec) -> float:
         """How long run ``spec`` is expected to train: its epochs × the mean seconds per epoch of its

@@ -1,5 +1,5 @@
 """The study's stages, orchestrated from the driver: every loss's search and final stage in one Ray
-Tune run, the untrained baseline alongside it, then the fold ensembles.
+Tune run, the untrained baseline in a slot it leaves idle, then the fold ensembles.
 
 The Tune run's searcher is :class:`~study.schedule.StudySchedule`: each loss's Optuna TPE
 (:class:`~study.searcher.StudySearcher`, the paper defaults first) side by side, and a loss's final
@@ -282,7 +282,8 @@ def search_and_final(
     tuner.fit()  # Ctrl-C: Ray Tune stops its trials (each keeps its last epoch's checkpoint) and returns
     tracker.flush()  # the callback's queued writes (and checkpoint deletions) are done before going on
     if schedule.finished:
-        baseline.wait()  # a study of a few short trials may end first
+        baseline.start()  # where no slot was left idle (one slot, say)
+        baseline.wait()
     baseline.cancel()
     if schedule.error is not None:
         raise schedule.error
@@ -348,25 +349,35 @@ def close_finished_runs(
 
 class Baseline(DriverOnly, tune.Callback):
     """The untrained network's validation metrics (mean over folds) and test metrics (``test_<metric>``),
-    a Ray task with a trial's resources started alongside the Tune run (its worker starts while the
-    trials' workers do) and logged once it returns, looked at each step of Ray Tune's loop. Its failure
-    stops the study through ``schedule``: an unreadable image as :class:`UnreadableImageError`, naming it
-    (a trial that meets it first stops the study the same way: :func:`study.worker.run_spec`)."""
+    a Ray task with a trial's resources, logged once it returns; looked at each step of Ray Tune's loop.
+    Nothing waits for it, so it takes a slot only once ``schedule`` has had one it could not fill
+    (:attr:`StudySchedule.left_a_slot_idle`: at the latest, when the last trials run), or after the Tune
+    run: started with the trials, it held back a trial, and with it every trial after it on that slot.
+    Its failure stops the study through ``schedule``: an unreadable image as :class:`UnreadableImageError`,
+    naming it (every trial reads the images first, and stops the study the same way:
+    :func:`study.worker.run_spec`)."""
 
     def __init__(self, cfg: StudyConfig, tracker: Tracker, say: Say, schedule: StudySchedule):
         self.cfg, self.tracker, self.say, self.schedule = cfg, tracker, say, schedule
-        done = state_of(tracker, TrialKey.baseline()) == State.COMPLETE
-        self.task = None if done else _task(cfg, worker.untrained).remote(without_secrets(cfg))
+        self.todo = state_of(tracker, TrialKey.baseline()) != State.COMPLETE
+        self.task = None
 
     def on_step_begin(self, iteration, trials, **info):
+        if self.schedule.left_a_slot_idle:
+            self.start()
         if self.task is not None and ray.wait([self.task], timeout=0)[0]:
             self.wait()
+
+    def start(self) -> None:
+        """Start its task, unless it has started or is done."""
+        if self.todo and self.task is None:
+            self.task = _task(self.cfg, worker.untrained).remote(without_secrets(self.cfg))
 
     def wait(self) -> None:
         """Log the baseline once its task has returned (waiting for it); a failure stops the study."""
         if self.task is None:
             return
-        task, self.task = self.task, None
+        task, self.task, self.todo = self.task, None, False
         try:
             val, test = ray.get(task)
         except ray.exceptions.RayError as exc:

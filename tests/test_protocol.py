@@ -137,7 +137,7 @@ def test_the_final_stage_trains_each_seed_on_every_training_class_by_default(wor
 @pytest.mark.slow
 @pytest.mark.usefixtures("study_workdir")  # runs a study: its MLflow store comes migrated
 def test_an_unreadable_image_stops_the_study_naming_it_and_resume_runs_every_trial_once(workdir, ray_instance):
-    """The baseline and the first trials read the images side by side: whichever meets the broken one
+    """The first trials read the images (a test class's too) side by side: whichever meets the broken one
     stops the study, naming it, and no trial is told to Optuna or ended in MLflow; once the image is
     fixed, resume runs the study's trials (those left unfinished under their own numbers) and the baseline."""
     cub_tree(workdir / "data", classes=8, per_class=4)

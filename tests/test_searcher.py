@@ -296,7 +296,8 @@ def test_the_study_schedule_interleaves_losses_and_runs_search_trials_ahead_of_f
     key = lambda suggestion: str(suggestion[SPEC].key)  # noqa: E731
     assert key(schedule.suggest("a")) == "multi_similarity/0"
     assert key(schedule.suggest("b")) == "proxy_anchor/0"  # side by side, one trial each at a time
-    assert schedule.suggest("c") is None  # both at their limit: wait
+    assert not schedule.left_a_slot_idle
+    assert schedule.suggest("c") is None and schedule.left_a_slot_idle  # both at their limit: wait
     schedule.on_trial_complete("a", {"map_at_r": 0.3, "epoch": 2})
     assert key(schedule.suggest("c")) == "multi_similarity/1"
     schedule.on_trial_complete("c", {"map_at_r": 0.2, "epoch": 1})
@@ -310,10 +311,11 @@ def test_the_study_schedule_interleaves_losses_and_runs_search_trials_ahead_of_f
     assert schedule.suggest("g") is None  # proxy_anchor's search has not ended
     schedule.on_trial_complete("e", {"map_at_r": 0.1, "epoch": 2})
     assert [key(schedule.suggest(t)) for t in "gh"] == ["proxy_anchor/final/0/s1", "proxy_anchor/final/0/s2"]
-    assert schedule.suggest("i") is None and not schedule.finished  # final runs still in flight
+    # nothing more to suggest (so Ray Tune frees the worker it keeps for one), final runs still in flight
+    assert schedule.suggest("i") == Searcher.FINISHED and not schedule.finished
     for trial_id in "dfgh":
         schedule.on_trial_complete(trial_id, {"map_at_r": 0.1, "epoch": 2})
-    assert schedule.suggest("i") == Searcher.FINISHED and schedule.finished
+    assert schedule.finished
     states = {t.number: t.state.name for t in schedule._searchers["multi_similarity"].study.trials}
     assert states == {0: "COMPLETE", 1: "PRUNED"}  # each told to its own loss's Optuna study
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from study.cli import app
 from study.tracking import TAG_ERROR, TAG_LOSS_LR, TAG_LR, TAG_STATE
+from study.vocab import TrialKey
 from tests.conftest import TINY_STUDY, write_study
 
 runner = CliRunner()
@@ -121,3 +122,39 @@ def test_study_end_to_end(workdir, ray_instance):
 def test_report_of_unknown_study_fails_cleanly(workdir):
     result = runner.invoke(app, ["report", "nope"])
     assert result.exit_code == 2 and "no study named 'nope'" in result.output
+
+
+@pytest.mark.usefixtures("study_workdir")
+def test_the_untrained_baseline_takes_a_slot_only_once_the_schedule_has_left_one_idle(workdir, ray_instance):
+    """Nothing waits for the baseline: started with the trials, it held back a trial and every trial after
+    it on that slot. It starts once the schedule has had a free slot and nothing to give it, and only once."""
+    import os
+
+    from study.config import parse_study, search_spaces
+    from study.schedule import StudySchedule
+    from study.spec import final_spec
+    from study.stages import Baseline
+    from study.tracking import StudyTracker
+
+    cfg = parse_study(yaml.safe_dump({**TINY_STUDY, "output_dir": str(workdir / "runs")}), "tiny.yaml")
+    space = search_spaces(cfg)["multi_similarity"]
+    finals = lambda loss: [final_spec(cfg, space, 0, {}, seed=1, fold=None)]  # noqa: E731
+    schedule = StudySchedule({"multi_similarity": (None, 0)}, finals, 1)  # a search that has ended
+    tracker = StudyTracker(cfg.name, os.environ["MLFLOW_TRACKING_URI"])
+    tracker.start(cfg.public_dump(), cfg.search.objective)
+    said = []
+    baseline = Baseline(cfg, tracker, said.append, schedule)
+    assert schedule.suggest("a") is not None  # the final run takes the free slot
+    baseline.on_step_begin(0, [])
+    assert baseline.task is None
+    assert schedule.suggest("b") is not None and schedule.left_a_slot_idle  # FINISHED: a slot with nothing
+    baseline.on_step_begin(1, [])
+    assert baseline.task is not None
+    baseline.wait()
+    run = tracker.find_trial(str(TrialKey.baseline()))
+    assert run.data.tags[TAG_STATE] == "COMPLETE" and {"map_at_r", "test_map_at_r"} <= set(run.data.metrics)
+    assert said == [f"untrained baseline: map_at_r={run.data.metrics['map_at_r']:.4f}"]
+    again = Baseline(cfg, tracker, said.append, schedule)  # a resumed study: its baseline is done
+    again.on_step_begin(2, [])
+    again.start()
+    assert again.task is None
