@@ -346,7 +346,7 @@ def _run(cfg, resume: bool, replace: bool = False, verbose: bool = False) -> Non
             err=True,
         )
         raise typer.Exit(130) from None
-    except UnreadableImageError as exc:  # met by the baseline or a trial, before training; fix it, then --resume
+    except UnreadableImageError as exc:  # met by a trial before it trains (or the baseline); fix it, then --resume
         _fail(f"{exc}; fix or remove it, then run again with --resume")
     except TrackingError as exc:  # mid-study: what MLflow holds is kept, the rest is logged again on resume
         typer.echo(f"dml-study: {exc}; the study stopped; fix it, then: dml-study resume {cfg.storage}", err=True)
