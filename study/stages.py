@@ -1,5 +1,5 @@
 """The study's stages, orchestrated from the driver: every loss's search and final stage in one Ray
-Tune run, the untrained baseline in a slot it leaves idle, then the fold ensembles.
+Tune run, the untrained baseline in a slot the trials leave idle, then the fold ensembles.
 
 The Tune run's searcher is :class:`~study.schedule.StudySchedule`: each loss's Optuna TPE
 (:class:`~study.searcher.StudySearcher`, the paper defaults first) side by side, and a loss's final
