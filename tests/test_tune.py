@@ -130,6 +130,8 @@ def test_the_untrained_baseline_takes_a_slot_only_once_the_schedule_has_left_one
     it on that slot. It starts once the schedule has had a free slot and nothing to give it, and only once."""
     import os
 
+    from ray.tune.search import Searcher
+
     from study.config import parse_study, search_spaces
     from study.schedule import StudySchedule
     from study.spec import final_spec
@@ -147,7 +149,7 @@ def test_the_untrained_baseline_takes_a_slot_only_once_the_schedule_has_left_one
     assert schedule.suggest("a") is not None  # the final run takes the free slot
     baseline.on_step_begin(0, [])
     assert baseline.task is None
-    assert schedule.suggest("b") is not None and schedule.left_a_slot_idle  # FINISHED: a slot with nothing
+    assert schedule.suggest("b") == Searcher.FINISHED and schedule.left_a_slot_idle  # a slot with nothing
     baseline.on_step_begin(1, [])
     assert baseline.task is not None
     baseline.wait()
