@@ -147,10 +147,10 @@ class Reporter:
     def __init__(self, report, due: set[int]):
         self._report, self._due = report, due
         self._held: list[dict] = []
-        self._waited, self._sent_at, self._first = 0.0, -math.inf, True
+        self._waited, self._sent_at, self._first = 0.0, -math.inf, True  # (the first result: never sent before)
 
     def __call__(self, result: dict) -> None:
-        if self._first or result["epoch"] in self._due or time.perf_counter() - self._sent_at >= REPORT_EVERY_S:
+        if result["epoch"] in self._due or time.perf_counter() - self._sent_at >= REPORT_EVERY_S:
             self._send(result)
         else:
             self._held.append(result)
